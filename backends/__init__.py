@@ -1,0 +1,1 @@
+"""fxquant.backends: quantized custom ops (torch.library), their reference implementations and Triton kernels."""

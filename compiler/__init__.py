@@ -1,0 +1,22 @@
+"""fxquant: a quantization compiler for large language models on torch.fx.
+
+``fxquant`` is the ``compiler/`` folder: capture, the pass base and pipeline, recipes, the public API,
+the torch.compile backend, the CLI and the debugging tools. ``fxquant.passes`` holds one module per pass,
+``fxquant.backends`` the custom ops, their reference implementations and the Triton kernels.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .capture import CapturedGraph, capture, fxmeta
+from .errors import (CaptureError, DataError, FxquantError, ModelLoadError, PassError, QuantSpecError,
+                     RecipeError, WeightError)
+from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
+from .pipeline import Pass, PassContext, PassResult, Pipeline
+
+__all__ = [
+    "__version__", "CapturedGraph", "capture", "fxmeta", "Pass", "PassContext", "PassResult", "Pipeline",
+    "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
+    "FxquantError", "CaptureError", "DataError", "ModelLoadError", "PassError", "QuantSpecError", "RecipeError",
+    "WeightError",
+]

@@ -1,0 +1,1 @@
+"""fxquant.passes: one module per pass; each module docstring states the pass contract."""
