@@ -1,0 +1,66 @@
+"""Shared test setup.
+
+* The pipeline verifier is always on in tests (``FXQUANT_VERIFY=1``).
+* Without a CUDA GPU, Triton kernels run under the interpreter; ``TRITON_INTERPRET`` must be set before any
+  kernel is defined, hence here, before fxquant is imported.
+* ``smollm2`` / ``minilm`` load the real models once per session; ``tiny_llama`` builds a random one-layer
+  LLaMA from a config (no download).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FXQUANT_VERIFY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from fxquant import load_model
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from fxquant import load_model
+    return load_model("minilm")
+
+
+def make_tiny_llama(layers: int = 1, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128,
+                    vocab: int = 128, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
