@@ -1,0 +1,65 @@
+"""The public entry points: ``quantize`` a model with a recipe, ``evaluate`` it, ``save`` it."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .capture import CapturedGraph, capture
+from .errors import RecipeError
+from .evaluate import weight_bytes
+from .pipeline import PassContext, PassRecord
+from .recipes import Recipe, get_recipe
+
+log = logging.getLogger("fxquant")
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` returns: the model (quantized in place) and what the pipeline did."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    captured: CapturedGraph | None
+    records: list[PassRecord] = field(default_factory=list)
+    #: parameter FQN -> quantized weight object (codes, scales, zero points)
+    quantized: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.model, self.quantized)
+
+    @property
+    def structure(self):
+        return self.artifacts.get("structure")
+
+
+def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128", calibration: Any = None, *,
+             verify: bool | None = None, debug_dir: str | None = None, capture_model: bool = True) -> QuantizeResult:
+    """Quantize ``model`` in place with ``recipe`` and return a :class:`QuantizeResult`.
+
+    The model is captured to an FX graph, the recipe's passes run on the graph (analysis, then the
+    method's rewrites), and the rewritten weights are written back into the model, which stays a normal
+    ``nn.Module`` (a Hugging Face model keeps ``generate()`` and its KV cache).
+    """
+    recipe = get_recipe(recipe)
+    start = time.perf_counter()
+    if not recipe.data_free and calibration is None:
+        raise RecipeError(f"recipe {recipe.name!r} needs calibration data",
+                          "pass calibration=<text or token ids> (the CLI uses WikiText-2 validation by default)")
+    if recipe.is_float and not capture_model:
+        return QuantizeResult(model=model, recipe=recipe, captured=None)
+    cg = capture(model)
+    ctx = PassContext(recipe=recipe, calibration=calibration)
+    pipeline = recipe.pipeline()
+    records = pipeline.run(cg, ctx, debug_dir=debug_dir, verify=verify)
+    copied = cg.write_back()
+    log.info("recipe %s: %d passes, %d tensors written back", recipe.name, len(records), copied)
+    return QuantizeResult(model=model, recipe=recipe, captured=cg, records=records,
+                          quantized=dict(ctx.artifacts.get("quantized_weights", {})), artifacts=ctx.artifacts,
+                          seconds=time.perf_counter() - start)

@@ -1,0 +1,358 @@
+"""Minifloat weight formats: the exact codec behind FP6 (E3M2, E2M3), FP5 (E2M2, E3M1) and FP4 (E2M1).
+
+A format has 1 sign bit, ``exp_bits`` exponent bits with ``bias`` and ``man_bits`` mantissa bits, and — like
+the OCP MX / FP6-LLM formats — no Inf and no NaN: every exponent field is a finite binade, so E3M2 reaches
+``1.75 * 2**(7-3) = 28``. Exponent field 0 holds the subnormals ``0.m * 2**(1-bias)``. A code is the integer
+``S E.. M..`` (sign in the top bit), stored in a ``uint8``.
+
+One numerics for every consumer (fake-quant, the split pass, the reference op, the Triton kernel):
+
+* ``scale = amax / max_value`` per output row (or per group of ``group_size`` input columns; a last group is
+  shorter when ``group_size`` does not divide the width); an all-zero row or group gets scale 1;
+* ``codes = encode(w_f32 / scale)`` — round to nearest, ties to even, saturating at ``±max_value``;
+* ``w_hat = (decode(codes) * scale).to(dtype)`` — the float32 product is rounded once, then cast.
+
+:meth:`FPQuantizedWeight.dequantize` is that last line; the Triton kernel computes
+``(fp16_bits_of(code) * 2**(15-bias)) * scale`` in float32, which is the same number because
+``fp16_bits_of(code) * 2**(15-bias) == decode(code)`` exactly (METHODS.md §4, the bias-shift trick).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+from .errors import QuantSpecError, WeightError
+
+__all__ = [
+    "FloatFormat", "E3M2", "E2M3", "E2M2", "E3M1", "E2M1", "FORMATS", "get_format",
+    "FPQuantSpec", "FPQuantizedWeight", "encode", "decode", "compute_scales", "quantize_fp", "fp_fake_quantize",
+]
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A sign + ``exp_bits`` + ``man_bits`` minifloat without Inf/NaN (all exponent fields finite)."""
+
+    exp_bits: int
+    man_bits: int
+    bias: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.exp_bits <= 5 and 0 <= self.man_bits <= 5 and 3 <= self.bits <= 8):
+            raise QuantSpecError(
+                f"minifloat E{self.exp_bits}M{self.man_bits} is out of range",
+                "use 1-5 exponent bits and 0-5 mantissa bits, 3-8 bits in total (e.g. E3M2 for FP6)")
+
+    # ---- derived constants -------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def name(self) -> str:
+        return f"e{self.exp_bits}m{self.man_bits}"
+
+    @property
+    def num_codes(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def max_value(self) -> float:
+        """Largest finite magnitude: the top exponent field is a normal binade (no Inf/NaN)."""
+        top = (1 << self.exp_bits) - 1 - self.bias
+        return (2.0 - 2.0 ** -self.man_bits) * 2.0 ** top
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0 ** (1 - self.bias)
+
+    @property
+    def subnormal_step(self) -> float:
+        """Spacing of the subnormals (and of the first normal binade): ``2**(1 - bias - man_bits)``."""
+        return 2.0 ** (1 - self.bias - self.man_bits)
+
+    @cached_property
+    def table(self) -> torch.Tensor:
+        """float32 value of every code, indexed by code (``decode`` is a lookup in it)."""
+        values = []
+        for code in range(self.num_codes):
+            sign = -1.0 if code >> (self.bits - 1) else 1.0
+            e = (code >> self.man_bits) & ((1 << self.exp_bits) - 1)
+            m = code & ((1 << self.man_bits) - 1)
+            if e == 0:
+                mag = m * self.subnormal_step
+            else:
+                mag = (1.0 + m / (1 << self.man_bits)) * 2.0 ** (e - self.bias)
+            values.append(math.copysign(mag, sign))
+        return torch.tensor(values, dtype=torch.float32)
+
+    def __str__(self) -> str:
+        return f"E{self.exp_bits}M{self.man_bits}(bias {self.bias}, max {self.max_value:g})"
+
+
+E3M2 = FloatFormat(3, 2, 3)  #: FP6 of FP6-LLM / ZeroQuant(4+2): max 28, min normal 0.25
+E2M3 = FloatFormat(2, 3, 1)  #: FP6 with more mantissa: max 7.5
+E2M2 = FloatFormat(2, 2, 1)  #: FP5: max 7
+E3M1 = FloatFormat(3, 1, 3)  #: FP5: max 24
+E2M1 = FloatFormat(2, 1, 1)  #: FP4 (OCP MXFP4 element): max 6
+
+FORMATS: dict[str, FloatFormat] = {
+    "e3m2": E3M2, "fp6": E3M2, "fp6_e3m2": E3M2,
+    "e2m3": E2M3, "fp6_e2m3": E2M3,
+    "e2m2": E2M2, "fp5": E2M2, "fp5_e2m2": E2M2,
+    "e3m1": E3M1, "fp5_e3m1": E3M1,
+    "e2m1": E2M1, "fp4": E2M1, "fp4_e2m1": E2M1,
+}
+
+
+def get_format(fmt: str | FloatFormat) -> FloatFormat:
+    """A format by name (``"e3m2"``, ``"fp6"``, ``"fp6_e2m3"``, ``"fp5"``, ``"fp4"``, ...) or as given."""
+    if isinstance(fmt, FloatFormat):
+        return fmt
+    key = str(fmt).lower().replace("-", "_")
+    if key not in FORMATS:
+        raise QuantSpecError(f"unknown minifloat format {fmt!r}",
+                             f"use one of {', '.join(sorted(FORMATS))}, or FloatFormat(exp_bits, man_bits, bias)")
+    return FORMATS[key]
+
+
+def format_label(fmt: FloatFormat) -> str:
+    """The annotation name of a format: ``fp6_e3m2``, ``fp5_e2m2``, ``fp4_e2m1``."""
+    return f"fp{fmt.bits}_{fmt.name}"
+
+
+# ---- the codec ---------------------------------------------------------------------------------------
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()
+        first = tuple(int(i) for i in bad[0]) if bad.numel() else ()
+        raise WeightError(f"{what} holds {int((~torch.isfinite(x)).sum())} NaN/Inf value(s) (first at index {first})",
+                          "a minifloat has no NaN/Inf; fix the checkpoint (or the training run that produced it) "
+                          "before quantizing, or exclude this layer")
+
+
+def encode(x: torch.Tensor, fmt: FloatFormat = E3M2) -> torch.Tensor:
+    """Round ``x`` (already divided by its scale) to the nearest ``fmt`` value, ties to even; return uint8 codes.
+
+    Magnitudes above ``fmt.max_value`` saturate (±Inf too); NaN is refused. The rounding is exact:
+    the quantum of ``|x|``'s binade is a power of two, so ``|x| / q`` is exact in float32/float64 and
+    ``torch.round`` (half to even) picks the neighbour; a round-up into the next binade is still a value of
+    the format. Inputs narrower than float32 are widened (exactly); float64 stays float64, so no double rounding.
+    """
+    if not x.is_floating_point():
+        raise WeightError(f"encode expects a floating tensor, got {x.dtype}", "cast the weight to float first")
+    if torch.isnan(x).any():
+        raise WeightError("encode got NaN values", "a minifloat has no NaN; fix or exclude the weight")
+    work = x if x.dtype == torch.float64 else x.float()
+    sign = torch.signbit(work)
+    mag = work.abs().clamp(max=fmt.max_value)  # saturate (values in (max, max + ulp/2) round to max anyway)
+    # binade exponent of |x|, floored at the subnormal binade: frexp gives |x| = f * 2**k with f in [0.5, 1)
+    _, k = torch.frexp(mag)
+    e_unb = torch.clamp(k.to(torch.int32) - 1, min=1 - fmt.bias)
+    quantum = torch.ldexp(torch.ones_like(mag), (e_unb - fmt.man_bits).to(mag.dtype))
+    steps = torch.round(mag / quantum)  # integer multiple of the quantum, half to even
+    val = steps * quantum  # exact, and <= max_value because mag <= max_value is itself on the grid's range
+    # code the rounded value: subnormal if below min normal, else exponent field + mantissa
+    _, k2 = torch.frexp(val)
+    e2 = (k2.to(torch.int32) - 1)
+    normal = val >= fmt.min_normal
+    exp_field = torch.where(normal, e2 + fmt.bias, torch.zeros_like(e2))
+    sub_steps = (val / fmt.subnormal_step).to(torch.int32)
+    frac = torch.where(normal, torch.ldexp(val, (-e2).to(val.dtype)) - 1.0, torch.zeros_like(val))
+    man = torch.where(normal, (frac * (1 << fmt.man_bits)).to(torch.int32), sub_steps)
+    code = (sign.to(torch.int32) << (fmt.bits - 1)) | (exp_field << fmt.man_bits) | man
+    return code.to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, fmt: FloatFormat = E3M2) -> torch.Tensor:
+    """float32 value of each code (a table lookup: exact). Codes must be below ``2**fmt.bits``."""
+    if codes.dtype != torch.uint8:
+        raise WeightError(f"decode expects uint8 codes, got {codes.dtype}", "pass the output of encode()")
+    if codes.numel() and int(codes.max()) >= fmt.num_codes:
+        raise WeightError(f"code {int(codes.max())} does not exist in {fmt} ({fmt.num_codes} codes)",
+                          "the codes were produced for another format; decode with that one")
+    return fmt.table.to(codes.device)[codes.long()]
+
+
+# ---- scales ------------------------------------------------------------------------------------------
+
+def _num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
+        raise QuantSpecError(f"group size {group_size!r} is invalid",
+                             "use a positive integer (e.g. 128) or None for one scale per output channel")
+
+
+def _expand(scale: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """[O, G] scales -> [O, C] (each group's scale over its columns; the last group may be shorter)."""
+    if group_size is None:
+        return scale[:, :1].expand(-1, in_features)
+    return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def _group_amax(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """max |w| per row ([O, 1]) or per group along the input dim ([O, G], zero-padded last group)."""
+    a = w.abs()
+    if group_size is None:
+        return a.amax(dim=1, keepdim=True)
+    out_f, in_f = a.shape
+    pad = _num_groups(in_f, group_size) * group_size - in_f
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+    return a.view(out_f, -1, group_size).amax(dim=2)
+
+
+def compute_scales(w: torch.Tensor, fmt: FloatFormat = E3M2, group_size: int | None = None,
+                   scale_search: Literal["absmax", "mse"] = "absmax") -> torch.Tensor:
+    """float32 scales, shape [O, 1] (per channel) or [O, ceil(C / group_size)].
+
+    ``absmax``: ``amax / max_value`` so the largest weight lands on the format's top value. ``mse``: per row
+    (group), try clipping ``amax`` by ratios 1.00, 0.99, ..., 0.80 and keep the ratio with the lowest squared
+    error (weights above the clip saturate) — the cheap search that helps formats with few exponent bits.
+    Zero rows (groups) get scale 1 (their codes are all zero either way).
+    """
+    _check_group_size(group_size)
+    w = w.detach().float()
+    amax = _group_amax(w, group_size)
+    scale = _absmax_scale(amax, fmt)
+    if scale_search == "absmax":
+        return scale
+    if scale_search != "mse":
+        raise QuantSpecError(f"unknown scale search {scale_search!r}", "use 'absmax' or 'mse'")
+    best = scale
+    best_err = _quant_error(w, best, fmt, group_size)
+    for ratio in torch.arange(0.99, 0.795, -0.01).tolist():
+        cand = _absmax_scale(amax * ratio, fmt)
+        err = _quant_error(w, cand, fmt, group_size)
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _absmax_scale(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    scale = amax / fmt.max_value
+    # zero rows -> 1; a nonzero amax so tiny that amax / max underflows keeps the smallest normal float32
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale.clamp(min=torch.finfo(torch.float32).tiny))
+    return scale.float()
+
+
+def _quant_error(w: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, group_size: int | None) -> torch.Tensor:
+    full = _expand(scale, w.shape[1], group_size)
+    deq = decode(encode(w / full, fmt), fmt) * full
+    sq = (deq - w) ** 2
+    if group_size is None:
+        return sq.sum(dim=1, keepdim=True)
+    pad = scale.shape[1] * group_size - w.shape[1]
+    if pad:
+        sq = torch.nn.functional.pad(sq, (0, pad))
+    return sq.view(w.shape[0], -1, group_size).sum(dim=2)
+
+
+# ---- quantized weights -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FPQuantSpec:
+    """How to quantize weights to a minifloat: the format, per-channel or group scales, the scale search."""
+
+    format: FloatFormat = E3M2
+    group_size: int | None = None
+    scale_search: Literal["absmax", "mse"] = "absmax"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", get_format(self.format))
+        _check_group_size(self.group_size)
+        if self.scale_search not in ("absmax", "mse"):
+            raise QuantSpecError(f"unknown scale search {self.scale_search!r}", "use 'absmax' or 'mse'")
+
+    @property
+    def label(self) -> str:
+        return format_label(self.format)
+
+
+@dataclass
+class FPQuantizedWeight:
+    """A weight as minifloat codes plus float32 scales.
+
+    ``codes``: uint8 ``[O, C]``; ``scale``: float32 ``[O, G]`` (``G = 1`` per channel, else ``ceil(C / group_size)``);
+    ``dtype``: the original weight dtype, which :meth:`dequantize` returns by default.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    format: FloatFormat
+    group_size: int | None
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The one numerics: ``(decode(codes) * scale_expanded).to(dtype)``, the product in float32.
+
+        The Triton kernel rebuilds ``decode(codes)`` exactly and multiplies by the same float32 scale, so its
+        dequantized weight equals this bit for bit.
+        """
+        full = _expand(self.scale, self.codes.shape[1], self.group_size)
+        return (decode(self.codes, self.format) * full).to(dtype or self.dtype)
+
+    def nbytes_packed(self) -> int:
+        """Bytes of the bit-packed codes plus the scales (what a packed checkpoint stores)."""
+        return (self.codes.numel() * self.format.bits + 7) // 8 + self.scale.numel() * 4
+
+
+def quantize_fp(w: torch.Tensor, spec: FPQuantSpec | FloatFormat | str = E3M2, group_size: int | None = None,
+                *, name: str = "weight") -> FPQuantizedWeight:
+    """Quantize a 2-D weight ``[out_features, in_features]`` to ``spec``'s minifloat with row or group scales.
+
+    ``spec`` may be a :class:`FPQuantSpec` or just a format (then ``group_size`` applies). Raises
+    :class:`WeightError` for NaN/Inf values or a weight that is not 2-D.
+    """
+    if not isinstance(spec, FPQuantSpec):
+        spec = FPQuantSpec(format=get_format(spec), group_size=group_size)
+    if w.dim() != 2:
+        raise WeightError(f"{name} has shape {tuple(w.shape)}; minifloat quantization takes a 2-D "
+                          "[out_features, in_features] weight", "quantize linear weights (reshape conv weights first)")
+    if not w.is_floating_point():
+        raise WeightError(f"{name} has dtype {w.dtype}", "quantize a floating-point weight")
+    _check_finite(w, name)
+    w32 = w.detach().float()
+    scale = compute_scales(w32, spec.format, spec.group_size, spec.scale_search)
+    codes = encode(w32 / _expand(scale, w32.shape[1], spec.group_size), spec.format)
+    return FPQuantizedWeight(codes=codes, scale=scale, format=spec.format, group_size=spec.group_size, dtype=w.dtype)
+
+
+class _FPFakeQuantSTE(torch.autograd.Function):
+    """Forward: the quantize-dequantize value (bit-exact with the packed weight). Backward: identity (STE)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, spec: FPQuantSpec) -> torch.Tensor:  # type: ignore[override]
+        return quantize_fp(w, spec).dequantize(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # absmax scales never clip, so every weight is "inside the range": the plain straight-through estimator
+        return grad, None
+
+
+def fp_fake_quantize(w: torch.Tensor, fmt: FloatFormat | str | FPQuantSpec = E3M2, group_size: int | None = None,
+                     ste: bool = True) -> torch.Tensor:
+    """Quantize-dequantize ``w`` through a minifloat, equal bit for bit to ``quantize_fp(w).dequantize()``.
+
+    With ``ste`` the gradient passes straight through (identity), so a minifloat can be a QAT/TEQ target:
+    ``fp_fake_quantize(W * s)`` trains ``s``. Without it, the result carries no gradient.
+    """
+    spec = fmt if isinstance(fmt, FPQuantSpec) else FPQuantSpec(format=get_format(fmt), group_size=group_size)
+    if ste and w.requires_grad:
+        return _FPFakeQuantSTE.apply(w, spec)
+    with torch.no_grad():
+        return quantize_fp(w, spec).dequantize(w.dtype)

@@ -1,0 +1,215 @@
+"""Recipes: what to quantize and how, by name or from a YAML/JSON file.
+
+A recipe names the method and its settings; :meth:`Recipe.pipeline` turns it into the ordered list of passes.
+Built-in names (``fxquant recipes`` lists them):
+
+* ``fp32`` — no quantization (the float baseline);
+* ``rtn-w<bits>[g<group>][a]`` — round-to-nearest integer weights: ``bits`` 1..8, per output channel unless
+  ``g<group>`` gives a group size along the input dimension (a last, shorter group when it does not divide the
+  width), symmetric unless the trailing ``a`` asks for asymmetric (zero points). Any such name parses, e.g.
+  ``rtn-w5g32a``; the common ones are listed.
+
+A file recipe (``--recipe my.yaml``) is a mapping::
+
+    name: my-w4              # optional, defaults to the file name
+    method: rtn              # rtn | fp32 (more methods register themselves as they land)
+    bits: 4
+    group_size: 128          # omit or null for per-channel
+    symmetric: true
+    exclude: [lm_head]       # fnmatch patterns over parameter names that stay float
+
+Later methods (TEQ, FSBR, ParetoQ, FP6, integer-only) add entries to :data:`RECIPE_BUILDERS` and
+:data:`NAMED_RECIPES`, so a combination is one recipe, not a special case.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import QuantSpecError, RecipeError
+
+#: the recipe the README's main command and ``fxquant quantize`` use when none is given
+DEFAULT_RECIPE = "rtn-w4g128"
+
+_RTN_RE = re.compile(r"^rtn-w(?P<bits>-?\d+)(?:g(?P<group>-?\d+))?(?P<asym>a)?$")
+
+
+@dataclass
+class Recipe:
+    """A named, validated quantization recipe."""
+
+    name: str
+    method: str  # "fp32" | "rtn" | ...
+    description: str = ""
+    #: integer weight spec (fxquant.quant.QuantSpec) for weight-quantizing methods
+    weight: Any = None
+    #: fnmatch patterns over parameter FQNs that stay in float
+    exclude: tuple[str, ...] = ("lm_head*",)
+    #: free-form settings of later methods (steps, lr, activation bits, ...)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_float(self) -> bool:
+        return self.method == "fp32"
+
+    @property
+    def data_free(self) -> bool:
+        """True if the recipe needs no calibration data (it can run inside the torch.compile backend)."""
+        return self.method in ("fp32", "rtn")
+
+    def pipeline(self):
+        """The ordered passes this recipe runs on a captured graph."""
+        from .pipeline import Pipeline
+        from fxquant.passes.analyze_structure import AnalyzeStructure
+        passes = [AnalyzeStructure()]  # every recipe starts by finding norm/linear groups, pairs, attention
+        builder = PIPELINE_BUILDERS.get(self.method)
+        if builder is None:
+            raise RecipeError(f"recipe {self.name!r}: method {self.method!r} has no pipeline",
+                              f"known methods: {', '.join(sorted(PIPELINE_BUILDERS))}")
+        passes += builder(self)
+        return Pipeline(passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "method": self.method, "exclude": list(self.exclude)}
+        if self.weight is not None:
+            w = self.weight
+            out.update(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, per_tensor=w.per_tensor)
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
+
+
+# ---- pipelines per method ------------------------------------------------------------------------------
+
+def _fp32_passes(recipe: Recipe) -> list:
+    return []
+
+
+def _rtn_passes(recipe: Recipe) -> list:
+    from fxquant.passes.quantize_weights_rtn import QuantizeWeightsRTN
+    return [QuantizeWeightsRTN(recipe.weight, exclude=recipe.exclude)]
+
+
+PIPELINE_BUILDERS: dict[str, Callable[[Recipe], list]] = {"fp32": _fp32_passes, "rtn": _rtn_passes}
+
+
+# ---- names -------------------------------------------------------------------------------------------
+
+def _rtn(bits: int, group: int | None = None, asym: bool = False, name: str | None = None) -> Recipe:
+    from .quant import QuantSpec
+    spec = QuantSpec(bits=bits, symmetric=not asym, group_size=group)
+    gran = f"groups of {group}" if group else "per output channel"
+    return Recipe(name=name or f"rtn-w{bits}" + (f"g{group}" if group else "") + ("a" if asym else ""),
+                  method="rtn", weight=spec,
+                  description=f"round-to-nearest {bits}-bit {'asymmetric' if asym else 'symmetric'} weights, {gran}")
+
+
+#: name -> one-line description, for ``fxquant recipes`` (built lazily so importing stays cheap)
+def named_recipes() -> dict[str, str]:
+    out = {"fp32": "no quantization: the float32 baseline"}
+    for bits, group in ((8, None), (4, None), (4, 128), (3, 128), (2, 64)):
+        for asym in (False, True):
+            r = _rtn(bits, group, asym)
+            out[r.name] = r.description
+    out["rtn-w<b>[g<n>][a]"] = "any bit width 1-8 (asymmetric for 1 bit), any group size, e.g. rtn-w5g32a"
+    for name, (desc, _) in EXTRA_RECIPES.items():
+        out[name] = desc
+    return out
+
+
+#: recipes registered by later methods: name -> (description, factory)
+EXTRA_RECIPES: dict[str, tuple[str, Callable[[], Recipe]]] = {}
+
+
+def register_recipe(name: str, description: str, factory: Callable[[], Recipe]) -> None:
+    EXTRA_RECIPES[name] = (description, factory)
+
+
+def get_recipe(name_or_path: str | Recipe | dict) -> Recipe:
+    """A recipe by name, from a YAML/JSON file path, or from a dict (same keys as a file)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return _from_mapping(dict(name_or_path), source="dict")
+    name = str(name_or_path).strip()
+    if name.lower() in ("fp32", "float", "none"):
+        return Recipe(name="fp32", method="fp32", description="no quantization")
+    if name in EXTRA_RECIPES:
+        return EXTRA_RECIPES[name][1]()
+    m = _RTN_RE.match(name)
+    if m:
+        try:
+            return _rtn(int(m["bits"]), int(m["group"]) if m["group"] is not None else None, bool(m["asym"]))
+        except QuantSpecError as exc:
+            raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+    path = Path(name)
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return load_recipe_file(path)
+    known = ", ".join(k for k in named_recipes() if "<" not in k)
+    raise RecipeError(f"unknown recipe {name!r}",
+                      f"use one of: {known}; or rtn-w<bits>[g<group>][a] (bits 1-8, group > 0); "
+                      "or a .yaml/.json recipe file (see `fxquant recipes`)")
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist", "check the path, or use a built-in recipe name")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - parser errors vary
+        raise RecipeError(f"recipe file {path} is not valid {path.suffix[1:].upper()}: {exc}".splitlines()[0],
+                          "fix the syntax; see the format in `fxquant recipes --help`") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping (method:, bits:, ...)", "see `fxquant recipes --help`")
+    data.setdefault("name", path.stem)
+    return _from_mapping(data, source=str(path))
+
+
+_KNOWN_KEYS = {"name", "method", "bits", "group_size", "symmetric", "per_tensor", "exclude", "description", "options"}
+
+
+def _from_mapping(data: dict, source: str) -> Recipe:
+    unknown = set(data) - _KNOWN_KEYS
+    if unknown:
+        raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(sorted(unknown))}",
+                          f"allowed keys: {', '.join(sorted(_KNOWN_KEYS))}")
+    method = str(data.get("method", "rtn")).lower()
+    name = str(data.get("name", method))
+    exclude = data.get("exclude", ["lm_head*"])
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if method == "fp32":
+        extra = {"bits", "group_size", "symmetric", "per_tensor"} & set(data)
+        if extra:
+            raise RecipeError(f"recipe {name!r} contradicts itself: method fp32 with {', '.join(sorted(extra))}",
+                              "drop the quantization keys, or choose method: rtn")
+        return Recipe(name=name, method="fp32", description=data.get("description", "no quantization"))
+    if method != "rtn":
+        raise RecipeError(f"recipe {name!r}: unknown method {method!r}",
+                          f"known methods: {', '.join(sorted(PIPELINE_BUILDERS))}")
+    if "bits" not in data:
+        raise RecipeError(f"recipe {name!r}: method rtn needs bits", "add bits: 4 (any integer 1-8)")
+    bits, group = data["bits"], data.get("group_size")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise RecipeError(f"recipe {name!r}: bits must be an integer 1-8, got {bits!r}", "e.g. bits: 4")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+        raise RecipeError(f"recipe {name!r}: group_size must be a positive integer or null, got {group!r}",
+                          "e.g. group_size: 128, or null for per-channel")
+    from .quant import QuantSpec
+    try:
+        spec = QuantSpec(bits=bits, symmetric=bool(data.get("symmetric", True)), group_size=group,
+                         per_tensor=bool(data.get("per_tensor", False)))
+    except QuantSpecError as exc:
+        raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+    return Recipe(name=name, method="rtn", weight=spec, exclude=tuple(exclude),
+                  description=data.get("description", f"round-to-nearest {spec.describe()}"),
+                  options=dict(data.get("options") or {}))
