@@ -20,3 +20,4 @@ __all__ = [
     "FxquantError", "CaptureError", "DataError", "ModelLoadError", "PassError", "QuantSpecError", "RecipeError",
     "WeightError",
 ]
+from . import backend as _backend  # noqa: E402,F401 - registers torch.compile(backend="fxquant")

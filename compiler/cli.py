@@ -221,9 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FxquantError as exc:
         if debug:
             raise
-        print(f"fxquant: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+        # one line: what is wrong, then what to do
+        print(f"fxquant: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fxquant: interrupted", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Perplexity protocol (the one the README's reference numbers use):
 
-1. read the evaluation file as one string (no line splitting, no cleaning);
+1. read the evaluation file as one string in text mode (universal newlines: the raw file's CRLF line ends
+   become LF; no other cleaning, no line splitting);
 2. tokenize it whole with the model's tokenizer, ``add_special_tokens=False``;
 3. cut non-overlapping windows of ``seq_len`` (512) tokens from the start; the trailing partial window is dropped;
 4. ``windows=N`` evaluates the first N windows (quick mode); ``None`` evaluates all of them;

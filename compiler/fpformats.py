@@ -30,6 +30,8 @@ from .errors import QuantSpecError, WeightError
 __all__ = [
     "FloatFormat", "E3M2", "E2M3", "E2M2", "E3M1", "E2M1", "FORMATS", "get_format",
     "FPQuantSpec", "FPQuantizedWeight", "encode", "decode", "compute_scales", "quantize_fp", "fp_fake_quantize",
+    "format_label", "container_format", "FP6_K_ALIGN", "FP6PackedWeight", "pack_fp6_planes", "unpack_fp6_planes",
+    "pack_fp6",
 ]
 
 
@@ -277,6 +279,18 @@ class FPQuantSpec:
     def label(self) -> str:
         return format_label(self.format)
 
+    #: what the weight-format registry (fxquant.backends.registry) dispatches on: integer specs say "int"
+    kind = "fp"
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    def describe(self) -> str:
+        """One line, also the registry's cache key: ``fp6_e3m2 per-channel``, ``fp6_e2m3 g128 mse``."""
+        gran = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"{self.label} {gran}" + (" mse" if self.scale_search == "mse" else "")
+
 
 @dataclass
 class FPQuantizedWeight:
@@ -295,6 +309,10 @@ class FPQuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def spec(self) -> FPQuantSpec:
+        return FPQuantSpec(format=self.format, group_size=self.group_size)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The one numerics: ``(decode(codes) * scale_expanded).to(dtype)``, the product in float32.
@@ -356,3 +374,140 @@ def fp_fake_quantize(w: torch.Tensor, fmt: FloatFormat | str | FPQuantSpec = E3M
         return _FPFakeQuantSTE.apply(w, spec)
     with torch.no_grad():
         return quantize_fp(w, spec).dequantize(w.dtype)
+
+
+# ---- the 4+2 split (ZeroQuant(4+2) / FP6-LLM) ---------------------------------------------------------
+
+#: the packed K dimension is padded with zero codes to a multiple of this, so that every row of both planes
+#: starts 16-byte aligned (4-bit plane: K_pad/2 bytes, a multiple of 32; 2-bit plane: K_pad/4, a multiple of 16)
+FP6_K_ALIGN = 64
+
+
+def container_format(fmt: FloatFormat) -> FloatFormat:
+    """The 6-bit format whose codes are ``fmt``'s codes shifted left to fill 6 bits.
+
+    Appending zero mantissa bits keeps the value, so FP5/FP4 codes ride in the FP6 planes (and the FP6 kernel)
+    unchanged: E3M1 in E3M2, E2M2 and E2M1 in E2M3. The kernel's bias-shift needs at most 4 exponent bits
+    (a 5-bit exponent field of 31 would be an FP16 Inf).
+    """
+    if fmt.bits > 6 or fmt.exp_bits > 4:
+        raise QuantSpecError(f"{fmt} does not fit the 6-bit 4+2 planes",
+                             "use a format of at most 6 bits and 4 exponent bits (E3M2, E2M3, E2M2, E3M1, E2M1)")
+    return FloatFormat(fmt.exp_bits, 5 - fmt.exp_bits, fmt.bias)
+
+
+@dataclass
+class FP6PackedWeight:
+    """A minifloat weight in the 4+2 layout the FP6 kernel reads.
+
+    Layout (one function packs, :func:`unpack_fp6_planes` unpacks; round-trip tested):
+
+    * codes are 6-bit container codes ``S E.. M..`` (``container_format``), the K dimension padded with zero codes
+      to ``k_pad = ceil(K / 64) * 64``;
+    * ``hi2``: uint8 ``[N, k_pad / 4]``, the two high bits ``[S, E2]`` (for E3M2): byte ``j`` of row ``n`` holds
+      codes ``k = 4j + t`` at bits ``2t+1 .. 2t`` (t = 0..3, little-endian inside the byte);
+    * ``lo4``: uint8 ``[N, k_pad / 2]``, the four low bits ``[E1 E0 M1 M0]``: byte ``j`` holds code ``2j`` in its
+      low nibble and ``2j + 1`` in its high nibble.
+
+    Both planes are row-major and contiguous, so a ``BLOCK_K`` slice of a row is ``BLOCK_K/4`` and ``BLOCK_K/2``
+    consecutive, 16-byte aligned bytes: the kernel loads them with wide vector loads and rebuilds the codes in
+    registers (a join of the nibbles / 2-bit fields in the order above). ``scale`` is float32 ``[N, G]``.
+    """
+
+    hi2: torch.Tensor
+    lo4: torch.Tensor
+    scale: torch.Tensor
+    format: FloatFormat  # the element format (E3M2, E2M3, FP5, FP4); the planes hold container_format(format)
+    in_features: int
+    group_size: int | None
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def out_features(self) -> int:
+        return int(self.hi2.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def k_pad(self) -> int:
+        return int(self.lo4.shape[1]) * 2
+
+    @property
+    def container(self) -> FloatFormat:
+        return container_format(self.format)
+
+    @property
+    def label(self) -> str:
+        return format_label(self.format)
+
+    @property
+    def spec(self) -> FPQuantSpec:
+        return FPQuantSpec(format=self.format, group_size=self.group_size)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The element format's uint8 codes ``[N, K]``, unpacked on each access (inverse of :func:`pack_fp6`).
+
+        A property so that code written for :class:`FPQuantizedWeight` (``qw.codes.device``) works on both.
+        """
+        return unpack_fp6_planes(self.hi2, self.lo4, self.in_features) >> (6 - self.format.bits)
+
+    def to_quantized(self) -> FPQuantizedWeight:
+        return FPQuantizedWeight(self.codes, self.scale, self.format, self.group_size, self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Same numerics as :meth:`FPQuantizedWeight.dequantize` (and the kernel), bit for bit."""
+        return self.to_quantized().dequantize(dtype)
+
+    def to(self, device: torch.device | str) -> "FP6PackedWeight":
+        return FP6PackedWeight(self.hi2.to(device), self.lo4.to(device), self.scale.to(device), self.format,
+                               self.in_features, self.group_size, self.dtype)
+
+    def nbytes(self) -> int:
+        return self.hi2.numel() + self.lo4.numel() + self.scale.numel() * self.scale.element_size()
+
+    def __repr__(self) -> str:
+        gran = f"groups of {self.group_size}" if self.group_size else "per channel"
+        return (f"FP6PackedWeight({self.label}, [{self.out_features}, {self.in_features}], {gran}, "
+                f"{self.nbytes() / 1024:.1f} KiB)")
+
+
+def pack_fp6_planes(codes6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split 6-bit codes ``[N, K]`` (uint8, < 64) into the ``(hi2, lo4)`` planes of :class:`FP6PackedWeight`."""
+    if codes6.dtype != torch.uint8 or codes6.dim() != 2:
+        raise WeightError(f"pack_fp6_planes takes 2-D uint8 codes, got {codes6.dtype} {tuple(codes6.shape)}",
+                          "pass encode()'s output for a [out_features, in_features] weight")
+    if codes6.numel() and int(codes6.max()) >= 64:
+        raise WeightError(f"code {int(codes6.max())} does not fit 6 bits", "shift narrower codes to 6 bits first")
+    n, k = codes6.shape
+    k_pad = -(-k // FP6_K_ALIGN) * FP6_K_ALIGN
+    c = torch.zeros(n, k_pad, dtype=torch.uint8, device=codes6.device)
+    c[:, :k] = codes6
+    lo = (c & 0xF).view(n, k_pad // 2, 2)
+    lo4 = lo[..., 0] | (lo[..., 1] << 4)
+    hi = (c >> 4).view(n, k_pad // 4, 4)
+    hi2 = hi[..., 0] | (hi[..., 1] << 2) | (hi[..., 2] << 4) | (hi[..., 3] << 6)
+    return hi2.contiguous(), lo4.contiguous()
+
+
+def unpack_fp6_planes(hi2: torch.Tensor, lo4: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The 6-bit codes ``[N, in_features]`` back from the two planes (padding dropped)."""
+    n = hi2.shape[0]
+    if lo4.shape != (n, hi2.shape[1] * 2) or hi2.dtype != torch.uint8 or lo4.dtype != torch.uint8:
+        raise WeightError(f"FP6 planes do not match: hi2 {hi2.dtype} {tuple(hi2.shape)}, "
+                          f"lo4 {lo4.dtype} {tuple(lo4.shape)}", "pass the planes pack_fp6_planes returned")
+    if in_features > lo4.shape[1] * 2:
+        raise WeightError(f"in_features {in_features} exceeds the packed width {lo4.shape[1] * 2}",
+                          "the planes belong to another weight")
+    lo = torch.stack([lo4 & 0xF, lo4 >> 4], dim=-1).view(n, -1)
+    hi = torch.stack([(hi2 >> s) & 0x3 for s in (0, 2, 4, 6)], dim=-1).view(n, -1)
+    return ((hi << 4) | lo)[:, :in_features].contiguous()
+
+
+def pack_fp6(q: FPQuantizedWeight) -> FP6PackedWeight:
+    """Pack a quantized weight into the 4+2 planes (narrower formats ride in a 6-bit container)."""
+    container_format(q.format)  # raises for formats that do not fit
+    hi2, lo4 = pack_fp6_planes(q.codes << (6 - q.format.bits))
+    return FP6PackedWeight(hi2, lo4, q.scale, q.format, int(q.codes.shape[1]), q.group_size, q.dtype)

@@ -142,11 +142,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     except ValueError as exc:
         raise ModelLoadError(f"could not load model {name!r}: {str(exc).splitlines()[0]}",
                              "the architecture may be unsupported by the installed transformers; check config.json") from exc
+    if gguf_file:
+        _drop_gguf_quantizer(model)
     model.to(device).eval()
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s (%s) from %s", name, type(model).__name__, source)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, kind=kind, source=source)
+
+
+def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
+    """transformers dequantizes GGUF weights to float on load but keeps a GGUF "quantizer" attached, which makes
+    ``save_pretrained`` refuse the model. The weights are plain float tensors now: detach it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def _is_fxquant_checkpoint(path: Path) -> bool:

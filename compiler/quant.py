@@ -134,10 +134,13 @@ class QuantSpec:
                    per_tensor=m["tensor"] is not None)
 
     def effective_group_size(self, in_features: int) -> int:
-        """Width of a (full) group for a weight with ``in_features`` input columns."""
+        """Width of a (full) group for a weight with ``in_features`` input columns.
+
+        A group size at least as wide as the weight is per-channel, and reported as such (``in_features``).
+        """
         if self.group_size is None:
             return in_features
-        return self.group_size
+        return min(self.group_size, in_features)
 
     def __str__(self) -> str:
         return self.describe()

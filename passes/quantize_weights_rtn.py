@@ -232,7 +232,7 @@ class QuantizeWeightsRTN(Pass):
             fqn = cg.fqn_of(first.placeholder)
             names = aliases.get(key, [first.placeholder.name])
             fqns = [cg.fqn[n] for n in names if n in cg.fqn]
-            if not all(self.selected(f) for f in fqns):
+            if not all(self.selected(f) for f in fqns):  # a tied weight stays float if any of its names is excluded
                 n_excluded += 1
                 continue
             layouts = {u.in_out for u in group}
