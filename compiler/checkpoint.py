@@ -63,14 +63,16 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, r
         tensors: dict[str, torch.Tensor] = {}
         layers = {}
         for fqn, q in (quantized or {}).items():
-            entry = {"codes": f"{fqn}.codes", "scale": f"{fqn}.scale"}
-            tensors[entry["codes"]] = q.codes.contiguous().cpu()
-            tensors[entry["scale"]] = q.scale.contiguous().cpu()
-            if getattr(q, "zero", None) is not None:
-                entry["zero"] = f"{fqn}.zero"
-                tensors[entry["zero"]] = q.zero.contiguous().cpu()
+            # integer weights: codes/scale/zero; FP6 weights: the two bit planes and the scale
+            fields = ("hi2", "lo4", "scale") if hasattr(q, "hi2") else ("codes", "scale", "zero")
+            entry: dict[str, Any] = {}
+            for f in fields:
+                t = getattr(q, f, None)
+                if t is not None:
+                    entry[f] = f"{fqn}.{f}"
+                    tensors[entry[f]] = t.contiguous().cpu()
             entry["spec"] = q.spec.describe() if hasattr(q.spec, "describe") else str(q.spec)
-            entry["group_size"] = int(q.group_size)
+            entry["group_size"] = int(q.group_size) if q.group_size else None
             layers[fqn] = entry
         files = {}
         if tensors:

@@ -102,7 +102,10 @@ def weight_bytes(model: torch.nn.Module, quantized: dict[str, Any] | None = None
             continue
         seen.add(id(p))
         q = quantized.get(name)
-        total += int(q.packed_nbytes()) if q is not None else tensor_nbytes(p)
+        if q is None:
+            total += tensor_nbytes(p)
+        else:
+            total += int(q.packed_nbytes() if hasattr(q, "packed_nbytes") else q.nbytes())
     return total
 
 

@@ -93,27 +93,37 @@ def is_tensor(node: object) -> bool:
 
 # ---- symbolic sizes made concrete -----------------------------------------------------------------------
 _PRIMES = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051, 1061, 1063, 1069, 1087, 1091, 1093, 1097)
+#: one value per symbol for the whole process, so shapes of different nodes stay comparable
+_SYMBOL_VALUES: dict[sympy.Symbol, sympy.Integer] = {}
 
 
-def _size_expr(size: object) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))  # type: ignore[arg-type]
+def _symbol_value(symbol: sympy.Symbol) -> sympy.Integer:
+    if symbol not in _SYMBOL_VALUES:
+        k = len(_SYMBOL_VALUES)
+        _SYMBOL_VALUES[symbol] = sympy.Integer(_PRIMES[k % len(_PRIMES)] + 1000 * (k // len(_PRIMES)))
+    return _SYMBOL_VALUES[symbol]
+
+
+def _concrete(size: object) -> int:
+    if not isinstance(size, torch.SymInt):
+        return int(size)  # type: ignore[call-overload]
+    expr = size.node.expr
+    if not expr.free_symbols:
+        return int(expr)
+    return int(expr.xreplace({s: _symbol_value(s) for s in expr.free_symbols}))
 
 
 def concrete_shape(node: object) -> tuple[int, ...] | None:
-    """The node's shape with every free symbol (batch, sequence length) replaced by a distinct large prime.
+    """The node's shape with every free symbol (batch, sequence length) replaced by a large prime.
 
-    Reshape analysis needs to group dimensions by equal products; with symbols set to large distinct
-    primes, products of model dimensions (powers of two, head counts) never collide with token dimensions.
+    Reshape analysis groups dimensions by equal products; with symbols set to large distinct primes (the
+    same prime for a symbol wherever it appears), products of model dimensions (powers of two, head counts)
+    never collide with token dimensions.
     """
     val = tensor_val(node)
     if val is None:
         return None
-    exprs = [_size_expr(s) for s in val.shape]
-    symbols = sorted({s for e in exprs for s in e.free_symbols}, key=str)
-    subs = {s: _PRIMES[i % len(_PRIMES)] + 100 * (i // len(_PRIMES)) for i, s in enumerate(symbols)}
-    return tuple(int(e.subs(subs)) if e.free_symbols else int(e) for e in exprs)
+    return tuple(_concrete(s) for s in val.shape)
 
 
 def shape_str(node: object) -> tuple[str, ...] | None:
@@ -217,11 +227,6 @@ def build_graphview(gm: fx.GraphModule | fx.Graph, fqn: Mapping[str, str] | None
         for position, arg in enumerate(_input_nodes(node)):
             view.add_edge(arg.name, node.name, arg=position)
     return view
-
-
-def nodes_by_name(gm: fx.GraphModule | fx.Graph) -> dict[str, fx.Node]:
-    graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
-    return {n.name: n for n in graph.nodes}
 
 
 def walk_back_shape_ops(node: object) -> object:

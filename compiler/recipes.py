@@ -58,7 +58,7 @@ class Recipe:
     @property
     def data_free(self) -> bool:
         """True if the recipe needs no calibration data (it can run inside the torch.compile backend)."""
-        return self.method in ("fp32", "rtn")
+        return self.method in ("fp32", "rtn", "fp")
 
     def pipeline(self):
         """The ordered passes this recipe runs on a captured graph."""
@@ -76,7 +76,11 @@ class Recipe:
         out: dict[str, Any] = {"name": self.name, "method": self.method, "exclude": list(self.exclude)}
         if self.weight is not None:
             w = self.weight
-            out.update(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, per_tensor=w.per_tensor)
+            out.update(bits=w.bits, group_size=w.group_size)
+            if getattr(w, "kind", "int") == "fp":
+                out.update(format=w.label, scale_search=w.scale_search)
+            else:
+                out.update(symmetric=w.symmetric, per_tensor=w.per_tensor)
         if self.options:
             out["options"] = dict(self.options)
         return out
@@ -93,7 +97,12 @@ def _rtn_passes(recipe: Recipe) -> list:
     return [QuantizeWeightsRTN(recipe.weight, exclude=recipe.exclude)]
 
 
-PIPELINE_BUILDERS: dict[str, Callable[[Recipe], list]] = {"fp32": _fp32_passes, "rtn": _rtn_passes}
+def _fp_passes(recipe: Recipe) -> list:
+    from fxquant.passes.split_fp6_weights import SplitFP6Weights
+    return [SplitFP6Weights(recipe.weight, exclude=recipe.exclude)]
+
+
+PIPELINE_BUILDERS: dict[str, Callable[[Recipe], list]] = {"fp32": _fp32_passes, "rtn": _rtn_passes, "fp": _fp_passes}
 
 
 # ---- names -------------------------------------------------------------------------------------------
@@ -122,6 +131,24 @@ def named_recipes() -> dict[str, str]:
 
 #: recipes registered by later methods: name -> (description, factory)
 EXTRA_RECIPES: dict[str, tuple[str, Callable[[], Recipe]]] = {}
+
+
+def _fp(name: str, fmt: str, group: int | None, description: str) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        from .fpformats import FPQuantSpec
+        return Recipe(name=name, method="fp", weight=FPQuantSpec(format=fmt, group_size=group), description=description)
+    return make
+
+
+for _name, _fmt, _group, _desc in (
+    ("fp6", "e3m2", None, "FP6 E3M2 weights, per-channel scale, stored as 4+2 bit planes (FP6-LLM)"),
+    ("fp6g128", "e3m2", 128, "FP6 E3M2 weights, scales per group of 128 inputs, 4+2 bit planes"),
+    ("fp6g64", "e3m2", 64, "FP6 E3M2 weights, scales per group of 64 inputs, 4+2 bit planes"),
+    ("fp6-e2m3", "e2m3", None, "FP6 E2M3 weights (more mantissa, less range), per-channel scale"),
+    ("fp5", "e2m2", None, "FP5 E2M2 weights, per-channel scale (stored in the 6-bit container)"),
+    ("fp4", "e2m1", None, "FP4 E2M1 weights, per-channel scale (stored in the 6-bit container)"),
+):
+    EXTRA_RECIPES[_name] = (_desc, _fp(_name, _fmt, _group, _desc))
 
 
 def register_recipe(name: str, description: str, factory: Callable[[], Recipe]) -> None:

@@ -178,7 +178,8 @@ class Structure:
 
     def counts(self) -> dict[str, int]:
         """Per-kind counters; ``norm_groups`` excludes final groups so per-layer counts stay exact."""
-        pairs_by_kind = {k: sum(p.kind == k for p in self.pairs) for k in ("attention", "gated", "activation", "linear")}
+        kinds = ("attention", "gated", "activation", "linear")
+        pairs_by_kind = {k: sum(p.kind == k for p in self.pairs) for k in kinds}
         return {
             "norm_groups": sum(not g.final for g in self.norm_groups),
             "final_norm_groups": sum(g.final for g in self.norm_groups),
@@ -219,7 +220,7 @@ class Structure:
             lines.append("norm groups:")
             for g in self.norm_groups:
                 flags = "".join([" final" if g.final else "", "" if g.exclusive else f" shared-with={g.other_users}"])
-                lines.append(f"  {g.kind}[{g.form}] {g.weight} -> {', '.join(g.consumers)}{flags}")
+                lines.append(f"  {g.kind}[{g.form}] {g.weight or '(no weight)'} -> {', '.join(g.consumers)}{flags}")
         if self.pairs:
             lines.append("linear pairs:")
             for p in self.pairs:

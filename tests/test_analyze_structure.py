@@ -213,6 +213,32 @@ def test_linearity_rules(act, pairs):
         assert s.rejected_pairs and s.rejected_pairs[0].producer == "a.weight"
 
 
+class _NormForms(torch.nn.Module):
+    """``aten.rms_norm`` (torch's own RMSNorm), a weightless LayerNorm, and a sigmoid GLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(8)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.ln = torch.nn.LayerNorm(8, elementwise_affine=False)
+        self.c = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.c(self.ln(self.a(h) * torch.sigmoid(self.b(h))))
+
+
+def test_aten_rms_norm_and_weightless_layer_norm():
+    s = analyze(fxquant.capture(_NormForms(), (torch.randn(2, 3, 8),)))
+    rms, ln = s.norm_groups
+    assert (rms.kind, rms.form, rms.weight, rms.consumers) == ("rmsnorm", "aten.rms_norm", "norm.weight",
+                                                               ["a.weight", "b.weight"])
+    assert (ln.kind, ln.weight, ln.final) == ("layernorm", None, True)
+    (glu,) = s.swiglus
+    assert (glu.act, glu.gate, glu.up, glu.down) == ("sigmoid", "b.weight", "a.weight", None)  # LN blocks a -> c
+    assert not s.pairs
+
+
 # ---- golden rendering on a one-layer LLaMA ---------------------------------------------------------------
 GOLDEN_RENDER = """\
 structure of LlamaForCausalLM: norm_groups=2, final_norm_groups=1, pairs=2, pairs_attention=1, pairs_gated=1, swiglu=1, attention=1, rope=1, residual_adds=2, unclassified=0
