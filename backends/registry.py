@@ -279,6 +279,7 @@ def _register_builtins() -> None:
         supports=_int_supports(8), pack=ref.pack_int8, dequantize=ref.dequantize_int8, reference=ref.linear_int8,
         triton="fxquant.backends.ops:triton_linear_int8", triton_dequant="fxquant.backends.ops:triton_dequant_int8",
         aot_variants="fxquant.backends.ops:aot_variants_int8", priority=10))
+    from . import lowbit  # noqa: F401, PLC0415 - registers the ParetoQ formats pq_w1 .. pq_w4
 
 
 _register_builtins()

@@ -110,6 +110,20 @@ def _group_params(s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_sn,
 
 
 @triton.jit
+def _column_params(s_ptr, z_ptr, offs_n, n_mask, cols, K, stride_sn,
+                   HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr, GROUP: tl.constexpr):
+    """Scale and zero point ``[BLOCK_N, len(cols)]`` of arbitrary columns (the group of each column)."""
+    g = cols // GROUP
+    mask = n_mask[:, None] & (cols[None, :] < K)
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0)
+    else:
+        z = tl.full((1, 1), SYM_ZERO, tl.int32)
+    return s, z
+
+
+@triton.jit
 def _dequant(q, s, z):
     """fxquant's one dequantization: ``float32(code - zero) * scale`` (an exact integer times a float32)."""
     return (q - z).to(tl.float32) * s
@@ -157,16 +171,43 @@ def _wq_linear_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_row = x_ptr + pid_m * stride_xm
         for k0 in range(k_begin, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            q = _load_codes(q_ptr, offs_n, n_mask, k0, K, stride_qn, BITS, BLOCK_K)
-            s, z = _group_params(s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_sn, HAS_ZERO, SYM_ZERO, GROUP, BLOCK_K)
-            if SCALE_PER_SLICE:
-                # scale constant over the slice: sum (code - zero) * x first, scale the partial sum once
-                part = tl.sum((q - z).to(tl.float32) * x[None, :], axis=1)
-                acc += part * tl.reshape(s, (BLOCK_N,))
+            if BITS == 4:
+                # int4: keep the packed bytes as they are and split x instead. The low nibbles pair with the
+                # even columns of x, the high nibbles with the odd ones: no interleave (a register shuffle that
+                # costs more than the FMAs it feeds), and x's strided loads hit L1.
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                b = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :],
+                            mask=n_mask[:, None] & (offs_b[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+                k_even = 2 * offs_b
+                x_even = tl.load(x_row + k_even, mask=k_even < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + k_even + 1, mask=k_even + 1 < K, other=0.0).to(tl.float32)
+                lo = b & 0xF
+                hi = b >> 4
+                if SCALE_PER_SLICE:
+                    s, z = _group_params(s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_sn, HAS_ZERO, SYM_ZERO,
+                                         GROUP, BLOCK_K)
+                    part = tl.sum((lo - z).to(tl.float32) * x_even[None, :] + (hi - z).to(tl.float32) * x_odd[None, :],
+                                  axis=1)
+                    acc += part * tl.reshape(s, (BLOCK_N,))
+                else:
+                    s_e, z_e = _column_params(s_ptr, z_ptr, offs_n, n_mask, k_even, K, stride_sn, HAS_ZERO, SYM_ZERO,
+                                              GROUP)
+                    s_o, z_o = _column_params(s_ptr, z_ptr, offs_n, n_mask, k_even + 1, K, stride_sn, HAS_ZERO,
+                                              SYM_ZERO, GROUP)
+                    acc += tl.sum(_dequant(lo, s_e, z_e) * x_even[None, :] + _dequant(hi, s_o, z_o) * x_odd[None, :],
+                                  axis=1)
             else:
-                acc += tl.sum(_dequant(q, s, z) * x[None, :], axis=1)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                q = _load_codes(q_ptr, offs_n, n_mask, k0, K, stride_qn, BITS, BLOCK_K)
+                s, z = _group_params(s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_sn, HAS_ZERO, SYM_ZERO, GROUP,
+                                     BLOCK_K)
+                if SCALE_PER_SLICE:
+                    # scale constant over the slice: sum (code - zero) * x first, scale the partial sum once
+                    part = tl.sum((q - z).to(tl.float32) * x[None, :], axis=1)
+                    acc += part * tl.reshape(s, (BLOCK_N,))
+                else:
+                    acc += tl.sum(_dequant(q, s, z) * x[None, :], axis=1)
         if HAS_BIAS:
             if pid_k == 0:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -239,9 +280,8 @@ def _cfg(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, group_m
 # bf16 outputs need (no bf16 atomics before sm_90).
 #: M == 1: narrow row blocks and long K slices keep many loads in flight on every SM.
 GEMV_CONFIGS = [
-    _cfg(1, 4, 512, 1, 2, 3), _cfg(1, 8, 256, 1, 4, 3), _cfg(1, 8, 512, 1, 4, 3), _cfg(1, 16, 256, 1, 4, 3),
-    _cfg(1, 16, 128, 1, 4, 4), _cfg(1, 16, 512, 1, 8, 3), _cfg(1, 4, 1024, 1, 4, 3), _cfg(1, 8, 256, 2, 4, 3),
-    _cfg(1, 16, 128, 4, 4, 3),
+    _cfg(1, 4, 512, 1, 2, 3), _cfg(1, 8, 256, 1, 4, 3), _cfg(1, 16, 256, 1, 4, 3), _cfg(1, 4, 1024, 1, 4, 3),
+    _cfg(1, 16, 512, 1, 8, 3), _cfg(1, 8, 256, 2, 4, 3), _cfg(1, 16, 128, 4, 4, 3),
 ]
 #: 2 <= M <= 16: one 16-row tile, split-K for parallelism across the SMs.
 SKINNY_CONFIGS = [
@@ -418,7 +458,7 @@ def aot_variants(bits: int) -> list[KernelVariant]:
     # skinny, and the tiled GEMM with per-slice and per-column (odd group width) scales
     g128a, perchan, g48 = dict(GROUP=128, HAS_ZERO=True), dict(GROUP=0, HAS_ZERO=False), dict(GROUP=48, HAS_ZERO=False)
     plan = [("gemv_g128a", GEMV_CONFIGS[1], g128a, False), ("gemv_g48", GEMV_CONFIGS[1], g48, False),
-            ("gemv_splitk_perchan", GEMV_CONFIGS[7], perchan, False),
+            ("gemv_splitk_perchan", GEMV_CONFIGS[5], perchan, False),
             ("skinny_splitk_g128a", SKINNY_CONFIGS[0], g128a, True),
             ("tiled_g128a", TILED_CONFIGS[1], g128a, True), ("tiled_g48", TILED_CONFIGS[1], g48, True)]
     for pname, cfg, layout, dot in plan:

@@ -13,10 +13,12 @@ from .errors import (CaptureError, DataError, FxquantError, ModelLoadError, Pass
                      RecipeError, WeightError)
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
 from .pipeline import Pass, PassContext, PassResult, Pipeline
+from .api import QuantizeResult, quantize
+from .recipes import Recipe, get_recipe
 
 __all__ = [
     "__version__", "CapturedGraph", "capture", "fxmeta", "Pass", "PassContext", "PassResult", "Pipeline",
-    "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
+    "quantize", "QuantizeResult", "Recipe", "get_recipe", "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
     "FxquantError", "CaptureError", "DataError", "ModelLoadError", "PassError", "QuantSpecError", "RecipeError",
     "WeightError",
 ]

@@ -258,9 +258,9 @@ class _LazyBackend:
 def register() -> None:
     """Make ``torch.compile(backend="fxquant")`` resolve to :func:`fxquant_backend` (idempotent).
 
-    ``import fxquant`` calls this only when Dynamo is already imported: importing Dynamo costs seconds, and a
-    plain ``pip install`` exposes the backend through the ``torch_dynamo_backends`` entry point anyway, which
-    Dynamo reads the first time it looks up a backend name it does not know.
+    ``import fxquant`` calls this when Dynamo is already imported, or when fxquant is not installed with its
+    entry point. Otherwise it skips it: importing Dynamo costs seconds, and the ``torch_dynamo_backends`` entry
+    point, which Dynamo reads the first time it looks up a backend name it does not know, already finds us.
     """
     from torch._dynamo.backends import registry
 
@@ -268,5 +268,17 @@ def register() -> None:
         registry._BACKENDS["fxquant"] = _LazyBackend()
 
 
-if "torch._dynamo" in sys.modules:
+def _entry_point_installed() -> bool:
+    """True if fxquant is pip-installed with its ``torch_dynamo_backends`` entry point (one cheap metadata read)."""
+    from importlib import metadata
+    try:
+        return any(ep.group == "torch_dynamo_backends" and ep.name == "fxquant"
+                   for ep in metadata.distribution("fxquant").entry_points)
+    except metadata.PackageNotFoundError:
+        return False
+
+
+# Register now when Dynamo is already loaded (free), or when no entry point would find us (fxquant used from a
+# source tree on sys.path): only then does `import fxquant` pay for importing Dynamo.
+if "torch._dynamo" in sys.modules or not _entry_point_installed():
     register()

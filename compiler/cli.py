@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
+
+    from .debug import add_debug_parser
+    add_debug_parser(sub)
     return parser
 
 

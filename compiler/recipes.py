@@ -240,3 +240,68 @@ def _from_mapping(data: dict, source: str) -> Recipe:
     return Recipe(name=name, method="rtn", weight=spec, exclude=tuple(exclude),
                   description=data.get("description", f"round-to-nearest {spec.describe()}"),
                   options=dict(data.get("options") or {}))
+
+
+# ---- TEQ (passes/train_teq_scales.py + passes/fold_equivalent_scales.py) ----------------------------------------
+
+def _teq_passes(recipe: Recipe) -> list:
+    from fxquant.fpformats import FPQuantSpec
+    from fxquant.passes.fold_equivalent_scales import FoldEquivalentScales
+    from fxquant.passes.train_teq_scales import TrainTEQScales
+    # scales are trained against the recipe's own weight quantizer, folded, and only then quantized for real:
+    # the quantization pass sees the folded weights, so TEQ + RTN / FP6 is one recipe
+    passes = [TrainTEQScales(recipe.weight, exclude=recipe.exclude, options=recipe.options),
+              FoldEquivalentScales(source="teq")]
+    return passes + (_fp_passes(recipe) if isinstance(recipe.weight, FPQuantSpec) else _rtn_passes(recipe))
+
+
+PIPELINE_BUILDERS["teq"] = _teq_passes
+
+
+def _teq(name: str, bits: int | None, group: int | None, fmt: str | None = None) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        if fmt is not None:
+            from .fpformats import FPQuantSpec
+            spec: Any = FPQuantSpec(format=fmt, group_size=group)
+        else:
+            from .quant import QuantSpec
+            spec = QuantSpec(bits=bits, symmetric=True, group_size=group)
+        return Recipe(name=name, method="teq", weight=spec, description=EXTRA_RECIPES[name][0],
+                      options={"steps": 1000, "lr": 1e-3, "seq_len": 512, "batch_size": 4, "seed": 0})
+    return make
+
+
+for _name, _bits, _group, _fmt, _desc in (
+    ("teq-w4g128", 4, 128, None, "TEQ: trained equivalent scales folded, then symmetric 4-bit RTN, groups of 128"),
+    ("teq-w4", 4, None, None, "TEQ: trained equivalent scales folded, then symmetric 4-bit RTN per output channel"),
+    ("teq-w3g128", 3, 128, None, "TEQ: trained equivalent scales folded, then symmetric 3-bit RTN, groups of 128"),
+    ("teq-w2g64", 2, 64, None, "TEQ: trained equivalent scales folded, then symmetric 2-bit RTN, groups of 64"),
+    ("teq-fp6", None, None, "e3m2", "TEQ trained against FP6 E3M2 fake-quant, folded, then FP6 4+2 split"),
+):
+    register_recipe(_name, _desc, _teq(_name, _bits, _group, _fmt))
+
+
+# ---- ParetoQ (fxquant.paretoq): 1/1.58/2/3/4-bit QAT; needs calibration data, so not data-free ------------------
+def _paretoq_passes(recipe: Recipe) -> list:
+    from fxquant.passes.convert_paretoq import ConvertParetoQ
+    from fxquant.passes.insert_paretoq_fake_quant import InsertParetoQFakeQuant
+    from fxquant.passes.train_paretoq import TrainParetoQ
+    # train before convert: conversion quantizes the trained latent weights with the trained scales
+    return [InsertParetoQFakeQuant(recipe.weight, exclude=recipe.exclude), TrainParetoQ(), ConvertParetoQ()]
+
+
+PIPELINE_BUILDERS["paretoq"] = _paretoq_passes
+
+
+def _paretoq(bits: str, description: str) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        from .paretoq import ParetoQSpec
+        return Recipe(name=f"paretoq-w{bits}", method="paretoq", weight=ParetoQSpec(float(bits)),
+                      description=description, options={"steps": 200})
+    return make
+
+
+for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary SEQ, packed 5 per byte"),
+                     ("2", "2-bit SEQ"), ("3", "3-bit LSQ, 2+1 bit planes"), ("4", "4-bit LSQ")):
+    _d = f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
+    register_recipe(f"paretoq-w{_bits}", _d, _paretoq(_bits, _d))

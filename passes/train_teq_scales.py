@@ -1,0 +1,379 @@
+"""``train_teq_scales`` — TEQ: train one per-channel scale per group against fake-quantized weights.
+
+TEQ (Cheng et al., 2023; METHODS.md §1) inserts ``y = linear(x ⊘ s, FQ(W · diag(s)))`` at every place the
+structure analysis found (norm -> {q,k,v}, norm -> {gate,up}, v -> o with grouped-query sharing, up -> down) and
+trains only ``s``. This pass does the training; :class:`~fxquant.passes.fold_equivalent_scales.FoldEquivalentScales`
+then folds the result into the weights. Analysis/training and rewriting are separate passes so that the graph a
+dump shows after ``train_teq_scales`` is still the float one, and so that FSBR reuses the same fold.
+
+How it trains
+-------------
+The float function is unchanged by any ``s``, so ``linear(x ⊘ s, FQ(W · diag(s)))`` is the same as running the
+model with the *folded* weights — producer ``⊘ s``, consumer ``· s`` — and then fake-quantizing every quantized
+linear weight. That is what each step does, through :meth:`ScalePlan.apply` (the very function the fold uses)
+and ``torch.func.functional_call`` on the eager model (fast, no graph surgery, no hooks left behind). Weights
+read from ``cg.tensors``, so an earlier pass's rewrite is seen. The fake quantizer is the recipe's: integer
+``fake_quantize(w, spec, ste=True)`` or minifloat ``fp_fake_quantize`` — a straight-through estimator, so the
+gradient reaches ``s`` through ``W · diag(s)`` and through the producer's ``1/s``.
+
+* loss: causal-LM cross-entropy on calibration windows (the original recipe), plus optionally
+  ``distill`` × KL(float logits ‖ quantized logits) — the float model's own predictions as soft targets;
+* Adam, lr 1e-3, linear warm-up over the first 5 % of steps then linear decay to 0, default 1000 steps;
+  ``s`` is clamped to ≥ 1e-5 after every step;
+* deterministic for a seed (the windows are drawn from a seeded generator; CPU kernels are deterministic);
+* a NaN/Inf loss stops training with an error naming the step.
+
+Options (recipe ``options``, all optional): ``steps`` (1000), ``lr`` (1e-3), ``warmup`` (0.05), ``seq_len`` (512),
+``batch_size`` (4), ``seed`` (0), ``distill`` (0.0: pure causal-LM loss; 1.0: pure distillation), ``progress``
+(True), ``tokenizer`` (to tokenize text calibration; found from the model's name otherwise).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.capture import CapturedGraph
+from fxquant.errors import DataError, PassError
+from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScalePlan, linear_weights,
+                                                   plan_scales)
+from fxquant.passes.quantize_weights_rtn import matches
+from fxquant.pipeline import Pass, PassContext, PassResult
+
+log = logging.getLogger("fxquant")
+
+__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "quantized_loss", "weight_quantizer", "calibration_ids",
+           "calibration_windows", "linear_warmup_decay"]
+
+#: a weight fake-quantizer with a straight-through estimator: [out, in] float -> same shape, same dtype
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TEQConfig:
+    """TEQ's training settings (the defaults are the paper's / METHODS.md §1)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: float = 0.05
+    seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    distill: float = 0.0
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "TEQConfig":
+        known = set(cls.__dataclass_fields__)
+        cfg = cls(**{k: v for k, v in options.items() if k in known})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise PassError(f"TEQ steps must be a positive integer, got {self.steps!r}", "e.g. options: {steps: 1000}")
+        if not self.lr > 0:
+            raise PassError(f"TEQ lr must be positive, got {self.lr!r}", "e.g. options: {lr: 0.001}")
+        if not 0 <= self.warmup < 1:
+            raise PassError(f"TEQ warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise PassError(f"TEQ needs seq_len >= 2 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+        if not 0 <= self.distill <= 1:
+            raise PassError(f"TEQ distill weight must lie in [0, 1], got {self.distill!r}",
+                            "0: causal-LM loss only (the paper), 1: distillation only")
+
+
+def weight_quantizer(spec: Any) -> Quantizer:
+    """The STE fake quantizer of a weight spec: integer :class:`QuantSpec` or minifloat :class:`FPQuantSpec`."""
+    from fxquant.fpformats import FPQuantSpec, fp_fake_quantize
+    from fxquant.quant import QuantSpec, fake_quantize
+    if isinstance(spec, QuantSpec):
+        return lambda w: fake_quantize(w, spec, ste=True)
+    if isinstance(spec, FPQuantSpec):
+        return lambda w: fp_fake_quantize(w, spec, ste=True)
+    raise PassError(f"TEQ has no fake quantizer for a {type(spec).__name__}",
+                    "use fxquant.quant.QuantSpec (integer) or fxquant.fpformats.FPQuantSpec (FP6 and siblings)")
+
+
+def linear_warmup_decay(steps: int, warmup: float) -> Callable[[int], float]:
+    """LR multiplier: linear from ~0 to 1 over ``warmup · steps`` steps, then linear down to 0 at ``steps``."""
+    n_warm = max(1, int(round(warmup * steps))) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return max(0.0, (steps - step) / max(1, steps - n_warm))
+    return factor
+
+
+# ---- calibration data ------------------------------------------------------------------------------------
+def _find_tokenizer(model: torch.nn.Module) -> Any:
+    """The tokenizer of ``model`` from its config's name/path (and a lone ``.gguf`` there), or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+        folder = Path(str(name))
+        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+        if len(ggufs) == 1 and not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+        return AutoTokenizer.from_pretrained(str(name))
+    except Exception as exc:  # noqa: BLE001 - any loader failure means "not found"
+        log.debug("no tokenizer for %s: %s", name, exc)
+        return None
+
+
+def calibration_ids(calibration: Any, model: torch.nn.Module | None = None, tokenizer: Any = None) -> torch.Tensor:
+    """Calibration data as one 1-D tensor of token ids.
+
+    Accepts token ids (a tensor, a list of tensors/lists), a dict with ``input_ids``, ``(text, tokenizer)``, or
+    text (tokenized with ``tokenizer``, else with the tokenizer found from the model's name).
+    """
+    if isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], str):
+        calibration, tokenizer = calibration
+    if isinstance(calibration, Mapping):
+        if "input_ids" in calibration:
+            calibration = calibration["input_ids"]
+        elif "text" in calibration:
+            tokenizer = calibration.get("tokenizer", tokenizer)
+            calibration = calibration["text"]
+    if isinstance(calibration, str):
+        tok = tokenizer or (_find_tokenizer(model) if model is not None else None)
+        if tok is None:
+            raise DataError("TEQ got calibration text but no tokenizer to turn it into token ids",
+                            "pass calibration=(text, tokenizer), or token ids "
+                            "(fxquant.evaluate.tokenize_text(tokenizer, text)), or recipe option tokenizer")
+        ids = tok(calibration, return_tensors="pt", add_special_tokens=False).input_ids.reshape(-1)
+    elif isinstance(calibration, torch.Tensor):
+        ids = calibration.reshape(-1)
+    elif isinstance(calibration, (list, tuple)) and calibration:
+        ids = torch.cat([torch.as_tensor(c).reshape(-1) for c in calibration])
+    else:
+        raise DataError(f"TEQ cannot use calibration data of type {type(calibration).__name__}",
+                        "pass text with a tokenizer, or token ids")
+    if ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+        raise DataError(f"calibration token ids must be a non-empty integer tensor, got {ids.dtype} [{ids.numel()}]")
+    return ids.long()
+
+
+def calibration_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """All windows of ``seq_len`` tokens that start at multiples of ``seq_len // 2`` (overlapping halves)."""
+    if ids.numel() < seq_len:
+        raise DataError(f"calibration has {ids.numel()} tokens, fewer than one {seq_len}-token window",
+                        "pass more calibration text, or a smaller seq_len option")
+    stride = max(1, seq_len // 2)
+    starts = range(0, ids.numel() - seq_len + 1, stride)
+    return torch.stack([ids[s: s + seq_len] for s in starts])
+
+
+# ---- the training loop ------------------------------------------------------------------------------------
+def _logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        kwargs["use_cache"] = False
+    out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if logits is None:
+        raise PassError(f"TEQ needs a causal LM that returns logits; {type(model).__name__} does not",
+                        "use an AutoModelForCausalLM, or a module whose forward(input_ids) returns logits")
+    return logits
+
+
+def _loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: torch.Tensor, distill: float) -> torch.Tensor:
+    """``(1 - distill) · CE(next token) + distill · KL(float ‖ quantized)`` of one batch."""
+    logits = _logits(model, params, batch)[:, :-1].float()
+    vocab = logits.shape[-1]
+    loss = torch.zeros((), device=logits.device)
+    if distill < 1:
+        loss = loss + (1 - distill) * F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+    if distill > 0:
+        with torch.no_grad():
+            teacher = _logits(model, {}, batch)[:, :-1].float()
+        kl = F.kl_div(F.log_softmax(logits, -1).reshape(-1, vocab), F.log_softmax(teacher, -1).reshape(-1, vocab),
+                      log_target=True, reduction="batchmean")
+        loss = loss + distill * kl
+    return loss
+
+
+def _quantized_params(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, scales: Mapping[str, torch.Tensor],
+                      exclude: Sequence[str]) -> dict[str, torch.Tensor]:
+    base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+    qlin = quantized_linears(cg, exclude)
+    dtype = next(t.dtype for t in base.values() if t.is_floating_point())
+    typed = {k: v.to(dtype) for k, v in scales.items()}
+    out = {}
+    for fqn in set(qlin) | plan.fqns():
+        w = plan.apply_one(fqn, base[fqn], typed)
+        if fqn in qlin:
+            w = quantizer(w.t()).t() if qlin[fqn] == "in_out" else quantizer(w)
+        out[fqn] = w
+    return out
+
+
+@torch.no_grad()
+def quantized_loss(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, scales: Mapping[str, torch.Tensor],
+                   input_ids: torch.Tensor, *, distill: float = 0.0, exclude: Sequence[str] = ("lm_head*",)) -> float:
+    """The training loss of the model with ``scales`` folded and its weights fake-quantized, on ``input_ids``
+    (a fixed batch): what TEQ minimises, for checking that training lowered it."""
+    params = _quantized_params(cg, plan, quantizer, scales, exclude)
+    return float(_loss(cg.model, params, input_ids, distill))
+
+
+def quantized_linears(cg: CapturedGraph, exclude: Sequence[str]) -> dict[str, str]:
+    """FQN -> layout of the linear weights the later quantization pass will quantize (not excluded, not tied to a
+    non-linear tensor such as the token embedding)."""
+    layouts = linear_weights(cg)
+    owners: dict[tuple, set[str]] = {}
+    for ph, fqn in cg.fqn.items():
+        t = cg.tensors.get(ph)
+        if t is not None:
+            owners.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), set()).add(fqn)
+    out = {}
+    for fqn, layout in layouts.items():
+        if any(matches(fqn, p) for p in exclude):
+            continue
+        t = next(cg.tensors[ph] for ph, f in cg.fqn.items() if f == fqn)
+        sharers = owners.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), set())
+        if any(s not in layouts for s in sharers):
+            continue
+        out[fqn] = layout
+    return out
+
+
+def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calibration: Any, cfg: TEQConfig, *,
+                 exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
+                 init: Mapping[str, torch.Tensor] | None = None) -> EquivalentScales:
+    """Train the plan's scales on ``cg.model`` (see the module docstring) and return them with the loss curve."""
+    model = cg.model
+    if model is None:
+        raise PassError("TEQ trains on the eager model, but the captured graph has none",
+                        "capture with fxquant.capture(model) (which keeps the model), not from a bare graph")
+    cfg.validate()
+    base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+    qlin = quantized_linears(cg, exclude)
+    if not qlin:
+        raise PassError("TEQ found no linear weight to quantize", "check the recipe's exclude patterns")
+    param = next(iter(base.values()))
+    device, dtype = param.device, next((t.dtype for t in base.values() if t.is_floating_point()), torch.float32)
+    ids = calibration_ids(calibration, model, tokenizer)
+    windows = calibration_windows(ids, cfg.seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def fq(fqn: str, w: torch.Tensor) -> torch.Tensor:
+        if qlin[fqn] == "in_out":  # Conv1D stores [in, out]: quantize along the input dim of the transpose
+            return quantizer(w.t()).t()
+        return quantizer(w)
+
+    scaled = plan.fqns()
+    # weights that are quantized but not rescaled do not depend on s: quantize them once
+    with torch.no_grad():
+        fixed = {fqn: fq(fqn, base[fqn]) for fqn in qlin if fqn not in scaled}
+    start = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in (init or {}).items()}
+    scales = {g.name: torch.nn.Parameter(start.get(g.name, torch.ones(g.size, device=device)).clone())
+              for g in plan.groups}
+    init_copy = {k: v.detach().clone() for k, v in scales.items()}
+    opt = torch.optim.Adam(list(scales.values()), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(cfg.steps, cfg.warmup))
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    losses: list[float] = []
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, desc="teq", unit="step", leave=False)
+    try:
+        for step in range(cfg.steps):
+            pick = torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)
+            batch = windows[pick].to(device)
+            params = dict(fixed)
+            typed = {k: v.to(dtype) for k, v in scales.items()}
+            for fqn in scaled:
+                w = plan.apply_one(fqn, base[fqn], typed)
+                params[fqn] = fq(fqn, w) if fqn in qlin else w
+            loss = _loss(model, params, batch, cfg.distill)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise PassError(f"TEQ loss is {value} at step {step + 1} of {cfg.steps}",
+                                "lower the learning rate (option lr), check the calibration data and the weights "
+                                "for NaN/Inf, or train in float32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for g in plan.groups:
+                    s = scales[g.name]
+                    s.clamp_(min=MIN_SCALE)
+                    if g.tie_half:  # keep RoPE pairs tied: average the two halves' updates
+                        blocks = s.view(-1, 2, g.tie_half)
+                        blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
+            losses.append(value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    result = {k: v.detach().clone() for k, v in scales.items()}
+    return EquivalentScales(plan=plan, scales=result, losses=losses, method="teq", init=init_copy)
+
+
+class TrainTEQScales(Pass):
+    """Train TEQ's per-channel scales against the recipe's fake-quantized weights (the graph is not changed)."""
+
+    name = "train_teq_scales"
+    description = "TEQ: train one per-channel scale per norm group / linear pair against fake-quantized weights"
+
+    def __init__(self, spec: Any, *, exclude: Sequence[str] = ("lm_head*",), options: Mapping[str, Any] | None = None,
+                 quantizer: Quantizer | None = None):
+        self.spec = spec
+        self.quantizer = quantizer or weight_quantizer(spec)
+        self.exclude = tuple(exclude)
+        self.options = dict(options or {})
+        self.config = TEQConfig.from_options(self.options)
+
+    def requires(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        if "structure" not in ctx.artifacts:
+            raise PassError("train_teq_scales needs the structure analysis",
+                            "run analyze_structure first (every recipe pipeline starts with it)")
+        if ctx.calibration is None:
+            raise PassError("train_teq_scales needs calibration data",
+                            "pass calibration=<text or token ids> to fxquant.quantize")
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        plan = plan_scales(cg, ctx.artifacts["structure"], exclude=self.exclude)
+        if not plan.groups:
+            raise PassError("TEQ found no place to put a scale (no norm group or linear pair the analysis accepted)",
+                            "check ctx.artifacts['structure'].render(); use an RTN recipe for this model")
+        for what, why in plan.skipped:
+            log.info("teq: skipped %s: %s", what, why)
+        tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
+        record = train_scales(cg, plan, self.quantizer, ctx.calibration, self.config, exclude=self.exclude,
+                              tokenizer=tokenizer)
+        ctx.artifacts["teq"] = record
+        n = len(record.losses)
+        k = max(1, n // 20)
+        stats = {"groups": len(plan.groups), "skipped": len(plan.skipped), "steps": n,
+                 "loss_first": round(sum(record.losses[:k]) / k, 5), "loss_last": round(sum(record.losses[-k:]) / k, 5),
+                 "max_scale_change": round(record.moved(), 5)}
+        log.info("train_teq_scales: %s", stats)
+        return PassResult(modified=False, stats=stats)
+
+    def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        record = ctx.artifacts.get("teq")
+        if not isinstance(record, EquivalentScales):
+            raise PassError("train_teq_scales left no scales in ctx.artifacts['teq']", "report a bug")
+        record.plan.check_scales(record.scales)
