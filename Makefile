@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 WINDOWS ?= 40
 RECIPE  ?= rtn-w4g128
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 $(BIN)/fxquant: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,10 +20,16 @@ $(BIN)/fxquant: pyproject.toml
 
 setup: $(BIN)/fxquant
 
+# headless Chromium renders the debug report in its test (Debian's package; skipped where apt is unavailable)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the HTML report test will say so"; }
+
 run: setup
 	$(BIN)/fxquant eval --model smollm2 --recipe $(RECIPE) --baseline --windows $(WINDOWS) --json examples/results/main_$(RECIPE).json
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 bench: setup

@@ -14,9 +14,9 @@ an opaque op whose CUDA kernel launches Triton works in every setting.
 
 **On the CPU** the reference is the only exact choice we found: ``aten._weight_int8pack_mm`` is exact for
 per-channel int8 (scale after accumulation; identical results on one-hot inputs) but measured ~50x slower than
-an fp32 ``F.linear`` on the AVX2 CI machine (7.4 ms vs 0.16 ms for 1x576 @ 576x1536), and
-``aten._weight_int4pack_mm_for_cpu`` uses a ``(q - 8) * scale + zero`` form with float zero points that does not
-reproduce asymmetric codes bit for bit. The torch.compile backend therefore keeps CPU linears on their exactly
+an fp32 ``F.linear`` on the AVX2 CI machine (7.4 ms vs 0.16 ms for 1x576 @ 576x1536).
+``aten._weight_int4pack_mm_for_cpu`` (a ``(q - 8) * scale + zero`` form with float zero points) has not been
+checked against our numerics yet, so it is not used. The torch.compile backend therefore keeps CPU linears on their exactly
 dequantized float weights unless asked otherwise (see :mod:`fxquant.backend`).
 """
 from __future__ import annotations

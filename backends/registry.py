@@ -280,6 +280,7 @@ def _register_builtins() -> None:
         triton="fxquant.backends.ops:triton_linear_int8", triton_dequant="fxquant.backends.ops:triton_dequant_int8",
         aot_variants="fxquant.backends.ops:aot_variants_int8", priority=10))
     from . import lowbit  # noqa: F401, PLC0415 - registers the ParetoQ formats pq_w1 .. pq_w4
+    from . import fp6  # noqa: F401, PLC0415 - registers the FP6 4+2 format
 
 
 _register_builtins()

@@ -310,7 +310,12 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
     group = kwargs.get("GROUP", named_args.get("GROUP", 0))
     k = named_args["K"]
     y = named_args["y_ptr"]
-    kept = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0] or list(configs)
+    kept = [c for c in configs if group == 0 or group % c.kwargs["BLOCK_K"] == 0]
+    if not kept:
+        # per-column group indices hold a scale (and zero) per weight element: only tiles of at most 64 x 64
+        # stay free of register spills on sm_80/sm_90 (checked with cuobjdump)
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64 or c.kwargs["BLOCK_M"] == 1]
+        kept = kept or list(configs)
     if y.dtype == torch.bfloat16:
         kept = [c for c in kept if c.kwargs["SPLIT_K"] == 1] or kept
     kept = [c for c in kept if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])] or kept
@@ -460,7 +465,7 @@ def aot_variants(bits: int) -> list[KernelVariant]:
     plan = [("gemv_g128a", GEMV_CONFIGS[1], g128a, False), ("gemv_g48", GEMV_CONFIGS[1], g48, False),
             ("gemv_splitk_perchan", GEMV_CONFIGS[5], perchan, False),
             ("skinny_splitk_g128a", SKINNY_CONFIGS[0], g128a, True),
-            ("tiled_g128a", TILED_CONFIGS[1], g128a, True), ("tiled_g48", TILED_CONFIGS[1], g48, True)]
+            ("tiled_g128a", TILED_CONFIGS[1], g128a, True), ("tiled_g48", TILED_CONFIGS[0], g48, True)]
     for pname, cfg, layout, dot in plan:
         sig = _linear_signature("fp16")
         sig["q_ptr"] = q_ty

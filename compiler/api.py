@@ -59,7 +59,21 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128",
     pipeline = recipe.pipeline()
     records = pipeline.run(cg, ctx, debug_dir=debug_dir, verify=verify)
     copied = cg.write_back()
+    quantized = dict(ctx.artifacts.get("quantized_weights", {}))
+    _remember_for_backend(model, quantized)
     log.info("recipe %s: %d passes, %d tensors written back", recipe.name, len(records), copied)
     return QuantizeResult(model=model, recipe=recipe, captured=cg, records=records,
-                          quantized=dict(ctx.artifacts.get("quantized_weights", {})), artifacts=ctx.artifacts,
+                          quantized=quantized, artifacts=ctx.artifacts,
                           seconds=time.perf_counter() - start)
+
+
+def _remember_for_backend(model: torch.nn.Module, quantized: dict[str, Any]) -> None:
+    """Tell the torch.compile backend which parameters hold quantized values (it sees tensors, not names), so
+    ``torch.compile(model, backend="fxquant")`` lowers an offline-quantized model without a recipe."""
+    from fxquant.backends.registry import remember_quantized
+    from .quant import QuantizedWeight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for fqn, qw in quantized.items():
+        p = params.get(fqn)
+        if p is not None and isinstance(qw, QuantizedWeight) and tuple(p.shape) == tuple(qw.shape):
+            remember_quantized(p, qw)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 
-__all__ = ["fxquant_backend", "BackendOptions", "last_reports", "register"]
+__all__ = ["fxquant_backend", "BackendOptions", "last_reports", "register", "stats"]
 
 log = logging.getLogger("fxquant")
 
@@ -52,6 +52,8 @@ _KERNEL_POLICIES = ("auto", "always", "never")
 
 #: the lowering report of each graph this process compiled with the backend (newest last; tests read it)
 last_reports: list[Any] = []
+#: graphs compiled by the backend in this process (Dynamo frames and recompilations; tests count recompiles)
+stats: dict[str, int] = {"graphs": 0}
 
 
 class BackendOptions:
@@ -161,7 +163,12 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
             return Lowering("keep", reason=why, name=fqn)
 
         def quantized() -> Any:
-            return qw if qw is not None else quantize_weight(real, spec, name=fqn)
+            if qw is not None:
+                return qw
+            if getattr(spec, "kind", "int") == "fp":  # data-free FP6/FP5/FP4 recipes
+                from .fpformats import quantize_fp
+                return quantize_fp(real, spec)
+            return quantize_weight(real, spec, name=fqn)
 
         if lower_op:
             packed = registry.packed_for(real, spec, lambda: registry.pack(quantized(), fmt), kind=fmt.name)
@@ -208,6 +215,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     if kwargs:
         options = {**(options or {}), **kwargs}
     opts = BackendOptions(options)
+    stats["graphs"] += 1
     real_inputs = list(example_inputs)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     fqns = [_fqn_of_placeholder(p) for p in placeholders]

@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from .debug import add_debug_parser
+    from .pareto import add_pareto_parser
+    from .qat import add_qat_parser
     add_debug_parser(sub)
+    add_qat_parser(sub)
+    add_pareto_parser(sub)
     return parser
 
 

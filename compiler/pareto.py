@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxquant")
     add_pareto_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["pareto", *(argv if argv is not None else sys.argv[1:])])
-    return _run(args, None)
+    return _run(args)
 
 
 if __name__ == "__main__":

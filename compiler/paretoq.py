@@ -31,8 +31,9 @@ Conventions fixed here (and tested):
 * ``α`` is clamped to ``≥ 1e-5`` in the forward pass (a scale trained to 0 or below would divide by 0), and
   the clamped value is what conversion stores, so the packed model is the fake-quant model.
 * Every weight becomes an *unsigned code* ``u`` and a level ``(A·u − B) · STEP`` (:data:`LEVELS`), and the
-  quantized weight is ``float32(level) · float32(α)`` — one rounding. The fake-quant forward itself is computed
-  this way (codes, then levels), so it equals the dequantized packed weight bit for bit (sign of zero included).
+  quantized weight is ``float32(level) · float32(α)`` — one rounding. The fake-quant forward computes the same
+  levels in floating point (no integer codes, fewer passes over the weight while training) and equals the
+  dequantized packed weight bit for bit, sign of zero included (tested for every width).
 * Arithmetic is float32 for float32/fp16/bf16 weights (float64 stays float64, for gradient checks).
 * Groups run along the input dimension; a group size that does not divide the width leaves a shorter last
   group, as everywhere in fxquant.
@@ -182,9 +183,11 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
 def group_sum(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[O, C]`` -> ``[O, G]``: the sum over each group of columns (zero-padding the shorter last group)."""
     rows, cols = t.shape
+    if group_size >= cols:
+        return t.sum(dim=1, keepdim=True)
     n_groups = -(-cols // group_size)
     pad = n_groups * group_size - cols
-    return F.pad(t, (0, pad)).reshape(rows, n_groups, group_size).sum(dim=2)
+    return (F.pad(t, (0, pad)) if pad else t).reshape(rows, n_groups, group_size).sum(dim=2)
 
 
 def grad_scale(spec: ParetoQSpec, numel: int) -> float:
@@ -264,31 +267,53 @@ def init_alpha(w: torch.Tensor, spec: ParetoQSpec) -> torch.Tensor:
 
 
 # ---- the autograd function -----------------------------------------------------------------------------------------
+def _levels_float(w: torch.Tensor, a: torch.Tensor, spec: ParetoQSpec) -> torch.Tensor:
+    """The level of every weight computed in floating point, without codes (the fast training path).
+
+    Equal bit for bit to ``levels_of(quantize_codes(w, a, spec))``: the integers are exact, ``n · step`` is the
+    table's single rounding, and ``+ 0.0`` turns a ``-0.0`` (``round(-0.3)``) into the table's ``+0.0``.
+    The tests check the equality for every width through the packed formats.
+    """
+    if spec.method == "binary":
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    x = w / a
+    if spec.bits == 1.58:
+        return torch.round(x.clamp(-CLIP, CLIP) * 1.5) * spec.levels.step + 0.0
+    if spec.bits == 2:
+        return (torch.round(x.clamp(-CLIP, CLIP) * 2 - 0.5) + 0.5) * 0.5
+    return torch.round(x).clamp(spec.qn, spec.qp) + 0.0
+
+
 class ParetoQFakeQuant(torch.autograd.Function):
-    """``W_q = level(code(W / α)) · α`` with the straight-through and LSQ gradients of the module docstring."""
+    """``W_q = level(W / α) · α`` with the straight-through and LSQ gradients of the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, alpha: torch.Tensor, spec: ParetoQSpec) -> torch.Tensor:  # type: ignore[override]
         dt = _compute_dtype(w)
-        codes = quantize_codes(w, alpha, spec)
-        out = dequantize_codes(codes, alpha, spec, dtype=dt, compute=dt)
+        rows, cols = w.shape
+        group = spec.effective_group_size(cols)
+        _check_alpha(alpha, rows, cols, group)
+        a = expand_groups(alpha.detach().to(dt).clamp_min(ALPHA_EPS), group, cols)
+        w_c = w.detach().to(dt)
+        out = _levels_float(w_c, a, spec) * a
         ctx.spec = spec
         ctx.w_dtype = w.dtype
         ctx.alpha_dtype = alpha.dtype
-        ctx.save_for_backward(w, alpha, codes)
+        ctx.save_for_backward(w, alpha)
         return out.to(w.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        w, alpha, codes = ctx.saved_tensors
+        w, alpha = ctx.saved_tensors
         spec: ParetoQSpec = ctx.spec
         dt = _compute_dtype(w)
         rows, cols = w.shape
         group = spec.effective_group_size(cols)
         a = expand_groups(alpha.detach().to(dt).clamp_min(ALPHA_EPS), group, cols)
-        x = w.detach().to(dt) / a
+        w_c = w.detach().to(dt)
+        x = w_c / a
         g = grad.to(dt)
-        q = levels_of(codes, spec, dt)
+        q = _levels_float(w_c, a, spec)
         if spec.method == "binary":
             inside = x.abs() <= 1.0
             d = q                                         # ∂(α·sign W)/∂α = sign W
@@ -298,7 +323,7 @@ class ParetoQFakeQuant(torch.autograd.Function):
         else:
             inside = (x >= spec.qn) & (x <= spec.qp)
             d = torch.where(inside, q - x, q)
-        grad_w = torch.where(inside, g, torch.zeros((), dtype=dt)).to(ctx.w_dtype)
+        grad_w = (g * inside).to(ctx.w_dtype)
         grad_alpha = group_sum(g * d, group) * grad_scale(spec, w.numel())
         # a scale held at the floor ALPHA_EPS does not move the output: no gradient flows into it below the floor
         grad_alpha = torch.where(alpha.detach().to(dt) > ALPHA_EPS, grad_alpha, torch.zeros((), dtype=dt))

@@ -342,15 +342,16 @@ def cmd_qat(args: Any) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fxquant.qat ...``: the ``fxquant qat`` command on its own (same arguments)."""
     import argparse
+    import sys
 
-    from .cli import main as cli_main
     parser = argparse.ArgumentParser(prog="fxquant")
     add_qat_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["qat", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return _run(args, cli_main)
+    args = parser.parse_args(["qat", *(argv if argv is not None else sys.argv[1:])])
+    return _run(args)
 
 
-def _run(args: Any, _cli_main: Any) -> int:
+def _run(args: Any) -> int:
+    """Run a parsed command the way ``fxquant.cli.main`` does: one-line errors unless ``--debug``."""
     import sys
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     try:

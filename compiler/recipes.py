@@ -305,3 +305,33 @@ for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary S
                      ("2", "2-bit SEQ"), ("3", "3-bit LSQ, 2+1 bit planes"), ("4", "4-bit LSQ")):
     _d = f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
     register_recipe(f"paretoq-w{_bits}", _d, _paretoq(_bits, _d))
+
+
+# ---- FSBR (passes/fsbr.py) ----------------------------------------------------------------------------------------
+
+def _fsbr_passes(recipe: Recipe) -> list:
+    from fxquant.passes.fold_equivalent_scales import FoldEquivalentScales
+    from fxquant.passes.fsbr import ClipWeights, QuantizeActivations, TrainFSBRScales
+    act_bits = int(recipe.options.get("act_bits", 8))
+    return [TrainFSBRScales(recipe.weight, act_bits=act_bits, exclude=recipe.exclude, options=recipe.options),
+            FoldEquivalentScales(source="fsbr"),  # scales first: the clipping bounds were learned on folded weights
+            ClipWeights(source="fsbr"),           # then the learned clipping, so that RTN reproduces the trained quantizer
+            *_rtn_passes(recipe),
+            QuantizeActivations(act_bits)]        # dynamic per-token activation fake-quant on the quantized linears
+
+
+PIPELINE_BUILDERS["fsbr"] = _fsbr_passes
+
+
+def _fsbr(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        from .quant import QuantSpec
+        return Recipe(name=name, method="fsbr", weight=QuantSpec(bits=wbits, symmetric=True, group_size=None),
+                      description=EXTRA_RECIPES[name][0],
+                      options={"act_bits": abits, "epochs": 10, "samples": 128, "seq_len": 512, "seed": 0})
+    return make
+
+
+for _name, _w, _a in (("fsbr-w8a8", 8, 8), ("fsbr-w4a8", 4, 8), ("fsbr-w4a4", 4, 4)):
+    register_recipe(_name, f"FSBR (I-LLM): smoothing scales + weight clipping trained block by block, then {_w}-bit "
+                           f"per-channel weights and {_a}-bit dynamic per-token activations", _fsbr(_name, _w, _a))

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import fx
 
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError
@@ -459,7 +458,6 @@ def insert_scale_nodes(cg: CapturedGraph, plan: ScalePlan, scales: Mapping[str, 
     linears = _linears_by_name(cg)
     params = cg.parameter_nodes()
     nodes = {n.name: n for n in cg.gm.graph.nodes}
-    order = {n: i for i, n in enumerate(cg.gm.graph.nodes)}
     graph = cg.gm.graph
     inserted = 0
     for k, g in enumerate(plan.groups):

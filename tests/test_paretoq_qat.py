@@ -52,8 +52,8 @@ def test_tied_lm_head_stays_float_even_when_asked():
     assert not isinstance(model.lm_head, QATLinear) and len(qat_modules(model)) == LINEARS_PER_LAYER
 
 
-@pytest.mark.parametrize("bits", [1.58, 4])
-def test_train_loss_drops_scales_move_and_resume_is_identical(bits, tmp_path):
+def test_train_loss_drops_scales_move_and_resume_is_identical(tmp_path):
+    bits = 1.58
     ids = _ids()
     model = make_tiny_llama(seed=1)
     prepare_qat(model, ParetoQSpec(bits))

@@ -303,15 +303,26 @@ def _init_block(module: TransformerBlock, seed: int, outlier_channels: int, outl
                 p.copy_(outlier_tensor(tuple(p.shape), sub, std=0.02))
 
 
-@dataclass
+@dataclass(repr=False)
 class Block:
-    """One drawn example: the module, its capture (None until captured) and inputs to run it on."""
+    """One drawn example: the module, its capture (None until captured) and inputs to run it on.
+
+    Its repr names the structure, seed and input shape, not the tensors: that is what a hypothesis failure
+    report prints, and it is enough to rebuild the example with :func:`make_block`.
+    """
 
     config: BlockConfig
     module: TransformerBlock
     inputs: tuple[torch.Tensor, ...]
     cg: CapturedGraph | None = None
     seed: int = 0
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(t.shape)) for t in self.inputs)
+        return f"Block({self.config!r}, seed={self.seed}, inputs={shapes})"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # hypothesis's printer: the short repr, not the fields
+        p.text(repr(self))
 
     def reference(self) -> torch.Tensor:
         """The eager module's output on :attr:`inputs`."""
@@ -408,11 +419,23 @@ def _llama_template(key: tuple) -> tuple[Any, CapturedGraph]:
     return model, capture(model)
 
 
-@dataclass
+@dataclass(repr=False)
 class TinyLlama:
+    """A tiny random LLaMA, its capture and token ids (repr: the config's sizes and the seed)."""
+
     model: Any
     cg: CapturedGraph
     inputs: tuple[torch.Tensor, ...]
+    seed: int = 0
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"TinyLlama(layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
+                f"kv_heads={c.num_key_value_heads}, vocab={c.vocab_size}, seed={self.seed}, "
+                f"ids={tuple(self.inputs[0].shape)})")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
 
 
 _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -433,7 +456,7 @@ def make_tiny_llama(config: Any, seed: int = 0, *, batch: int = 2, seq: int = 8)
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
     cg = _rebind(template, model)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-    return TinyLlama(model=model, cg=cg, inputs=(ids,))
+    return TinyLlama(model=model, cg=cg, inputs=(ids,), seed=seed)
 
 
 @st.composite

@@ -1,0 +1,554 @@
+"""FSBR — I-LLM's fully-smooth block reconstruction (Hu et al., 2024; METHODS.md §2), as passes.
+
+FSBR smooths activations as well as weights so that both quantize (W8A8 ... W4A4). It extends TEQ's scale groups
+and trains them block by block:
+
+* **groups** (:func:`plan_fsbr`): every TEQ group (norm -> {q,k,v}, norm -> {gate,up}, v -> o with grouped-query
+  sharing, up -> down) plus **q/k smoothing**: ``W_q ← diag(1/s) W_q``, ``W_k ← diag(s) W_k`` (``s`` over k's
+  channels; query head ``h`` uses kv head ``h // n_rep``'s scale). Rotary embeddings rotate channel ``i`` with
+  ``i + d/2``, so the fold is exact only when ``s_i = s_{i+d/2}``: the scale is *tied* across each RoPE pair
+  (the public I-LLM code does not tie them; an untied fold changes the model — a test shows it);
+* **init** (:func:`smoothquant_init`): SmoothQuant ``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` (α = 0.5) for the
+  norm/linear groups from calibration activations, 1 for q/k;
+* **learnable weight clipping**: per (row, group) bounds ``σ(l) · max`` (``l`` starts at 4, σ(4) ≈ 0.982); the
+  quantizer clamps the weight to its bounds and quantizes with RTN's own formulas, so training sees bit for bit
+  what the later RTN pass produces from the clamped weight;
+* **dynamic per-token activation fake-quant** on every quantized linear's input (straight-through rounding);
+* **training** (:class:`TrainFSBRScales`): one decoder layer at a time; the float model's inputs to the layer
+  are cached (memory bounded to one block's activations), the target is the float layer's output on the float
+  input, the quantized layer runs on the quantized chain's input (the outputs of already-trained quantized
+  blocks feed the next); MSE; AdamW, lr 5e-3 for scales and 1e-2 for clipping, ``epochs`` epochs, keeping the
+  best epoch.
+
+Then :class:`~fxquant.passes.fold_equivalent_scales.FoldEquivalentScales` (``source="fsbr"``) folds the scales,
+:class:`ClipWeights` clamps the folded weights to the learned bounds, RTN quantizes them, and
+:class:`QuantizeActivations` adds the dynamic per-token activation fake-quant to every quantized linear: as graph
+nodes (``fxquant::``-free ATen ops, so the graph stays exportable) and as forward pre-hooks on the eager model, so
+``model(...)`` and ``model.generate()`` run W·A· as trained.
+
+Not done yet (stated, not hidden): the SwiGLU act-smooth (``gate' = s ⊙ gate``, ``up' = up ⊘ s``,
+``gate'·σ(gate' ⊘ s)·up'``) needs a runtime ``⊘ s`` inside the sigmoid and is not built; the 8-bit quantizers on
+norm/softmax/act/mul inputs and the 16-bit residuals of I-LLM's allocation are left to the integer-only lowering.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.capture import CapturedGraph, fxmeta
+from fxquant.errors import PassError
+from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScaleGroup, ScalePlan, ScaleSite,
+                                                   _gqa_index, _linears_by_name, plan_scales)
+from fxquant.passes.train_teq_scales import calibration_ids, calibration_windows, quantized_linears
+from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.quant import QuantSpec
+
+log = logging.getLogger("fxquant")
+
+__all__ = ["plan_fsbr", "smoothquant_init", "lwc_fake_quantize", "act_fake_quantize", "FSBRConfig",
+           "TrainFSBRScales", "ClipWeights", "QuantizeActivations", "train_fsbr"]
+
+#: initial clipping logit: σ(4) ≈ 0.982 of the group's range (METHODS.md §2)
+CLIP_INIT = 4.0
+
+
+# ---- the plan: TEQ's groups plus q/k ------------------------------------------------------------------------
+def plan_fsbr(cg: CapturedGraph, structure: Any, *, exclude: Sequence[str] = ("lm_head*",)) -> ScalePlan:
+    """TEQ's groups plus one q/k group per attention (RoPE-tied where the attention is rotary)."""
+    plan = plan_scales(cg, structure, exclude=exclude)
+    linears = _linears_by_name(cg)
+    ropes = {r.attention: r for r in structure.ropes}
+    for a in structure.attentions:
+        what = f"q/k of {a.q}"
+        if not (a.q and a.k and a.q_node and a.k_node and a.head_dim and a.n_rep):
+            plan.skipped.append((what, "attention without separate q and k projections and known head size"))
+            continue
+        if a.q == a.k:
+            plan.skipped.append((what, "fused qkv projection: q/k smoothing of one weight is not built"))
+            continue
+        ql, kl = linears[a.q_node], linears[a.k_node]
+        if ql.layout != "out_in" or kl.layout != "out_in":
+            plan.skipped.append((what, "q/k smoothing needs nn.Linear ([out, in]) weights"))
+            continue
+        size = kl.out_features
+        index = _gqa_index(ql.out_features, size, a.n_rep, a.head_dim)
+        if index is None:
+            plan.skipped.append((what, f"q width {ql.out_features} does not map onto k width {size}"))
+            continue
+        rope = ropes.get(a.core)
+        tie = None
+        if rope is not None:
+            if set(rope.targets) != {"q", "k"} or (rope.rotary_dim or 0) != a.head_dim or a.head_dim % 2:
+                plan.skipped.append((what, f"RoPE on {rope.targets} with rotary dim {rope.rotary_dim} of "
+                                           f"head dim {a.head_dim}: tying is only built for full rotary q and k"))
+                continue
+            tie = a.head_dim // 2
+        sites = [ScaleSite(a.k, 0, torch.arange(size), torch.arange(size), +1),
+                 ScaleSite(a.q, 0, torch.arange(ql.out_features), index, -1)]
+        for lin, power, idx in ((kl, +1, torch.arange(size)), (ql, -1, index)):
+            if lin.bias is not None:
+                bias = cg.fqn_of(lin.bias)
+                if bias is None:
+                    break
+                sites.append(ScaleSite(bias, 0, torch.arange(idx.numel()), idx, power))
+        else:
+            name = f"{a.k.rsplit('.', 2)[0]}.q_k"
+            plan.groups.append(ScaleGroup(name, "qk", size, a.k, [a.q, a.k], sites, a.layer, (0, size), tie_half=tie))
+            continue
+        plan.skipped.append((what, "a q/k bias is computed in the graph, not a parameter"))
+    return plan
+
+
+# ---- quantizers --------------------------------------------------------------------------------------------
+class _RoundSTE(torch.autograd.Function):
+    """``torch.round`` in the forward (bit-exact: ``(round(x) - x).detach() + x`` is not), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def lwc_fake_quantize(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor | None,
+                      hi_logit: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize ``w[O, C]`` with learnable clipping, equal in the forward to RTN of the clamped weight.
+
+    ``hi_logit`` / ``lo_logit`` are ``[O, n_groups]``; the bounds are ``σ(hi) · max`` and ``σ(lo) · min`` per
+    group (symmetric: ``±σ(hi) · absmax``). The weight is clamped to its bounds and quantized with
+    :func:`fxquant.quant.quantize_weight`'s formulas (float32, round half to even, the same zero-group rule), with
+    straight-through rounding so both the weight and the bounds get gradients. :class:`ClipWeights` then clamps
+    the folded weight to the same bounds, and the RTN pass reproduces this forward exactly.
+    """
+    rows, cols = w.shape
+    g = spec.effective_group_size(cols)
+    n = -(-cols // g)
+    pad = n * g - cols
+    w32 = F.pad(w.float(), (0, pad)).reshape(rows, n, g)
+    if spec.symmetric:
+        c = (torch.sigmoid(hi_logit) * w32.abs().amax(dim=2).detach()).unsqueeze(-1)
+        wc = torch.maximum(torch.minimum(w32, c), -c)
+        scale = c / float(spec.qmax)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.clamp(_round_ste(wc / scale), spec.qmin, spec.qmax) * scale
+    else:
+        hi = (torch.sigmoid(hi_logit) * w32.amax(dim=2).clamp(min=0).detach()).unsqueeze(-1)
+        lo = (torch.sigmoid(lo_logit) * w32.amin(dim=2).clamp(max=0).detach()).unsqueeze(-1)
+        wc = torch.maximum(torch.minimum(w32, hi), lo)
+        scale = (hi - lo) / float(spec.qmax)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.clamp(torch.round(-lo / scale), 0, spec.qmax).detach()
+        q = (torch.clamp(_round_ste(wc / scale) + zero, 0, spec.qmax) - zero) * scale
+    return q.reshape(rows, n * g)[:, :cols].to(w.dtype)
+
+
+def clip_bounds(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor | None,
+                hi_logit: torch.Tensor) -> torch.Tensor:
+    """``w`` clamped to its learned bounds (what :class:`ClipWeights` folds)."""
+    rows, cols = w.shape
+    g = spec.effective_group_size(cols)
+    n = -(-cols // g)
+    w32 = F.pad(w.float(), (0, n * g - cols)).reshape(rows, n, g)
+    if spec.symmetric:
+        c = (torch.sigmoid(hi_logit.float()) * w32.abs().amax(dim=2)).unsqueeze(-1)
+        wc = torch.maximum(torch.minimum(w32, c), -c)
+    else:
+        hi = (torch.sigmoid(hi_logit.float()) * w32.amax(dim=2).clamp(min=0)).unsqueeze(-1)
+        lo = (torch.sigmoid(lo_logit.float()) * w32.amin(dim=2).clamp(max=0)).unsqueeze(-1)
+        wc = torch.maximum(torch.minimum(w32, hi), lo)
+    return wc.reshape(rows, n * g)[:, :cols].to(w.dtype)
+
+
+def act_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization of activations (scale ``absmax(token) / (2^(b-1) - 1)``),
+    straight-through in the backward. 16 bits or more is the identity."""
+    if bits >= 16:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
+    return torch.clamp(_round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+# ---- SmoothQuant initialisation ------------------------------------------------------------------------------
+def _module_of(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
+    return model.get_submodule(fqn.rsplit(".", 1)[0])
+
+
+@torch.no_grad()
+def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[str, torch.Tensor],
+                     batches: torch.Tensor, alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` per group (q/k: 1), from the consumers' inputs on ``batches``.
+
+    Consumer inputs are read by forward pre-hooks; a GQA-expanded consumer channel counts for the producer
+    channel it reads (the max over the query heads sharing it).
+    """
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+    consumer_of: dict[str, list[tuple[str, ScaleSite]]] = {}
+    for g in plan.groups:
+        if g.kind == "qk":
+            continue
+        for site in g.sites:
+            if site.power > 0:
+                consumer_of.setdefault(site.fqn, []).append((g.name, site))
+
+    def make_hook(fqn: str):
+        def hook(mod, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            for name, site in consumer_of[fqn]:
+                per = torch.zeros(plan.group(name).size, device=x.device).scatter_reduce(
+                    0, site.index.to(x.device), x[site.positions.to(x.device)], reduce="amax")
+                stats[name] = torch.maximum(stats[name], per) if name in stats else per
+        return hook
+
+    for fqn in consumer_of:
+        hooks.append(_module_of(model, fqn).register_forward_pre_hook(make_hook(fqn)))
+    try:
+        params = {k: v for k, v in tensors.items()}
+        for b in range(batches.shape[0]):
+            torch.func.functional_call(model, params, args=(), kwargs={"input_ids": batches[b:b + 1], "use_cache": False},
+                                       strict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for g in plan.groups:
+        if g.kind == "qk" or g.name not in stats:
+            out[g.name] = torch.ones(g.size)
+            continue
+        wmax = torch.zeros(g.size)
+        for site in g.sites:
+            if site.power > 0:
+                w = tensors[site.fqn].detach().float().abs()
+                col = w.amax(dim=0) if site.axis == 1 else w.amax(dim=1)
+                wmax = torch.maximum(wmax, torch.zeros(g.size).scatter_reduce(0, site.index, col[site.positions],
+                                                                               reduce="amax"))
+        s = stats[g.name].cpu().clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)
+        out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
+    return out
+
+
+# ---- block-by-block training --------------------------------------------------------------------------------
+@dataclass
+class FSBRConfig:
+    """FSBR's settings (METHODS.md §2); ``samples`` sequences of ``seq_len`` tokens, ``epochs`` over them."""
+
+    act_bits: int = 8
+    epochs: int = 10
+    samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 1
+    lr_scale: float = 5e-3
+    lr_clip: float = 1e-2
+    alpha: float = 0.5
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "FSBRConfig":
+        cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
+        if cfg.epochs < 1 or cfg.samples < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
+            raise PassError(f"FSBR needs epochs, samples, batch_size >= 1 and seq_len >= 2, got {cfg}")
+        if not 2 <= cfg.act_bits <= 16:
+            raise PassError(f"FSBR activation bits must lie in 2..16, got {cfg.act_bits}", "e.g. act_bits: 8")
+        return cfg
+
+
+def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of decoder layers (found from a grouped parameter's name ``<prefix>.<i>.<rest>``)."""
+    for g in plan.groups:
+        parts = g.producer.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i].isdigit():
+                prefix = ".".join(parts[:i])
+                mod = model.get_submodule(prefix)
+                if isinstance(mod, torch.nn.ModuleList):
+                    return prefix, mod
+    raise PassError("FSBR found no list of decoder layers to train block by block",
+                    "FSBR supports models whose layers live in an nn.ModuleList (LLaMA, Mistral, Qwen, ...)")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Module, batches: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden_states, kwargs) that ``layer`` receives for each calibration batch (the model stops there)."""
+    cached: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        cached.append((hidden.detach(), kw))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in range(batches.shape[0]):
+                try:
+                    model(input_ids=batches[b:b + 1], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return cached
+
+
+def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration: Any, cfg: FSBRConfig, *,
+               exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
+               init: Mapping[str, torch.Tensor] | None = None) -> EquivalentScales:
+    """Train FSBR's scales and clipping block by block (see the module docstring). ``init`` replaces the
+    SmoothQuant initialisation (tests use it)."""
+    model = cg.model
+    if model is None:
+        raise PassError("FSBR trains on the eager model, but the captured graph has none", "capture with fxquant.capture(model)")
+    base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+    qlin = {f: lay for f, lay in quantized_linears(cg, exclude).items() if lay == "out_in"}
+    ids = calibration_ids(calibration, model, tokenizer)
+    windows = calibration_windows(ids, cfg.seq_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(windows.shape[0], generator=gen)[: cfg.samples]
+    batches = windows[pick]
+    dtype = next(t.dtype for t in base.values() if t.is_floating_point())
+    start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha)
+    start = {k: v.detach().float().clone() for k, v in start.items()}
+    for g in plan.groups:  # tied groups start tied
+        if g.tie_half:
+            blocks = start[g.name].view(-1, 2, g.tie_half)
+            start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
+    prefix, layers = _decoder_layers(model, plan)
+    scales: dict[str, torch.Tensor] = {}
+    clips: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    losses: list[float] = []
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    float_in = _layer_inputs(model, layers[0], batches)
+    quant_in = [(h.clone(), kw) for h, kw in float_in]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(layers) * cfg.epochs, desc="fsbr", unit="epoch", leave=False)
+    try:
+        for i, layer in enumerate(layers):
+            local = f"{prefix}.{i}."
+            groups = [g for g in plan.groups if g.producer.startswith(local)]
+            mine = {f for g in groups for s in g.sites for f in [s.fqn]} | {f for f in qlin if f.startswith(local)}
+            s_params = {g.name: torch.nn.Parameter(start[g.name].clone()) for g in groups}
+            c_params: dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]] = {}
+            for fqn in sorted(f for f in qlin if f.startswith(local)):
+                rows, cols = base[fqn].shape
+                n = -(-cols // spec.effective_group_size(cols))
+                hi = torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
+                lo = None if spec.symmetric else torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
+                c_params[fqn] = (lo, hi)
+            clip_list = [p for pair in c_params.values() for p in pair if p is not None]
+            opt = torch.optim.AdamW([{"params": list(s_params.values()), "lr": cfg.lr_scale},
+                                     {"params": clip_list, "lr": cfg.lr_clip}], weight_decay=0.0)
+
+            def effective(quantize: bool) -> dict[str, torch.Tensor]:
+                typed = {k: v.to(dtype) for k, v in s_params.items()}
+                out = {}
+                for fqn in mine:
+                    w = plan.apply_one(fqn, base[fqn], typed)
+                    if quantize and fqn in c_params:
+                        lo, hi = c_params[fqn]
+                        w = lwc_fake_quantize(w, spec, lo, hi)
+                    out[fqn[len(local):]] = w
+                return out
+
+            act = {"on": False}  # activation fake-quant only in the quantized block, never in the float target
+
+            def act_hook(mod, args):
+                return (act_fake_quantize(args[0], cfg.act_bits),) + tuple(args[1:]) if act["on"] else None
+
+            hooks = [_module_of(model, f).register_forward_pre_hook(act_hook) for f in c_params]
+            try:
+                with torch.no_grad():
+                    targets = [layer(h, **kw) for h, kw in float_in]
+                act["on"] = True
+                best = (math.inf, None)
+                for epoch in range(cfg.epochs):
+                    total = 0.0
+                    for b in range(len(quant_in)):
+                        h, kw = quant_in[b]
+                        out = torch.func.functional_call(layer, effective(True), args=(h,), kwargs=kw, strict=False)
+                        loss = F.mse_loss(out.float(), targets[b].float())
+                        value = float(loss.detach())
+                        if not math.isfinite(value):
+                            raise PassError(f"FSBR loss is {value} in layer {i}, epoch {epoch + 1}, sample {b + 1}",
+                                            "lower lr_scale / lr_clip, or check the weights for NaN/Inf")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        with torch.no_grad():
+                            for g in groups:
+                                s = s_params[g.name]
+                                s.clamp_(min=MIN_SCALE)
+                                if g.tie_half:
+                                    blocks = s.view(-1, 2, g.tie_half)
+                                    blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
+                        total += value
+                    mean = total / len(quant_in)
+                    losses.append(mean)
+                    if mean < best[0]:
+                        best = (mean, ({k: v.detach().clone() for k, v in s_params.items()},
+                                       {k: tuple(None if p is None else p.detach().clone() for p in v)
+                                        for k, v in c_params.items()}))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(layer=i, mse=f"{mean:.3g}")
+                assert best[1] is not None
+                best_s, best_c = best[1]
+                with torch.no_grad():
+                    for k, v in best_s.items():
+                        s_params[k].copy_(v)
+                    for k, (lo, hi) in best_c.items():
+                        c_params[k][1].copy_(hi)
+                        if lo is not None:
+                            c_params[k][0].copy_(lo)
+                    # the next block's inputs: the float chain and the quantized chain
+                    q_params = effective(True)
+                    quant_in = [(torch.func.functional_call(layer, q_params, args=(h,), kwargs=kw, strict=False), kw)
+                                for h, kw in quant_in]
+                    float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
+            finally:
+                for h in hooks:
+                    h.remove()
+            scales.update(best_s)
+            clips.update(best_c)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
+        scales.setdefault(g.name, start[g.name])
+    return EquivalentScales(plan=plan, scales=scales, losses=losses, method="fsbr", init=start,
+                            extra={"clip": clips, "spec": spec, "act_bits": cfg.act_bits})
+
+
+class TrainFSBRScales(Pass):
+    """FSBR: SmoothQuant-initialised scales (incl. RoPE-tied q/k) and weight clipping, trained block by block."""
+
+    name = "train_fsbr_scales"
+    description = "FSBR: train smoothing scales and weight clipping per decoder layer against the float block output"
+
+    def __init__(self, spec: QuantSpec, *, act_bits: int = 8, exclude: Sequence[str] = ("lm_head*",),
+                 options: Mapping[str, Any] | None = None):
+        if not isinstance(spec, QuantSpec):
+            raise PassError(f"FSBR needs an integer QuantSpec for the weights, got {type(spec).__name__}")
+        self.spec = spec
+        self.exclude = tuple(exclude)
+        self.options = dict(options or {})
+        self.config = FSBRConfig.from_options({"act_bits": act_bits, **self.options})
+
+    def requires(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        if "structure" not in ctx.artifacts:
+            raise PassError("train_fsbr_scales needs the structure analysis", "run analyze_structure first")
+        if ctx.calibration is None:
+            raise PassError("train_fsbr_scales needs calibration data", "pass calibration=<text or token ids>")
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        plan = plan_fsbr(cg, ctx.artifacts["structure"], exclude=self.exclude)
+        if not plan.groups:
+            raise PassError("FSBR found no place to put a scale", "check ctx.artifacts['structure'].render()")
+        tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
+        record = train_fsbr(cg, plan, self.spec, ctx.calibration, self.config, exclude=self.exclude, tokenizer=tokenizer)
+        ctx.artifacts["fsbr"] = record
+        stats = {"groups": len(plan.groups), "qk_groups": sum(g.kind == "qk" for g in plan.groups),
+                 "skipped": len(plan.skipped), "epochs": len(record.losses),
+                 "max_scale_change": round(record.moved(), 5)}
+        return PassResult(modified=False, stats=stats)
+
+    def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        record = ctx.artifacts.get("fsbr")
+        if not isinstance(record, EquivalentScales):
+            raise PassError("train_fsbr_scales left no scales in ctx.artifacts['fsbr']", "report a bug")
+        record.plan.check_scales(record.scales)
+
+
+class ClipWeights(Pass):
+    """Clamp each folded weight to its learned clipping bounds, so RTN reproduces FSBR's trained quantizer."""
+
+    name = "clip_weights"
+    description = "clamp folded weights to FSBR's learned per-group clipping bounds (before RTN)"
+
+    def __init__(self, source: str = "fsbr"):
+        self.source = source
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        record = ctx.artifacts.get(self.source)
+        if not isinstance(record, EquivalentScales) or "clip" not in record.extra:
+            raise PassError(f"clip_weights found no learned clipping in ctx.artifacts[{self.source!r}]",
+                            "run train_fsbr_scales and fold_equivalent_scales before it")
+        spec, clips = record.extra["spec"], record.extra["clip"]
+        n = 0
+        with torch.no_grad():
+            for ph, fqn in cg.fqn.items():
+                if fqn in clips and ph in cg.tensors:
+                    lo, hi = clips[fqn]
+                    cg.tensors[ph] = clip_bounds(cg.tensors[ph], spec, lo, hi)
+                    n += 1
+        return PassResult(modified=False, stats={"clipped": n})
+
+
+class QuantizeActivations(Pass):
+    """Dynamic per-token activation fake-quant on every quantized linear's input: graph nodes + eager hooks."""
+
+    name = "quantize_activations"
+    description = "dynamic per-token symmetric activation fake-quant before every quantized linear"
+
+    def __init__(self, bits: int):
+        if not 2 <= bits <= 16:
+            raise PassError(f"activation bits must lie in 2..16, got {bits}")
+        self.bits = bits
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        aten = torch.ops.aten
+        quantized = dict(ctx.artifacts.get("quantized_weights", {}))
+        if not quantized:
+            raise PassError("quantize_activations found no quantized weights", "run quantize_weights_rtn before it")
+        linears = _linears_by_name(cg)
+        graph = cg.gm.graph
+        qmax = float(2 ** (self.bits - 1) - 1)
+        n = 0
+        for name, lin in linears.items():
+            fqn = cg.fqn_of(lin.weight)
+            if fqn not in quantized:
+                continue
+            x = lin.input
+            # x_q = clamp(round(x / s), -qmax-1, qmax) * s with s = absmax(token) / qmax (clamped away from 0)
+            with graph.inserting_before(lin.node):
+                amax = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)), [-1], True))
+                s = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (amax, qmax)), 1e-8))
+                r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (x, s)),))
+                c = graph.call_function(aten.clamp.default, (r, -qmax - 1, qmax))
+                xq = graph.call_function(aten.mul.Tensor, (c, s))
+            xq.meta["val"] = x.meta.get("val")
+            fxmeta(xq)["act_quant"] = {"bits": self.bits, "granularity": "per-token", "dynamic": True}
+            lin.node.replace_input_with(x, xq)
+            n += 1
+            if cg.model is not None:
+                mod = _module_of(cg.model, fqn)
+                bits = self.bits
+                handle = mod.register_forward_pre_hook(
+                    lambda m, args, bits=bits: (act_fake_quantize(args[0], bits),) + tuple(args[1:]))
+                ctx.artifacts.setdefault("activation_hooks", []).append(handle)
+        graph.lint()
+        return PassResult(modified=True, stats={"act_quantized": n, "bits": self.bits})
