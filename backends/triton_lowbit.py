@@ -36,7 +36,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: bits -> the kernel's FMT constant (ternary is 15: "1.5-ish", an int for a constexpr)
 FMT_CODES: dict[float, int] = {1: 1, 1.58: 15, 2: 2, 3: 3, 4: 4}
 #: rows up to which the GEMV path runs
-GEMV_MAX_M = 16
+# the GEMV grid is (N blocks, M): each row re-streams and re-unpacks the weight, so on the H100 M = 16 cost 12-14x
+# M = 1 (examples/results/paretoq_nvidia_h100.md); only single-row decode takes it
+GEMV_MAX_M = 1
 
 
 @triton.jit

@@ -109,8 +109,11 @@ def _load_and_quantize(args, default_recipe: str):
     calibration = None
     if not recipe.data_free:
         from .data import calibration_text
-        calibration = calibration_text(getattr(args, "calib", None))[0]
-    result = quantize(lm.model, recipe, calibration=calibration)
+        from .evaluate import tokenize_text
+        # token ids of WikiText-2 validation: every data-driven pass (TEQ, FSBR, ParetoQ QAT) takes a 1-D id tensor
+        calibration = tokenize_text(lm.tokenizer, calibration_text(getattr(args, "calib", None))[0])
+    # the float baseline needs no graph: skip the capture (tens of seconds on a 2-core machine)
+    result = quantize(lm.model, recipe, calibration=calibration, capture_model=not recipe.is_float)
     return lm, recipe, result, float_model
 
 

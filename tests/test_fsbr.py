@@ -25,6 +25,7 @@ FEW = max(3, settings().max_examples // 8)
 
 
 def _rel(a, b):
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
 
 

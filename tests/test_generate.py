@@ -10,7 +10,7 @@ import fxquant
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["rtn-w8", "rtn-w4g128"])
+@pytest.mark.parametrize("recipe", ["rtn-w4g128"])
 def test_quantized_smollm2_generates_sensibly(smollm2, recipe):
     model = copy.deepcopy(smollm2.model)
     result = fxquant.quantize(model, recipe)

@@ -283,7 +283,8 @@ def test_a_user_tests_a_pass_in_five_lines(pytester):
         from hypothesis import settings
         settings.register_profile("fast", settings.get_profile("ci"), max_examples=3)
     """)
-    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "--hypothesis-profile", "fast")
+    # no -q: pytest prints report headers (where the plugin names its profile) only at normal verbosity
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hypothesis-profile", "fast")
     result.assert_outcomes(passed=2)
     assert any("fxquant: hypothesis profile" in line for line in result.outlines)
 

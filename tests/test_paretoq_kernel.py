@@ -67,7 +67,7 @@ def test_kernel_matches_reference(bits, m):
 
 
 def test_dispatch_and_bad_arguments():
-    assert [T.kernel_path(m) for m in (1, 16, 17, 512)] == ["gemv", "gemv", "tiled", "tiled"]
+    assert [T.kernel_path(m) for m in (1, 2, 16, 17, 512)] == ["gemv", "tiled", "tiled", "tiled", "tiled"]
     qw, p, planes, scale = _packed(2, 8, 64, None)
     x = torch.randn(2, 3, 64).to(DEVICE)
     assert T.lowbit_linear(x, planes, scale, None, bits=2, **p.attrs).shape == (2, 3, 8)
