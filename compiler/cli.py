@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: rtn-w4g128 for quantize, fp32 for eval)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded and evaluated in (default float32)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of data-driven recipes (TEQ and ParetoQ QAT steps; epochs for FSBR); "
+                        "default: the recipe's")
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
 
 
@@ -102,6 +105,10 @@ def _load_and_quantize(args, default_recipe: str):
     from .models import load_model
     from .recipes import get_recipe
     recipe = get_recipe(args.recipe or default_recipe)  # validate before the slow load
+    if getattr(args, "steps", None) is not None:
+        if args.steps <= 0:
+            raise FxquantError(f"--steps must be a positive number, got {args.steps}", "e.g. --steps 200")
+        recipe.options["epochs" if recipe.method == "fsbr" else "steps"] = args.steps
     lm = load_model(args.model, dtype=_dtype(args.dtype))
     float_model = None
     if getattr(args, "baseline", False) and not recipe.is_float:
