@@ -38,6 +38,24 @@ class QuantizeResult:
     def structure(self):
         return self.artifacts.get("structure")
 
+    @property
+    def integer_model(self):
+        """The integer-only model (:class:`~fxquant.intmodel.IntegerOnlyModel`) when the recipe lowered the graph
+        to integers (``illm-*``), else None. ``model`` keeps the float model with the rounded weights."""
+        if "integer_only" not in self.artifacts or self.captured is None:
+            return None
+        if "_integer_model" not in self.artifacts:
+            from .intmodel import IntegerOnlyModel
+            config = getattr(self.model, "config", None)
+            causal = hasattr(self.model, "lm_head") or type(self.model).__name__.endswith("ForCausalLM")
+            self.artifacts["_integer_model"] = IntegerOnlyModel(self.captured, causal=causal, config=config)
+        return self.artifacts["_integer_model"]
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What to evaluate: the integer-only model if there is one, else the (fake-)quantized model."""
+        return self.integer_model or self.model
+
 
 def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128", calibration: Any = None, *,
              verify: bool | None = None, debug_dir: str | None = None, capture_model: bool = True) -> QuantizeResult:

@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("verify", help="quantize with a recipe and prove a property of the result's graph",
+                       description="--integer-only: walk the lowered graph and prove that no floating-point op or "
+                                   "tensor remains between the integer boundaries (quantize at the embedding, "
+                                   "dequantize at the output). Exit status 0 when it holds, 1 when it does not.")
+    _add_model_args(p)
+    p.add_argument("--integer-only", action="store_true", required=True,
+                   help="check the integer-only property (the only check so far)")
+    p.add_argument("--calib", default=None, help="calibration text (default: WikiText-2 validation)")
+    p.set_defaults(func=cmd_verify)
+
     from .debug import add_debug_parser
     from .pareto import add_pareto_parser
     from .qat import add_qat_parser
@@ -135,7 +145,7 @@ def cmd_eval(args) -> int:
         text, source = eval_text(args.data)
         from .evaluate import tokenize_text
         ids = tokenize_text(lm.tokenizer, text)
-        models = [(recipe.name, lm.model, result.weight_bytes)]
+        models = [(recipe.name, result.eval_model, result.weight_bytes)]
         if float_model is not None:
             models.insert(0, ("fp32", float_model, weight_bytes(float_model)))
         for name, model, nbytes in models:
@@ -152,7 +162,7 @@ def cmd_eval(args) -> int:
         if float_model is None:
             float_model = lm.model
         text, source = eval_text(args.data)
-        sim = encoder_similarity(float_model, lm.model, lm.tokenizer, text, n=args.windows or 256)
+        sim = encoder_similarity(float_model, result.eval_model, lm.tokenizer, text, n=args.windows or 256)
         report.update(ppl=None, tokens=sim["tokens"], metric="mean cosine similarity of sentence embeddings to fp32",
                       embedding_cosine=sim["cosine"], sentences=sim["sentences"], data=source)
         rows.append({"recipe": recipe.name, "embedding_cosine": sim["cosine"], "weight_bytes": result.weight_bytes})
@@ -205,7 +215,7 @@ def cmd_recipes(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
-    lm, recipe, _, _ = _load_and_quantize(args, "fp32")
+    lm, recipe, result, _ = _load_and_quantize(args, "fp32")
     if not lm.is_causal_lm:
         raise FxquantError(f"{args.model} is an encoder and cannot generate text", "use a causal LM such as smollm2")
     prompt = args.prompt
@@ -214,10 +224,22 @@ def cmd_generate(args) -> int:
                                                   add_generation_prompt=True)
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = lm.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id)
+        out = result.eval_model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                         pad_token_id=lm.tokenizer.pad_token_id)
     print(f"[{recipe.name}] {lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import check_integer_region, propagate_meta
+    lm, recipe, result, _ = _load_and_quantize(args, "illm-w8a8")
+    if result.integer_model is None:
+        raise FxquantError(f"recipe {recipe.name!r} does not lower the model to integers, so there is nothing to "
+                           "verify", "use an integer-only recipe: illm-w8a8, illm-w4a8 or illm-w4a4")
+    propagate_meta(result.captured)
+    report = check_integer_region(result.captured)
+    print(f"[{recipe.name}] {args.model}: {report.render()}")
+    return 0 if report.ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,8 @@ class Recipe:
     @property
     def data_free(self) -> bool:
         """True if the recipe needs no calibration data (it can run inside the torch.compile backend)."""
+        if self.method == "illm":
+            return not self.options.get("fsbr", True)
         return self.method in ("fp32", "rtn", "fp")
 
     def pipeline(self):
@@ -335,3 +337,35 @@ def _fsbr(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
 for _name, _w, _a in (("fsbr-w8a8", 8, 8), ("fsbr-w4a8", 4, 8), ("fsbr-w4a4", 4, 4)):
     register_recipe(_name, f"FSBR (I-LLM): smoothing scales + weight clipping trained block by block, then {_w}-bit "
                            f"per-channel weights and {_a}-bit dynamic per-token activations", _fsbr(_name, _w, _a))
+
+
+# ---- integer-only (I-LLM; passes/lower_integer_only.py) ------------------------------------------------------------
+
+def _illm_passes(recipe: Recipe) -> list:
+    """FSBR (unless ``fsbr: false``) -> per-channel RTN weights -> integer-only lowering of every layer."""
+    from fxquant.passes.lower_integer_only import IntegerOnlyConfig, LowerIntegerOnly
+    o = recipe.options
+    cfg = IntegerOnlyConfig(act_bits=int(o.get("act_bits", 8)), inner_bits=int(o.get("inner_bits", 16)),
+                            attn_bits=int(o.get("attn_bits", 8)), exp_order=int(o.get("exp_order", 2)),
+                            softmax_clip=float(o.get("softmax_clip", 15.0)))
+    if o.get("fsbr", True):
+        return [*_fsbr_passes(recipe)[:-1], LowerIntegerOnly(cfg)]   # FSBR minus its fake-quant: the lowering quantizes
+    return [*_rtn_passes(recipe), LowerIntegerOnly(cfg)]
+
+
+PIPELINE_BUILDERS["illm"] = _illm_passes
+
+
+def _illm(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        from .quant import QuantSpec
+        return Recipe(name=name, method="illm", weight=QuantSpec(bits=wbits, symmetric=True, group_size=None),
+                      description=EXTRA_RECIPES[name][0],
+                      options={"act_bits": abits, "fsbr": True, "epochs": 2, "samples": 32, "seq_len": 512,
+                               "seed": 0})
+    return make
+
+
+for _name, _w, _a in (("illm-w8a8", 8, 8), ("illm-w4a8", 4, 8), ("illm-w4a4", 4, 4)):
+    register_recipe(_name, f"I-LLM integer-only: FSBR smoothing, {_w}-bit per-channel weights, {_a}-bit linear "
+                           f"inputs, every op in integers (DI-MatMul/Exp/Softmax/Norm/SwiGLU)", _illm(_name, _w, _a))

@@ -16,6 +16,7 @@ from torch import fx
 from fxquant.capture import CapturedGraph
 from fxquant.debug import compare
 from fxquant.pipeline import Pass, PassContext, PassRecord, Pipeline
+from fxquant.verify import FLOAT_ONLY_OPS, INTEGER_BOUNDARY, check_integer_region
 
 from .strategies import copy_captured
 
@@ -190,109 +191,17 @@ def assert_bit_exact(fake_quant: torch.Tensor, packed: Any, kernel: Callable[[An
 
 
 # ---- integer-only ------------------------------------------------------------------------------------------------
-#: ``node.meta["fxquant"][INTEGER_BOUNDARY]`` is ``"enter"`` on a node that turns floats into integers
-#: (a dynamic quantize) and ``"exit"`` on one that turns integers back into floats (a dequantize / requantize to
-#: float). Integer-only lowering annotates its boundaries so; :func:`assert_integer_only` reads them.
-INTEGER_BOUNDARY = "integer_boundary"
-
-#: ATen ops that only exist as floating-point math: never allowed between integer boundaries
-FLOAT_ONLY_OPS = frozenset({
-    "exp", "exp2", "expm1", "log", "log2", "log1p", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "erf",
-    "softmax", "_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "layer_norm", "native_layer_norm",
-    "rms_norm", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "reciprocal", "pow", "mean", "var", "std", "div_", "true_divide",
-})
-
-
-def _op(node: fx.Node) -> str:
-    packet = getattr(node.target, "_overloadpacket", None)
-    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
-
-
-def _dtype(node: Any) -> torch.dtype | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
-
-
-def _default_boundary(node: fx.Node) -> str | None:
-    return node.meta.get("fxquant", {}).get(INTEGER_BOUNDARY)
-
-
 def assert_integer_only(gm: fx.GraphModule | CapturedGraph, *,
                         boundary: Callable[[fx.Node], str | None] | None = None,
                         tensors: Mapping[str, torch.Tensor] | None = None) -> int:
-    """No floating-point op or tensor between the integer boundaries of ``gm``.
-
-    The integer region is every node that lies on a path from an ``enter`` boundary to an ``exit`` boundary
-    (``boundary(node)`` -> ``"enter"`` / ``"exit"`` / None; by default the ``INTEGER_BOUNDARY`` annotation).
-    Inside it, each node's ``meta['val']`` must be an integer or bool tensor, its op must not be a float-only op
-    (:data:`FLOAT_ONLY_OPS`, including ``div`` without a rounding mode), it must take no Python float constant,
-    and no floating-point tensor may flow into it from outside the region (a float scale or weight). An exit
-    node may read float tensors (its output scale). Returns the number of region nodes checked; raises if
-    there is no boundary at all, so the check can never pass vacuously.
-    """
-    if isinstance(gm, CapturedGraph):
-        tensors = gm.tensors if tensors is None else tensors
-        gm = gm.gm
-    tensors = tensors or {}
-    boundary = boundary or _default_boundary
-    nodes = list(gm.graph.nodes)
-    kind = {n: boundary(n) for n in nodes}
-    enters = [n for n in nodes if kind[n] == "enter"]
-    exits = [n for n in nodes if kind[n] == "exit"]
-    if not enters or not exits:
-        raise AssertionError(f"no integer region: {len(enters)} enter and {len(exits)} exit boundaries "
-                             f"(annotate node.meta['fxquant']['{INTEGER_BOUNDARY}'] or pass boundary=)")
-    downstream: set[fx.Node] = set()
-    stack = list(enters)
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u not in downstream and kind[u] != "exit":
-                downstream.add(u)
-                stack.append(u)
-    upstream: set[fx.Node] = set()
-    stack = list(exits)
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in upstream and kind[a] != "enter":
-                upstream.add(a)
-                stack.append(a)
-    region = (downstream & upstream) | {n for n in enters if any(u in upstream or kind[u] == "exit" for u in n.users)}
-    problems: list[str] = []
-    for n in nodes:
-        if n not in region:
-            if kind[n] == "exit":
-                for a in n.all_input_nodes:
-                    if a in region and _is_float(a, tensors):
-                        problems.append(f"{n.name}: exit boundary reads float {a.name} from the integer region")
-            continue
-        dt = _dtype(n)
-        if dt is not None and dt.is_floating_point:
-            problems.append(f"{n.name} ({_op(n)}) produces {dt}")
-        if n.op == "call_function" and kind[n] != "enter":
-            op = _op(n)
-            if op in FLOAT_ONLY_OPS or (op == "div" and n.kwargs.get("rounding_mode") is None
-                                        and (len(n.args) < 3 or n.args[2] is None)):
-                problems.append(f"{n.name}: {op} is a floating-point op")
-            floats = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, float)]
-            if floats:
-                problems.append(f"{n.name} ({op}) takes float constant(s) {floats}")
-            for a in n.all_input_nodes:
-                if a not in region and _is_float(a, tensors):
-                    problems.append(f"{n.name} ({op}) reads float tensor {a.name} from outside the integer region")
-    if problems:
-        raise AssertionError(f"{len(problems)} float op(s)/tensor(s) between the integer boundaries:\n  "
-                             + "\n  ".join(problems[:20]))
-    return len(region)
-
-
-def _is_float(node: fx.Node, tensors: Mapping[str, torch.Tensor]) -> bool:
-    dt = _dtype(node)
-    if dt is None and node.op == "placeholder" and node.name in tensors:
-        dt = tensors[node.name].dtype
-    return dt is not None and dt.is_floating_point
+    """No floating-point op or tensor between the integer boundaries of ``gm`` (see
+    :func:`fxquant.verify.check_integer_region`, which this wraps as a test assertion). Returns the number of
+    region nodes checked; raises ``AssertionError`` listing the offenders, and if there is no boundary at all,
+    so the check can never pass vacuously."""
+    report = check_integer_region(gm, boundary=boundary, tensors=tensors)
+    if report.problems:
+        raise AssertionError(report.render())
+    return report.checked
 
 
 def linear_weight_placeholders(cg: CapturedGraph) -> list[str]:

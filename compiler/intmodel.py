@@ -1,0 +1,74 @@
+"""A model lowered to integer-only arithmetic, as something a user can call, evaluate and generate with.
+
+:class:`IntegerOnlyModel` wraps the lowered :class:`~fxquant.capture.CapturedGraph` (``input_ids`` -> logits or
+last hidden state; every layer in integers between the quantize at the embedding and the dequantize at the end).
+It answers ``model(input_ids=...)`` with an object that has ``.logits`` (causal LMs) or ``.last_hidden_state``
+(encoders), and ``generate(ids, max_new_tokens)`` greedily. The graph was captured without a KV cache, so every
+generated token re-runs the whole prefix: correct, and slow for long outputs (the torch.compile route is the
+fast one on a GPU).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .capture import CapturedGraph
+
+__all__ = ["IntegerOnlyModel"]
+
+
+class IntegerOnlyModel(torch.nn.Module):
+    """The integer-only graph as a module (no parameters of its own: the integer constants live in the graph)."""
+
+    def __init__(self, cg: CapturedGraph, *, causal: bool = True, config: Any = None):
+        super().__init__()
+        self.cg = cg
+        self.causal = causal
+        self.config = config
+        self._device = torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: Any) -> "IntegerOnlyModel":  # type: ignore[override]
+        self._device = torch.device(device)
+        for name, t in list(self.cg.tensors.items()):
+            self.cg.tensors[name] = t.to(self._device)
+        return self
+
+    def parameters(self, recurse: bool = True):  # noqa: D102 - for code that asks for a device
+        yield torch.empty(0, device=self._device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> SimpleNamespace:
+        """Logits (causal LM) or last hidden state (encoder). Padded rows of a batch (``attention_mask``) are run one
+        by one without their padding, since the graph attends to every token it is given."""
+        ids = input_ids.to(self._device)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            outs = []
+            for row, mask in zip(ids, attention_mask.to(torch.bool)):
+                h = self.cg(row[mask][None])
+                full = h.new_zeros((1, row.numel(), *h.shape[2:]))
+                full[0, mask] = h[0]
+                outs.append(full)
+            out = torch.cat(outs)
+        else:
+            out = self.cg(ids)
+        return SimpleNamespace(logits=out) if self.causal else SimpleNamespace(last_hidden_state=out)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 **_: Any) -> torch.Tensor:
+        """Greedy decoding, re-running the integer graph on the growing sequence."""
+        if not self.causal:
+            raise TypeError("an encoder cannot generate text")
+        ids = input_ids.to(self._device)
+        for _ in range(max_new_tokens):
+            nxt = self.cg(ids)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+        return ids

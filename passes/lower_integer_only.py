@@ -1,0 +1,850 @@
+"""Integer-only lowering (I-LLM, METHODS.md §5): every layer of the model in integer arithmetic.
+
+The pass rewrites the captured ATen graph so that the activations are quantized **once**, at the output of each
+``aten.embedding`` (``fxquant::quantize_rows``, per token, 16 bits: the ``enter`` boundary), every op after it
+runs on integer tensors through the ``fxquant::di_*`` ops and plain integer ATen ops, and the graph's outputs are
+dequantized (``fxquant::dequantize``: the ``exit`` boundary). Float tensors computed from positions only (RoPE's
+cos/sin tables) enter as 14-bit fixed point (``fxquant::quantize_fixed``); weights, norm gains and biases are
+quantized once, here, to integer constants. :func:`fxquant.verify.verify_integer_only` then proves that no float
+op or tensor is left between the boundaries.
+
+**An integer value** in the rewritten graph is ``(q, m, k)`` — codes and a dyadic scale ``m·2^-k`` with size 1
+along the dimensions over which it is constant (:class:`IntValue` tracks which dimensions those are, and an
+identity ``key`` so that two values with provably the same scale add without alignment, as in RoPE).
+
+**One rule per ATen op** (:data:`RULES`): a node that reads an integer value is lowered by the rule of its op,
+or the pass stops with an error naming the op, the node and the rules that exist. Widths follow I-LLM's
+allocation: linear inputs at ``act_bits`` (8 or 4), the residual stream and the other intermediates at
+``inner_bits`` (16; I-LLM uses 8 for the norm/softmax/act inputs — ``inner_bits=8`` reproduces that),
+attention operands at 8 bits, softmax output 8 bits unsigned.
+
+==========================  ==================================================================================
+ATen op                     integer rule
+==========================  ==================================================================================
+embedding                   (float table lookup) -> ``quantize_rows`` per token: the enter boundary
+linear                      ``di_linear``: input requantized to ``act_bits``; weight codes from the RTN pass (or
+                            RTN per channel here), per-channel multipliers; bias as an integer
+RMSNorm (pow/mean/rsqrt)    ``di_rmsnorm`` (the decomposed pattern is matched as one unit at its ``rsqrt``)
+layer_norm                  ``di_layernorm``
+scaled_dot_product_attn     ``di_matmul`` (Q Kᵀ, per-key column multipliers) -> ``rescale`` (1/sqrt(d)) ->
+                            ``di_clipped_softmax`` (bool/causal mask) -> ``di_matmul`` (P V, value scales
+                            folded into P)
+silu (·mul)                 ``di_swiglu`` when the SiLU feeds one product, else ``di_silu``
+gelu                        ``di_gelu``
+add                         same scale: integer add; else ``di_add`` (aligned, requantized to ``inner_bits``)
+mul                         by an integer value: ``di_mul`` (exact); by a parameter: integer multiplier;
+                            by a Python scalar: ``rescale``
+view/reshape, transpose,    the same op on the codes and on the scale (a merge of dimensions whose scale
+permute, unsqueeze, expand, differs is preceded by ``align_rows``)
+slice, cat, neg, clone,
+to/_to_copy (float), alias
+==========================  ==================================================================================
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import sympy as sp
+import torch
+from torch import fx
+
+from fxquant.capture import CapturedGraph, fxmeta
+from fxquant.errors import PassError
+from fxquant.graphview import op_name
+from fxquant.pipeline import Pass, PassContext, PassResult
+
+log = logging.getLogger("fxquant")
+
+__all__ = ["IntegerOnlyConfig", "LowerIntegerOnly", "lower_integer_only", "RULES", "INTEGER_BOUNDARY",
+           "LoweringError"]
+
+aten = torch.ops.aten
+#: the annotation the verifier reads: ``node.meta["fxquant"]["integer_boundary"] = "enter" | "exit"``
+INTEGER_BOUNDARY = "integer_boundary"
+
+
+class LoweringError(PassError):
+    """The integer-only lowering met something it has no rule for."""
+
+
+@dataclass
+class IntegerOnlyConfig:
+    """Widths and approximations of the integer-only graph."""
+
+    act_bits: int = 8          # linear inputs (W·A8 / W·A4)
+    weight_bits: int = 8       # weights that the pipeline did not quantize before (lm_head, or no RTN pass)
+    inner_bits: int = 16       # residual stream, linear outputs, norm / activation / softmax inputs
+    attn_bits: int = 8         # Q, K, V and the softmax output
+    exp_order: int = 2         # 2^-f: 1 = I-LLM's shift-only 1 - f/2, 2 = quadratic
+    softmax_clip: float = 15.0
+    fixed_bits: int = 14       # fractional bits of position tables (RoPE cos/sin)
+    gamma_bits: int = 16       # norm gains as 16-bit codes
+
+    def __post_init__(self) -> None:
+        for name in ("act_bits", "weight_bits", "inner_bits", "attn_bits"):
+            v = getattr(self, name)
+            if not 2 <= v <= 16:
+                raise LoweringError(f"integer-only {name} must lie in 2..16, got {v}")
+        if self.weight_bits > 8:
+            raise LoweringError(f"integer-only weights are at most 8-bit codes, got weight_bits={self.weight_bits}")
+        if self.exp_order not in (1, 2):
+            raise LoweringError(f"exp_order must be 1 or 2, got {self.exp_order}")
+
+
+@dataclass
+class IntValue:
+    """An integer tensor in the rewritten graph: codes ``q`` and scale ``(m, k)`` nodes."""
+
+    q: fx.Node
+    m: fx.Node
+    k: fx.Node
+    bits: int                  # codes fit in this many bits (64: an exact int64 product)
+    unsigned: bool
+    vary: tuple[bool, ...]     # per dim of q: does the scale vary along it
+    key: Any                   # equal keys <=> equal (m, k) values
+
+    @property
+    def ndim(self) -> int:
+        return len(self.vary)
+
+
+@dataclass
+class _Deferred:
+    """A SiLU whose only user is a product: lowered together with it as DI-SwiGLU."""
+
+    gate: IntValue
+    node: fx.Node
+
+
+def _dims(node: Any) -> list[sp.Expr]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise LoweringError(f"node {getattr(node, 'name', node)} has no shape information (meta['val'])",
+                            "lower a graph captured by fxquant.capture (torch.export keeps the shapes)")
+    return [sp.Integer(d) if isinstance(d, int) else sp.sympify(d.node.expr) for d in val.shape]
+
+
+def _same(a: sp.Expr, b: sp.Expr) -> bool:
+    return sp.simplify(a - b) == 0
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _di(name: str) -> Any:
+    from fxquant.backends.di_ops import op  # noqa: PLC0415 - registers the custom ops on first use
+    return op(name)
+
+
+class _Lowering:
+    def __init__(self, cg: CapturedGraph, cfg: IntegerOnlyConfig, quantized: dict[str, Any]):
+        self.cg = cg
+        self.cfg = cfg
+        self.quantized = quantized
+        self.g = cg.gm.graph
+        self.env: dict[fx.Node, Any] = {}
+        self.skip: set[fx.Node] = set()
+        self.norms: dict[fx.Node, dict] = {}
+        self.stats: dict[str, int] = {}
+        self.consts: dict[str, fx.Node] = {}
+        self.keyseq = 0
+        self.fixed: dict[fx.Node, IntValue] = {}
+
+    # ---- emitting ---------------------------------------------------------------------------------------
+    def call(self, target: Any, *args: Any, n_out: int = 0, boundary: str | None = None) -> Any:
+        node = self.g.call_function(target, tuple(args))
+        if boundary:
+            fxmeta(node)[INTEGER_BOUNDARY] = boundary
+        if not n_out:
+            return node
+        outs = []
+        for i in range(n_out):
+            gi = self.g.call_function(_getitem, (node, i))
+            outs.append(gi)
+        return tuple(outs)
+
+    def new_key(self, tag: str) -> tuple:
+        self.keyseq += 1
+        return (tag, self.keyseq)
+
+    def const(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """An integer constant (weight codes, multipliers) as a new placeholder."""
+        base = name.replace(".", "_")
+        nm, i = base, 0
+        while nm in self.cg.tensors or nm in self.consts:
+            i += 1
+            nm = f"{base}_{i}"
+        node = self.cg.add_tensor(nm, tensor)
+        self.consts[nm] = node
+        return node
+
+    def count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    # ---- integer values -----------------------------------------------------------------------------------
+    def value(self, q: fx.Node, m: fx.Node, k: fx.Node, bits: int, vary: tuple[bool, ...], *, unsigned: bool = False,
+              key: Any = None, tag: str = "v") -> IntValue:
+        return IntValue(q, m, k, bits, unsigned, vary, key if key is not None else self.new_key(tag))
+
+    def requant(self, v: IntValue, bits: int, *, unsigned: bool = False) -> IntValue:
+        """Per-row requantization (rows = all dims but the last) unless ``v`` already fits."""
+        if v.vary[-1]:
+            v = self.align(v, 1)
+        if v.bits <= bits and v.unsigned == unsigned and all(v.vary[:-1]):
+            return v
+        if v.unsigned and not unsigned and v.bits < bits:
+            return v
+        q, m, k = self.call(_di("requantize_rows"), v.q, v.m, v.k, bits, unsigned, n_out=3)
+        self.count("requantize_rows")
+        return self.value(q, m, k, bits, tuple([True] * (v.ndim - 1) + [False]), unsigned=unsigned, tag="rq")
+
+    def align(self, v: IntValue, ndims: int) -> IntValue:
+        """One scale per row of the last ``ndims`` dims."""
+        q, m, k = self.call(_di("align_rows"), v.q, v.m, v.k, ndims, n_out=3)
+        self.count("align_rows")
+        vary = tuple(list(v.vary[:-ndims]) + [False] * ndims)
+        return self.value(q, m, k, 64, vary, tag="al")
+
+    def enter_rows(self, x: fx.Node, bits: int) -> IntValue:
+        q, m, k = self.call(_di("quantize_rows"), x, bits, False, n_out=3, boundary="enter")
+        fxmeta(q.args[0])[INTEGER_BOUNDARY] = "enter"
+        self.count("enter")
+        nd = len(_dims(x))
+        return self.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="in")
+
+    def enter_fixed(self, x: fx.Node) -> IntValue:
+        bits = self.cfg.fixed_bits + 2
+        q, m, k = self.call(_di("quantize_fixed"), x, self.cfg.fixed_bits, bits, n_out=3, boundary="enter")
+        self.count("enter_fixed")
+        nd = len(_dims(x))
+        return self.value(q, m, k, bits, tuple([False] * nd), key=("fixed", self.cfg.fixed_bits))
+
+    def as_value(self, a: Any, user: fx.Node) -> IntValue | None:
+        """The integer value of argument ``a`` (a float tensor from outside the region enters as fixed point)."""
+        if isinstance(a, fx.Node):
+            v = self.env.get(a)
+            if isinstance(v, _Deferred):
+                v = self.emit_silu(v)
+            if isinstance(v, IntValue):
+                return v
+            dt = _dtype(a)
+            if dt is not None and dt.is_floating_point and a.op != "placeholder":
+                if a not in self.fixed:
+                    with self.g.inserting_before(a.next):
+                        self.fixed[a] = self.enter_fixed(a)
+                return self.fixed[a]
+        return None
+
+    def emit_silu(self, d: _Deferred) -> IntValue:
+        g = self.requant(d.gate, self.cfg.inner_bits)
+        q, m, k = self.call(_di("di_silu"), g.q, g.m, g.k, self.cfg.exp_order, self.cfg.inner_bits, n_out=3)
+        self.count("di_silu")
+        v = self.value(q, m, k, self.cfg.inner_bits, g.vary, tag="silu")
+        self.env[d.node] = v
+        return v
+
+    # ---- constants ----------------------------------------------------------------------------------------
+    def param(self, node: Any) -> tuple[torch.Tensor, str] | None:
+        if isinstance(node, fx.Node) and node.op == "placeholder" and node.name in self.cg.tensors:
+            t = self.cg.tensors[node.name]
+            if t.dtype.is_floating_point:
+                return t, self.cg.fqn.get(node.name, node.name)
+        return None
+
+    def weight_codes(self, w: torch.Tensor, fqn: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Integer weight codes ``[N, K]`` (int8) and per-channel multipliers (< 2^24) on one exponent."""
+        from fxquant.quant import QuantizedWeight, QuantSpec, quantize_weight  # noqa: PLC0415
+        qw = self.quantized.get(fqn)
+        if isinstance(qw, QuantizedWeight):
+            if not qw.spec.symmetric or qw.scale.shape[1] != 1:
+                raise LoweringError(f"{fqn}: integer-only DI-MatMul takes symmetric per-channel weights, got "
+                                    f"{qw.spec.describe()}", "use an illm-* recipe (per-channel symmetric RTN)")
+            codes, scale = qw.codes, qw.scale[:, 0].double()
+        else:
+            qw = quantize_weight(w, QuantSpec(bits=self.cfg.weight_bits, symmetric=True, group_size=None), name=fqn)
+            codes, scale = qw.codes, qw.scale[:, 0].double()
+            self.count("weights_quantized_here")
+        smax = float(scale.max())
+        if not smax > 0:
+            smax = 1.0
+        wk = 23 - math.floor(math.log2(smax))          # max multiplier in [2^23, 2^24)
+        wm = torch.round(torch.ldexp(scale, torch.tensor(wk, dtype=torch.float64))).to(torch.int64)
+        return codes.to(torch.int8), wm, wk
+
+    def int_constant(self, t: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+        """A float constant as integer codes at one exponent: ``t ≈ c · 2^-ck``, ``|c| < 2^(bits-1)``."""
+        amax = float(t.detach().abs().max()) if t.numel() else 0.0
+        if not math.isfinite(amax):
+            raise LoweringError("a constant of the integer region has NaN/Inf values", "check the model weights")
+        ck = (bits - 2) - (math.floor(math.log2(amax)) if amax > 0 else 0)
+        c = torch.round(torch.ldexp(t.detach().double(), torch.tensor(ck, dtype=torch.float64))).to(torch.int64)
+        return c, ck
+
+    def out_bits(self, node: fx.Node) -> int:
+        """``act_bits`` when every user of ``node`` is a linear (the width it will be requantized to), else
+        ``inner_bits``."""
+        users = list(node.users)
+        if users and all(op_name(u) == "linear" and u.args[0] is node for u in users):
+            return self.cfg.act_bits
+        return self.cfg.inner_bits
+
+    # ---- the walk -------------------------------------------------------------------------------------------
+    def find_norms(self) -> None:
+        """Decomposed RMSNorm ``x * rsqrt(mean(x², -1) + eps)`` [``* γ``] as one unit."""
+        from fxquant.graphview import is_identity, tensor_users  # noqa: PLC0415
+        for node in self.g.nodes:
+            if op_name(node) != "rsqrt":
+                continue
+            add = node.args[0]
+            if not (isinstance(add, fx.Node) and op_name(add) == "add" and len(add.args) == 2):
+                continue
+            mean, eps = add.args
+            if not (isinstance(mean, fx.Node) and op_name(mean) == "mean" and isinstance(eps, (int, float))):
+                continue
+            sq = mean.args[0]
+            if not (isinstance(sq, fx.Node) and op_name(sq) == "pow" and sq.args[1] == 2):
+                continue
+            x = sq.args[0]
+            muls = [u for u in node.users if op_name(u) == "mul" and x in u.args]
+            if len(muls) != 1 or len(node.users) != 1:
+                continue
+            inner = {sq, mean, add, node, muls[0]}
+            out = muls[0]
+            while len(tensor_users(out)) == 1 and is_identity(tensor_users(out)[0]) and op_name(tensor_users(out)[0]) == "to":
+                out = tensor_users(out)[0]
+                inner.add(out)
+            gamma = None
+            users = tensor_users(out)
+            if len(users) == 1 and op_name(users[0]) == "mul":
+                other = users[0].args[0] if users[0].args[1] is out else users[0].args[1]
+                if self.param(other) is not None and len(_dims(other)) == 1:
+                    gamma = other
+                    out = users[0]
+                    inner.add(out)
+            self.norms[out] = {"x": x, "gamma": gamma, "eps": float(eps), "inner": inner}
+            self.skip.update(inner - {out})
+
+    def run(self) -> None:
+        self.find_norms()
+        nodes = list(self.g.nodes)
+        for node in nodes:
+            if node.op == "output":
+                self.lower_output(node)
+                continue
+            if node.op != "call_function":
+                continue
+            if op_name(node) == "embedding":
+                with self.g.inserting_before(node.next):
+                    self.env[node] = self.enter_rows(node, self.cfg.inner_bits)
+                continue
+            reads = [a for a in node.all_input_nodes if a in self.env]
+            if node in self.norms and self.norms[node]["x"] in self.env:
+                reads = [self.norms[node]["x"]]
+            if not reads:
+                continue
+            if node in self.skip:
+                continue
+            if op_name(node) == "_assert_tensor_metadata":
+                self.g.erase_node(node)
+                continue
+            rule = _Lowering.norm_rule if node in self.norms else RULES.get(op_name(node))
+            if rule is None:
+                raise LoweringError(
+                    f"integer-only lowering has no rule for aten.{op_name(node)} (node {node.name}, reading "
+                    f"{', '.join(a.name for a in reads)})",
+                    f"ops with rules: {', '.join(sorted(RULES))}; add one to fxquant.passes.lower_integer_only.RULES")
+            with self.g.inserting_before(node):
+                out = rule(self, node)
+            if out is not None:
+                self.env[node] = out
+
+    def lower_output(self, node: fx.Node) -> None:
+        def exit_(a: Any) -> Any:
+            if isinstance(a, fx.Node) and a in self.env:
+                v = self.env[a]
+                if isinstance(v, _Deferred):
+                    with self.g.inserting_before(node):
+                        v = self.emit_silu(v)
+                with self.g.inserting_before(node):
+                    if v.bits > 32:
+                        v = self.requant(v, 24)
+                    d = self.call(_di("dequantize"), v.q, v.m, v.k, boundary="exit")
+                    dt = _dtype(a)
+                    if dt is not None and dt != torch.float32:
+                        d = self.g.call_function(aten.to.dtype, (d, dt))
+                self.count("exit")
+                return d
+            return a
+        node.args = tuple(fx.node.map_aggregate(node.args, exit_))
+
+    # ---- rules used by several ops ------------------------------------------------------------------------
+    def norm_rule(self, node: fx.Node) -> IntValue:
+        info = self.norms[node]
+        x = self.as_value(info["x"], node)
+        if x is None:
+            raise LoweringError(f"RMSNorm {node.name}: its input is not an integer value")
+        if x.vary[-1]:
+            x = self.align(x, 1)
+        x = self.requant(x, self.cfg.inner_bits) if x.bits > 16 else x
+        n = len(_dims(info["x"]))
+        gamma_t = self.param(info["gamma"])[0] if info["gamma"] is not None else torch.ones(int(_dims(info["x"])[-1]))
+        c, ck = self.int_constant(gamma_t.float(), self.cfg.gamma_bits)
+        gq = self.const(f"{node.name}_gamma_q", c)
+        eps = _dyadic(info["eps"])
+        bits = self.out_bits(node)
+        q, m, k = self.call(_di("di_rmsnorm"), x.q, x.m, x.k, gq, ck, eps.m, eps.k, bits, n_out=3)
+        self.count("di_rmsnorm")
+        return self.value(q, m, k, bits, tuple([True] * (n - 1) + [False]), tag="rms")
+
+
+def _getitem(x: Any, i: int) -> Any:
+    return x[i]
+
+
+_getitem = __import__("operator").getitem  # noqa: F811 - the FX-recognised getitem
+
+
+def _dyadic(v: float):
+    from fxquant.backends.dyadic import dyadic  # noqa: PLC0415
+    return dyadic(v)
+
+
+# ---- the rules ------------------------------------------------------------------------------------------------
+Rule = Callable[[_Lowering, fx.Node], Any]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return deco
+
+
+def _v(L: _Lowering, node: fx.Node, i: int = 0) -> IntValue:
+    v = L.as_value(node.args[i], node)
+    if v is None:
+        raise LoweringError(f"{node.name} ({op_name(node)}): argument {i} is not an integer value")
+    return v
+
+
+@rule("to", "_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh_copy")
+def _identity(L: _Lowering, node: fx.Node) -> IntValue:
+    dt = node.kwargs.get("dtype")
+    if dt is None:
+        dt = next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
+    if dt is not None and not dt.is_floating_point:
+        raise LoweringError(f"{node.name}: a cast of an integer-region value to {dt} has no integer meaning",
+                            "the model casts activations to a non-float type; lower it by hand")
+    return _v(L, node)
+
+
+@rule("dropout")
+def _dropout(L: _Lowering, node: fx.Node) -> IntValue:
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
+    if train:
+        raise LoweringError(f"{node.name}: dropout in training mode", "call model.eval() before quantizing")
+    return _v(L, node)
+
+
+@rule("sym_size")
+def _sym_size(L: _Lowering, node: fx.Node) -> fx.Node:
+    v = _v(L, node)
+    new = L.g.call_function(node.target, (v.q, *node.args[1:]))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    return None
+
+
+def _layout(L: _Lowering, v: IntValue, target: Any, q_args: tuple, s_args: tuple, vary: tuple[bool, ...],
+            *, scale_too: bool = True) -> IntValue:
+    q = L.g.call_function(target, (v.q, *q_args))
+    if scale_too:
+        m = L.g.call_function(target, (v.m, *s_args))
+        k = L.g.call_function(target, (v.k, *s_args))
+    else:
+        m, k = v.m, v.k
+    return replace(v, q=q, m=m, k=k, vary=vary)
+
+
+@rule("transpose")
+def _transpose(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    a, b = (d % v.ndim for d in node.args[1:3])
+    vary = list(v.vary)
+    vary[a], vary[b] = vary[b], vary[a]
+    return _layout(L, v, node.target, node.args[1:], node.args[1:], tuple(vary))
+
+
+@rule("permute")
+def _permute(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    dims = [d % v.ndim for d in node.args[1]]
+    return _layout(L, v, node.target, node.args[1:], node.args[1:], tuple(v.vary[d] for d in dims))
+
+
+@rule("unsqueeze")
+def _unsqueeze(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    d = node.args[1] % (v.ndim + 1)
+    vary = list(v.vary)
+    vary.insert(d, False)
+    return _layout(L, v, node.target, node.args[1:], node.args[1:], tuple(vary))
+
+
+@rule("expand")
+def _expand(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    sizes = node.args[1]
+    if len(sizes) != v.ndim:
+        raise LoweringError(f"{node.name}: expand that adds dimensions is not supported in the integer region")
+    # only size-1 dims of q are expanded; the scale is constant along them (size 1): it broadcasts unchanged
+    return _layout(L, v, node.target, node.args[1:], (), v.vary, scale_too=False)
+
+
+@rule("slice")
+def _slice(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    dim = node.args[1] % v.ndim if len(node.args) > 1 else 0
+    if v.vary[dim]:
+        return _layout(L, v, node.target, node.args[1:], node.args[1:], v.vary)
+    return _layout(L, v, node.target, node.args[1:], (), v.vary, scale_too=False)
+
+
+@rule("neg")
+def _neg(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    if v.unsigned:
+        raise LoweringError(f"{node.name}: negation of an unsigned integer value")
+    q = L.g.call_function(aten.neg.default, (v.q,))   # symmetric code ranges: -q never overflows
+    return replace(v, q=q)
+
+
+@rule("cat")
+def _cat(L: _Lowering, node: fx.Node) -> IntValue:
+    parts = [L.as_value(a, node) for a in node.args[0]]
+    if any(p is None for p in parts):
+        raise LoweringError(f"{node.name}: cat of integer and float tensors")
+    dim = (node.args[1] if len(node.args) > 1 else 0) % parts[0].ndim
+    first = parts[0]
+    if any(p.key != first.key or p.vary != first.vary for p in parts) or first.vary[dim]:
+        raise LoweringError(f"{node.name}: cat of integer values with different scales along dim {dim}",
+                            "only concatenations of one value's pieces (as in rotate_half) are supported")
+    dts = {_int_width(p) for p in parts}
+    qs = [p.q if len(dts) == 1 else L.g.call_function(aten.to.dtype, (p.q, torch.int64)) for p in parts]
+    q = L.g.call_function(aten.cat.default, (qs, node.args[1] if len(node.args) > 1 else 0))
+    return replace(first, q=q, bits=max(p.bits for p in parts))
+
+
+def _int_width(v: IntValue) -> int:
+    return v.bits
+
+
+def _reshape_groups(a: list[sp.Expr], b: list[sp.Expr]) -> list[tuple[list[int], list[int]]] | None:
+    """Axes of ``a`` and ``b`` grouped into runs of equal size: a common prefix and suffix (symbolic sizes
+    compared exactly) and one middle group whose products must agree."""
+    i = 0
+    while i < min(len(a), len(b)) and _same(a[i], b[i]):
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and _same(a[len(a) - 1 - j], b[len(b) - 1 - j]):
+        j += 1
+    groups = [([t], [t]) for t in range(i)]
+    mid_a = list(range(i, len(a) - j))
+    mid_b = list(range(i, len(b) - j))
+    if mid_a or mid_b:
+        pa = sp.Mul(*[a[t] for t in mid_a]) if mid_a else sp.Integer(1)
+        pb = sp.Mul(*[b[t] for t in mid_b]) if mid_b else sp.Integer(1)
+        if not _same(pa, pb):
+            return None
+        groups.append((mid_a, mid_b))
+    groups += [([len(a) - j + t], [len(b) - j + t]) for t in range(j)]
+    return groups
+
+
+@rule("view", "reshape", "_unsafe_view")
+def _reshape(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    src = node.args[0]
+    a, b = _dims(src), _dims(node)
+    groups = _reshape_groups(a, b)
+    if groups is None:
+        raise LoweringError(f"{node.name}: cannot relate the reshape {a} -> {b}")
+    for ga, gb in groups:
+        if len(ga) == 1 and len(gb) == 1:
+            continue
+        if any(v.vary[t] for t in ga):
+            if ga[-1] != len(a) - 1:
+                raise LoweringError(f"{node.name}: reshape merges dimensions whose scales differ, not at the end "
+                                    f"({a} -> {b})")
+            v = L.align(v, len(a) - ga[0])    # one scale per row of the merged trailing dims
+            break
+    vary_new = [False] * len(b)
+    for ga, gb in groups:
+        if len(ga) == 1 and len(gb) == 1:
+            vary_new[gb[0]] = v.vary[ga[0]]
+    q = L.g.call_function(node.target, (v.q, *node.args[1:]))
+    shape = []
+    for t in range(len(b)):
+        if vary_new[t]:
+            src_dim = next(ga[0] for ga, gb in groups if gb == [t])
+            shape.append(L.g.call_function(aten.sym_size.int, (v.m, src_dim)))
+        else:
+            shape.append(1)
+    m = L.g.call_function(aten.reshape.default, (v.m, shape))
+    k = L.g.call_function(aten.reshape.default, (v.k, shape))
+    return replace(v, q=q, m=m, k=k, vary=tuple(vary_new))
+
+
+@rule("mul")
+def _mul(L: _Lowering, node: fx.Node) -> IntValue:
+    a, b = node.args[0], node.args[1]
+    if isinstance(a, fx.Node) and isinstance(L.env.get(a), _Deferred) or \
+            isinstance(b, fx.Node) and isinstance(L.env.get(b), _Deferred):
+        d = L.env[a] if isinstance(a, fx.Node) and isinstance(L.env.get(a), _Deferred) else L.env[b]
+        other = b if d is L.env.get(a) else a
+        u = L.as_value(other, node)
+        if u is not None:
+            return _swiglu(L, node, d, u)
+    for x, y in ((a, b), (b, a)):
+        if not isinstance(x, fx.Node) or x not in L.env:
+            continue
+        vx = L.as_value(x, node)
+        if isinstance(y, (int, float)):
+            return _scale_by(L, vx, float(y))
+        p = L.param(y)
+        if p is not None:
+            return _mul_param(L, node, vx, y, p[0])
+        vy = L.as_value(y, node)
+        if vy is not None:
+            vx = L.requant(vx, 31) if vx.bits > 31 else vx
+            vy = L.requant(vy, 31) if vy.bits > 31 else vy
+            q, m, k = L.call(_di("di_mul"), vx.q, vx.m, vx.k, vy.q, vy.m, vy.k, 0, n_out=3)
+            L.count("di_mul")
+            vary = tuple(p or r for p, r in zip(_pad(vx.vary, len(_dims(node))), _pad(vy.vary, len(_dims(node)))))
+            return L.value(q, m, k, 64, vary, key=("mul", vx.key, vy.key))
+    raise LoweringError(f"{node.name}: mul of {a} and {b} has no integer form")
+
+
+def _pad(vary: tuple[bool, ...], n: int) -> tuple[bool, ...]:
+    return tuple([False] * (n - len(vary)) + list(vary))
+
+
+def _scale_by(L: _Lowering, v: IntValue, c: float) -> IntValue:
+    if c == 0:
+        raise LoweringError("multiplication of an integer value by 0", "the model multiplies an activation by 0")
+    if c < 0:
+        v = replace(v, q=L.g.call_function(aten.neg.default, (v.q,)))
+    d = _dyadic(abs(c))
+    m, k = L.call(_di("rescale"), v.m, v.k, d.m, d.k, n_out=2)
+    L.count("rescale")
+    return replace(v, m=m, k=k, key=("scaled", v.key, d.m, d.k))
+
+
+def _mul_param(L: _Lowering, node: fx.Node, v: IntValue, pnode: fx.Node, t: torch.Tensor) -> IntValue:
+    shape = list(t.shape)
+    if any(s != 1 for s in shape[:-1]):
+        raise LoweringError(f"{node.name}: multiplication by {pnode.name} of shape {shape}: only per-channel (last "
+                            "dim) constants have an integer form")
+    c, ck = L.int_constant(t.float(), 16)
+    cq = L.const(f"{pnode.name}_q", c)
+    if v.bits > 31:
+        v = L.requant(v, L.cfg.inner_bits)
+    q = L.g.call_function(aten.mul.Tensor, (L.g.call_function(aten.to.dtype, (v.q, torch.int64)), cq))
+    k = L.g.call_function(aten.add.Tensor, (v.k, ck))
+    L.count("mul_const")
+    return replace(v, q=q, k=k, bits=64, key=("mulc", v.key, pnode.name))
+
+
+@rule("add")
+def _add(L: _Lowering, node: fx.Node) -> IntValue:
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        raise LoweringError(f"{node.name}: add with alpha != 1")
+    va, vb = L.as_value(a, node), L.as_value(b, node)
+    if va is None or vb is None:
+        raise LoweringError(f"{node.name}: add of an integer value and {b if va is not None else a} (a constant "
+                            "offset has no rule outside the norms)")
+    if va.key == vb.key and va.vary == vb.vary and not va.unsigned and not vb.unsigned:
+        q = L.g.call_function(aten.add.Tensor, (L.g.call_function(aten.to.dtype, (va.q, torch.int64)),
+                                                L.g.call_function(aten.to.dtype, (vb.q, torch.int64))))
+        L.count("add_same_scale")
+        return replace(va, q=q, bits=min(64, max(va.bits, vb.bits) + 1))
+    bits = L.cfg.inner_bits
+    va = L.requant(va, 24) if va.bits > 24 or va.vary[-1] else va
+    vb = L.requant(vb, 24) if vb.bits > 24 or vb.vary[-1] else vb
+    q, m, k = L.call(_di("di_add"), va.q, va.m, va.k, vb.q, vb.m, vb.k, bits, n_out=3)
+    L.count("di_add")
+    nd = len(_dims(node))
+    return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="add")
+
+
+@rule("linear")
+def _linear(L: _Lowering, node: fx.Node) -> IntValue:
+    x = _v(L, node)
+    p = L.param(node.args[1])
+    if p is None:
+        raise LoweringError(f"{node.name}: linear whose weight is not a parameter of the model")
+    w, fqn = p
+    x = L.requant(x, L.cfg.act_bits)
+    codes, wm, wk = L.weight_codes(w, fqn)
+    wq = L.const(f"{node.args[1].name}_codes", codes)
+    wmn = L.const(f"{node.args[1].name}_mult", wm)
+    bias, bias_k = None, 0
+    if len(node.args) > 2 and node.args[2] is not None:
+        bp = L.param(node.args[2])
+        if bp is None:
+            raise LoweringError(f"{node.name}: linear bias is not a parameter of the model")
+        c, bias_k = L.int_constant(bp[0].float(), 31)
+        bias = L.const(f"{node.args[2].name}_q", c)
+    bits = L.out_bits(node) if any(op_name(u) == "linear" for u in node.users) else L.cfg.inner_bits
+    q, m, k = L.call(_di("di_linear"), x.q, x.m, x.k, wq, wmn, wk, bias, bias_k, bits, n_out=3)
+    L.count("di_linear")
+    return L.value(q, m, k, bits, tuple([True] * (x.ndim - 1) + [False]), tag="lin")
+
+
+@rule("silu")
+def _silu(L: _Lowering, node: fx.Node) -> Any:
+    x = _v(L, node)
+    users = list(node.users)
+    if len(users) == 1 and op_name(users[0]) == "mul":
+        return _Deferred(gate=x, node=node)
+    return L.emit_silu(_Deferred(gate=x, node=node))
+
+
+def _swiglu(L: _Lowering, node: fx.Node, d: _Deferred, u: IntValue) -> IntValue:
+    g = L.requant(d.gate, 16) if d.gate.bits > 16 or d.gate.vary[-1] else d.gate
+    u = L.requant(u, 16) if u.bits > 16 or u.vary[-1] else u
+    bits = L.out_bits(node)
+    q, m, k = L.call(_di("di_swiglu"), g.q, g.m, g.k, u.q, u.m, u.k, L.cfg.exp_order, bits, n_out=3)
+    L.count("di_swiglu")
+    nd = len(_dims(node))
+    return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="swiglu")
+
+
+@rule("gelu")
+def _gelu(L: _Lowering, node: fx.Node) -> IntValue:
+    if node.kwargs.get("approximate", "none") not in ("none", "tanh"):
+        raise LoweringError(f"{node.name}: gelu approximation {node.kwargs.get('approximate')!r}")
+    x = _v(L, node)
+    x = L.requant(x, 16) if x.bits > 16 or x.vary[-1] else x
+    bits = L.out_bits(node)
+    q, m, k = L.call(_di("di_gelu"), x.q, x.m, x.k, L.cfg.exp_order, bits, n_out=3)
+    L.count("di_gelu")
+    return L.value(q, m, k, bits, x.vary, tag="gelu")
+
+
+@rule("layer_norm")
+def _layer_norm(L: _Lowering, node: fx.Node) -> IntValue:
+    x = _v(L, node)
+    shape = node.args[1]
+    if len(shape) != 1:
+        raise LoweringError(f"{node.name}: LayerNorm over {len(shape)} dims (only the last dim is supported)")
+    w = L.param(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+    bnode = node.args[3] if len(node.args) > 3 else None
+    b = L.param(bnode) if bnode is not None else None
+    eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+    x = L.requant(x, 16) if x.bits > 16 or x.vary[-1] else x
+    gamma_t = w[0].float() if w is not None else torch.ones(int(shape[0]))
+    c, ck = L.int_constant(gamma_t, L.cfg.gamma_bits)
+    gq = L.const(f"{node.name}_gamma_q", c)
+    beta = None
+    if b is not None:
+        from fxquant.backends.intops import NORM_BITS  # noqa: PLC0415
+        beta = L.const(f"{node.name}_beta_q", torch.round(torch.ldexp(b[0].double(), torch.tensor(
+            ck + NORM_BITS, dtype=torch.float64))).to(torch.int64))
+    d = _dyadic(eps)
+    bits = L.out_bits(node)
+    q, m, k = L.call(_di("di_layernorm"), x.q, x.m, x.k, gq, beta, ck, d.m, d.k, bits, n_out=3)
+    L.count("di_layernorm")
+    return L.value(q, m, k, bits, tuple([True] * (x.ndim - 1) + [False]), tag="ln")
+
+
+@rule("scaled_dot_product_attention")
+def _sdpa(L: _Lowering, node: fx.Node) -> IntValue:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if float(args.get("dropout_p", 0.0) or 0.0) != 0.0:
+        raise LoweringError(f"{node.name}: attention dropout", "call model.eval() before quantizing")
+    mask = args.get("attn_mask")
+    if isinstance(mask, fx.Node) and (_dtype(mask) is None or _dtype(mask).is_floating_point):
+        raise LoweringError(f"{node.name}: a float (additive) attention mask has no integer form",
+                            "capture the model with a boolean mask (transformers' sdpa path) or no mask")
+    if isinstance(mask, fx.Node) and mask in L.env:
+        raise LoweringError(f"{node.name}: the attention mask is computed from activations")
+    ab = L.cfg.attn_bits
+    q = L.requant(_v(L, node, 0), ab)
+    kk = L.requant(_v(L, node, 1), ab)
+    v = L.requant(_v(L, node, 2), ab)
+    qd, kd = _dims(node.args[0]), _dims(node.args[1])
+    if args.get("enable_gqa") and not _same(qd[-3], kd[-3]):
+        rep = int(qd[-3] / kd[-3])
+        kk = _repeat_heads(L, kk, rep)
+        v = _repeat_heads(L, v, rep)
+    kt = _layout(L, kk, aten.transpose.int, (-1, -2), (-1, -2),
+                 tuple(list(kk.vary[:-2]) + [kk.vary[-1], kk.vary[-2]]))
+    s, sm, sk = L.call(_di("di_matmul"), q.q, q.m, q.k, kt.q, kt.m, kt.k, L.cfg.inner_bits, ab, False, n_out=3)
+    scale = args.get("scale")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(float(qd[-1]))
+    d = _dyadic(scale)
+    sm, sk = L.call(_di("rescale"), sm, sk, d.m, d.k, n_out=2)
+    c = _dyadic(L.cfg.softmax_clip)
+    p, pm, pk = L.call(_di("di_clipped_softmax"), s, sm, sk, mask, bool(args.get("is_causal", False)), c.m, c.k,
+                       L.cfg.exp_order, ab, n_out=3)
+    o, om, ok = L.call(_di("di_matmul"), p, pm, pk, v.q, v.m, v.k, L.cfg.inner_bits, ab, True, n_out=3)
+    L.count("di_attention")
+    nd = len(_dims(node))
+    return L.value(o, om, ok, L.cfg.inner_bits, tuple([True] * (nd - 1) + [False]), tag="attn")
+
+
+def _repeat_heads(L: _Lowering, v: IntValue, rep: int) -> IntValue:
+    t = aten.repeat_interleave.self_int
+    return _layout(L, v, t, (rep, v.ndim - 3), (rep, v.ndim - 3) if v.vary[-3] else (), v.vary,
+                   scale_too=v.vary[-3])
+
+
+# ---- the pass ---------------------------------------------------------------------------------------------------
+def lower_integer_only(cg: CapturedGraph, cfg: IntegerOnlyConfig | None = None,
+                       quantized: dict[str, Any] | None = None) -> dict[str, int]:
+    """Rewrite ``cg`` in place into an integer-only graph; returns counts of what was emitted."""
+    cfg = cfg or IntegerOnlyConfig()
+    if not any(op_name(n) == "embedding" for n in cg.gm.graph.nodes):
+        raise LoweringError("integer-only lowering starts at the embedding output, and this graph has no "
+                            "aten.embedding", "lower a language model (input_ids -> embedding -> layers)")
+    low = _Lowering(cg, cfg, quantized or {})
+    low.run()
+    g = cg.gm.graph
+    g.eliminate_dead_code()
+    for n in list(g.nodes):                     # float weights that nothing reads any more
+        if n.op == "placeholder" and not n.users and n.name not in cg.user_inputs:
+            g.erase_node(n)
+    g.lint()
+    cg.gm.recompile()
+    cg.meta["integer_only"] = {"config": cfg.__dict__.copy(), "stats": dict(low.stats)}
+    return low.stats
+
+
+class LowerIntegerOnly(Pass):
+    """Lower the whole model to integer-only arithmetic (I-LLM)."""
+
+    name = "lower_integer_only"
+    description = "integer-only lowering: quantize at the embedding, DI-* ops for every layer, dequantize the logits"
+
+    def __init__(self, config: IntegerOnlyConfig | None = None):
+        self.config = config or IntegerOnlyConfig()
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        stats = lower_integer_only(cg, self.config, dict(ctx.artifacts.get("quantized_weights", {})))
+        ctx.artifacts["integer_only"] = dict(stats)
+        return PassResult(modified=True, stats=stats)
+
+    def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        from fxquant.verify import verify_integer_only  # noqa: PLC0415
+        verify_integer_only(cg)
