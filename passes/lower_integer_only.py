@@ -330,6 +330,7 @@ class _Lowering:
             self.skip.update(inner - {out})
 
     def run(self) -> None:
+        self.g.eliminate_dead_code()            # e.g. an encoder's pooler when only the hidden states are returned
         self.find_norms()
         nodes = list(self.g.nodes)
         for node in nodes:
@@ -515,6 +516,20 @@ def _slice(L: _Lowering, node: fx.Node) -> IntValue:
     if v.vary[dim]:
         return _layout(L, v, node.target, node.args[1:], node.args[1:], v.vary)
     return _layout(L, v, node.target, node.args[1:], (), v.vary, scale_too=False)
+
+
+@rule("select")
+def _select(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    dim = node.args[1] % v.ndim
+    vary = tuple(x for i, x in enumerate(v.vary) if i != dim)
+    if v.vary[dim]:
+        return _layout(L, v, node.target, node.args[1:], node.args[1:], vary)
+    if dim == v.ndim - 1:
+        raise LoweringError(f"{node.name}: selecting one channel of a per-row integer value",
+                            "select before the quantized region, or add a rule")
+    s_args = (dim, 0)                                           # the scale has size 1 along dim
+    return _layout(L, v, node.target, node.args[1:], s_args, vary)
 
 
 @rule("neg")
@@ -821,6 +836,10 @@ def lower_integer_only(cg: CapturedGraph, cfg: IntegerOnlyConfig | None = None,
     low = _Lowering(cg, cfg, quantized or {})
     low.run()
     g = cg.gm.graph
+    replaced = set(low.env) | low.skip | set(low.norms)
+    for n in reversed(list(g.nodes)):           # the float originals (dropout/asserts are not dead code to FX)
+        if n in replaced and not n.users and n.op == "call_function":
+            g.erase_node(n)
     g.eliminate_dead_code()
     for n in list(g.nodes):                     # float weights that nothing reads any more
         if n.op == "placeholder" and not n.users and n.name not in cg.user_inputs:

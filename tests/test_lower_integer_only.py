@@ -1,0 +1,159 @@
+"""Integer-only lowering (I-LLM): the rewritten graph is integer-only between its boundaries (the verifier is on),
+computes nearly the float model's function, fails loudly on ops without a rule, and runs the real models."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx
+
+from fxquant.capture import capture
+from fxquant.passes.lower_integer_only import INTEGER_BOUNDARY, IntegerOnlyConfig, LoweringError, lower_integer_only
+from fxquant.testing import assert_integer_only
+from fxquant.verify import check_integer_region, propagate_meta, verify_integer_only
+
+from conftest import make_tiny_llama
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(4, 4), (4, 2), (4, 1)]), st.sampled_from([32, 64]), st.integers(0, 100))
+def test_tiny_llama_lowers_to_integers_and_keeps_the_function(layers, heads, hidden, seed):
+    model = make_tiny_llama(layers=layers, hidden=hidden, heads=heads[0], kv_heads=heads[1], inter=2 * hidden, seed=seed)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cg = capture(model)
+    stats = lower_integer_only(cg)
+    assert stats["di_attention"] == layers and stats["di_swiglu"] == layers and stats["di_rmsnorm"] == 2 * layers + 1
+    out = cg(ids)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel(out, ref) < 0.05
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
+    report = verify_integer_only(cg)
+    assert report.ok and report.enters >= 1 and report.exits == 1
+    assert_integer_only(cg)                                       # the test harness's assertion agrees
+
+
+def test_widths_are_configurable_and_wider_is_closer():
+    model = make_tiny_llama(layers=2, seed=3)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for bits in (4, 8):
+        cg = capture(model)
+        lower_integer_only(cg, IntegerOnlyConfig(act_bits=bits))
+        errs[bits] = _rel(cg(ids), ref)
+        linear_inputs = [n for n in cg.gm.graph.nodes if "di_linear" in str(n.target)]
+        propagate_meta(cg, ids)
+        assert all(n.args[0].meta["val"].dtype == torch.int8 for n in linear_inputs)
+    assert errs[8] < errs[4]
+
+
+def test_an_op_without_a_rule_is_named():
+    class TanhLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(32, 16)
+            self.out = torch.nn.Linear(16, 32)
+
+        def forward(self, input_ids):
+            return self.out(torch.tanh(self.emb(input_ids)))
+
+    cg = capture(TanhLM().eval(), (torch.randint(0, 32, (1, 5)),))
+    try:
+        lower_integer_only(cg)
+    except LoweringError as exc:
+        assert "aten.tanh" in str(exc) and "RULES" in str(exc)
+    else:
+        raise AssertionError("lowering a tanh should fail with a LoweringError")
+
+
+def test_a_model_without_embedding_is_refused():
+    cg = capture(torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), (torch.randn(2, 4),))
+    try:
+        lower_integer_only(cg)
+    except LoweringError as exc:
+        assert "embedding" in str(exc)
+    else:
+        raise AssertionError("expected a LoweringError")
+
+
+def _region_graph(float_inside: bool, read_float_weight: bool) -> fx.GraphModule:
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w = g.placeholder("w")
+    from fxquant.backends.di_ops import op
+    enter = g.call_function(op("quantize_rows"), (x, 8, False))
+    enter.meta["fxquant"] = {INTEGER_BOUNDARY: "enter"}
+    q = g.call_function(__import__("operator").getitem, (enter, 0))
+    m = g.call_function(__import__("operator").getitem, (enter, 1))
+    k = g.call_function(__import__("operator").getitem, (enter, 2))
+    y = g.call_function(torch.ops.aten.neg.default, (q,))
+    if float_inside:
+        f = g.call_function(torch.ops.aten.exp.default, (g.call_function(torch.ops.aten.to.dtype, (y, torch.float32)),))
+        y = g.call_function(torch.ops.aten.to.dtype, (f, torch.int8))
+    if read_float_weight:
+        y = g.call_function(torch.ops.aten.mul.Tensor, (y, w))
+    out = g.call_function(op("dequantize"), (y, m, k))
+    out.meta["fxquant"] = {INTEGER_BOUNDARY: "exit"}
+    g.output(out)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+
+    class Prop(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                n.meta["val"] = out.to("meta")
+            return out
+
+    Prop(gm).run(torch.randn(2, 4), torch.randn(4))
+    return gm
+
+
+def test_verifier_finds_float_ops_and_float_tensors():
+    assert check_integer_region(_region_graph(False, False)).ok
+    bad = check_integer_region(_region_graph(True, False))
+    assert not bad.ok and any("exp is a floating-point op" in p for p in bad.problems)
+    assert any("produces torch.float32" in p for p in bad.problems)
+    bad = check_integer_region(_region_graph(False, True))
+    assert any("reads float tensor w" in p or "produces torch.float32" in p for p in bad.problems)
+    empty = check_integer_region(fx.symbolic_trace(torch.nn.ReLU()))
+    assert not empty.ok and "no integer region" in empty.problems[0]
+
+
+def test_illm_recipe_through_quantize_and_generate():
+    from fxquant import quantize
+    from fxquant.recipes import get_recipe
+    model = make_tiny_llama(layers=1, seed=5)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    recipe = get_recipe("illm-w8a8")
+    recipe.options["fsbr"] = False
+    assert recipe.data_free
+    res = quantize(model, recipe)
+    im = res.integer_model
+    assert im is not None and res.eval_model is im
+    assert _rel(im(input_ids=ids).logits, ref) < 0.05
+    out = im.generate(ids, max_new_tokens=3)
+    assert out.shape == (1, 9) and torch.equal(out[:, :6], ids)
+    assert [r.name for r in res.records][-1] == "lower_integer_only"
+
+
+def test_minilm_embeddings_match_fp32(minilm):
+    """MiniLM (LayerNorm, GELU, biases) integer-only W8A8: mean cosine of sentence embeddings >= 0.99."""
+    from fxquant.data import eval_text
+    from fxquant.evaluate import encoder_similarity
+    from fxquant.intmodel import IntegerOnlyModel
+    cg = capture(minilm.model)
+    stats = lower_integer_only(cg)
+    assert stats["di_layernorm"] == 13 and stats["di_gelu"] == 6
+    verify_integer_only(cg)
+    text, _ = eval_text(None)
+    sim = encoder_similarity(minilm.model, IntegerOnlyModel(cg, causal=False), minilm.tokenizer, text, n=24)
+    assert sim["cosine"] >= 0.99, sim
