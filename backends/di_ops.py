@@ -64,7 +64,9 @@ def _impl(t: Tensor) -> Any:
 def _define(name: str, body: Callable, fake: Callable) -> Any:
     """``fxquant::<name>``: ``body`` picks the Triton or reference implementation by the input's device."""
     def run(*args: Any) -> Any:
-        return _unalias(body(*args), args)
+        out = body(*args)                       # contiguous outputs: what the fake implementations promise
+        out = tuple(o.contiguous() for o in out) if isinstance(out, tuple) else out.contiguous()
+        return _unalias(out, args)
 
     run.__name__ = name
     run.__annotations__ = dict(body.__annotations__)
@@ -136,7 +138,7 @@ def align_rows(q: Tensor, m: Tensor, k: Tensor, ndims: int) -> Triple:
 
 
 def _align_rows_fake(q: Tensor, m: Tensor, k: Tensor, ndims: int) -> Triple:
-    shape = list(torch.broadcast_shapes(q.shape, m.shape))
+    shape = list(torch.broadcast_shapes(m.shape, k.shape))
     for d in range(1, ndims + 1):
         shape[-d] = 1
     s = q.new_empty(torch.broadcast_shapes(q.shape, m.shape), dtype=torch.int64)

@@ -157,3 +157,61 @@ def test_minilm_embeddings_match_fp32(minilm):
     text, _ = eval_text(None)
     sim = encoder_similarity(minilm.model, IntegerOnlyModel(cg, causal=False), minilm.tokenizer, text, n=24)
     assert sim["cosine"] >= 0.99, sim
+
+
+def test_torch_compile_of_the_integer_graph_is_bit_exact():
+    """The lowered graph through torch.compile(backend="fxquant"): custom ops stay opaque, Inductor compiles the
+    integer glue, and the logits equal the eager integer graph's bit for bit."""
+    model = make_tiny_llama(layers=1, seed=2)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    cg = capture(model)
+    lower_integer_only(cg)
+    eager = cg(ids)
+    names = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
+
+    def forward(x):
+        return cg.gm(*[x if n in cg.user_inputs else cg.tensors[n] for n in names])
+
+    out = torch.compile(forward, backend="fxquant")(ids)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert torch.equal(out, eager)
+
+
+def test_custom_ops_pass_opcheck():
+    """Fake (meta) implementations agree with the real ones (shapes, dtypes, strides) for every di op."""
+    from fxquant.backends.di_ops import op
+    g = torch.Generator().manual_seed(0)
+
+    def ints(*shape, lo=-100, hi=100, dtype=torch.int64):
+        return torch.randint(lo, hi, shape, generator=g, dtype=dtype)
+
+    def scale(*shape):
+        return ints(*shape, lo=16384, hi=32767), ints(*shape, lo=12, hi=30)
+
+    xm, xk = scale(2, 5, 1)
+    cases = {
+        "quantize_rows": (torch.randn(2, 5, 8), 8, False),
+        "quantize_fixed": (torch.randn(1, 5, 8), 14, 16),
+        "dequantize": (ints(2, 5, 8), xm, xk),
+        "requantize_rows": (ints(2, 5, 8), xm, xk, 8, False),
+        "rescale": (xm, xk, 23170, 15),
+        "align_rows": (ints(2, 5, 3, 4), *scale(2, 5, 3, 1), 2),
+        "di_add": (ints(2, 5, 8), xm, xk, ints(2, 5, 8), *scale(2, 5, 1), 16),
+        "di_mul": (ints(2, 5, 8), xm, xk, ints(1, 5, 8), *scale(1, 1, 1), 0),
+        "di_linear": (ints(2, 5, 8, dtype=torch.int8), xm, xk, ints(6, 8, dtype=torch.int8),
+                      ints(6, lo=1, hi=2 ** 23), 30, ints(6), 20, 16),
+        "di_matmul": (ints(2, 5, 8, dtype=torch.int8), xm, xk, ints(2, 8, 7, dtype=torch.int8), *scale(2, 1, 7),
+                      16, 8, False),
+        "di_clipped_softmax": (ints(2, 5, 5), xm, xk, None, True, 30720, 11, 2, 8),
+        "di_silu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, 2, 16),
+        "di_gelu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, 2, 8),
+        "di_swiglu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, ints(2, 5, 8, dtype=torch.int16), *scale(2, 5, 1),
+                      2, 8),
+        "di_rmsnorm": (ints(2, 5, 8, dtype=torch.int16), xm, xk, ints(8, lo=1, hi=2 ** 14), 14, 17180, 34, 8),
+        "di_layernorm": (ints(2, 5, 8, dtype=torch.int16), xm, xk, ints(8, lo=1, hi=2 ** 14), ints(8), 14, 21475,
+                         31, 8),
+    }
+    from fxquant.backends.di_ops import OPS
+    assert set(cases) == set(OPS)
+    for name, args in cases.items():
+        torch.library.opcheck(op(name), args, test_utils=("test_schema", "test_faketensor"))
