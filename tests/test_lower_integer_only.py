@@ -215,3 +215,23 @@ def test_custom_ops_pass_opcheck():
     assert set(cases) == set(OPS)
     for name, args in cases.items():
         torch.library.opcheck(op(name), args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cli_verify_integer_only(tmp_path, capsys):
+    """`fxquant verify --integer-only` on a saved tiny LLaMA with the full illm-w8a8 recipe (FSBR on WikiText-2
+    validation, then the lowering): exit 0 and the verifier's report; a recipe that does not lower is refused."""
+    import shutil
+    from fxquant.cli import main
+    from fxquant.models import builtin_path
+    model = make_tiny_llama(layers=1, vocab=30522, seed=4)         # MiniLM's WordPiece vocabulary
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok_dir, _ = builtin_path("minilm")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    code = main(["verify", "--integer-only", "--model", str(folder), "--recipe", "illm-w8a8", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "integer-only: OK" in out and "di_linear" in out
+    assert main(["verify", "--integer-only", "--model", str(folder), "--recipe", "rtn-w8"]) == 2
+    assert "does not lower the model to integers" in capsys.readouterr().err
