@@ -28,6 +28,13 @@ class IntegerOnlyModel(torch.nn.Module):
         self.causal = causal
         self.config = config
         self._device = torch.device("cpu")
+        self._names = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
+
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The graph on ``input_ids`` (a plain tensor function: ``torch.compile(model.run, backend="fxquant")``)."""
+        t = self.cg.tensors
+        out = self.cg.gm(*[input_ids if n in self.cg.user_inputs else t[n] for n in self._names])
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
     @property
     def device(self) -> torch.device:
@@ -50,13 +57,13 @@ class IntegerOnlyModel(torch.nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             outs = []
             for row, mask in zip(ids, attention_mask.to(torch.bool)):
-                h = self.cg(row[mask][None])
+                h = self.run(row[mask][None])
                 full = h.new_zeros((1, row.numel(), *h.shape[2:]))
                 full[0, mask] = h[0]
                 outs.append(full)
             out = torch.cat(outs)
         else:
-            out = self.cg(ids)
+            out = self.run(ids)
         return SimpleNamespace(logits=out) if self.causal else SimpleNamespace(last_hidden_state=out)
 
     @torch.no_grad()
@@ -67,7 +74,7 @@ class IntegerOnlyModel(torch.nn.Module):
             raise TypeError("an encoder cannot generate text")
         ids = input_ids.to(self._device)
         for _ in range(max_new_tokens):
-            nxt = self.cg(ids)[:, -1].argmax(-1, keepdim=True)
+            nxt = self.run(ids)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
             if eos_token_id is not None and bool((nxt == eos_token_id).all()):
                 break

@@ -361,7 +361,7 @@ def _illm(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
         from .quant import QuantSpec
         return Recipe(name=name, method="illm", weight=QuantSpec(bits=wbits, symmetric=True, group_size=None),
                       description=EXTRA_RECIPES[name][0],
-                      options={"act_bits": abits, "fsbr": True, "epochs": 2, "samples": 32, "seq_len": 512,
+                      options={"act_bits": abits, "fsbr": True, "epochs": 1, "samples": 16, "seq_len": 512,
                                "seed": 0})
     return make
 

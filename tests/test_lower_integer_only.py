@@ -167,13 +167,9 @@ def test_torch_compile_of_the_integer_graph_is_bit_exact():
     cg = capture(model)
     lower_integer_only(cg)
     eager = cg(ids)
-    names = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
-
-    def forward(x):
-        return cg.gm(*[x if n in cg.user_inputs else cg.tensors[n] for n in names])
-
-    out = torch.compile(forward, backend="fxquant")(ids)
-    out = out[0] if isinstance(out, (tuple, list)) else out
+    from fxquant.intmodel import IntegerOnlyModel
+    im = IntegerOnlyModel(cg)
+    out = torch.compile(im.run, backend="fxquant")(ids)
     assert torch.equal(out, eager)
 
 
