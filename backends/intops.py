@@ -336,7 +336,7 @@ def di_exp(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, frac_bits: int 
     ``exp(v) = 2^(v · log2 e)``; ``t = v · log2 e`` is formed in fixed point (``log2 e`` a 15-bit dyadic, error
     <= 2^-15), clipped at ``-clip · log2 e`` (default: ``-(frac_bits + 1) · ln 2``, below which the result is 0);
     its integer part becomes a right shift and its fraction ``2^-f`` the polynomial of :func:`_exp2_neg_frac`.
-    ``|x · m| < 2^47`` is required (x up to 32 bits).
+    Inputs with ``|x · m| >= 2^47`` (far beyond any clip) are pre-shifted element by element, so nothing overflows.
     """
     if order not in (1, 2):
         raise ValueError(f"di_exp order must be 1 (shift-only, I-LLM) or 2 (quadratic), got {order}")
@@ -372,6 +372,8 @@ def di_clipped_softmax(s: torch.Tensor, m: torch.Tensor, k: torch.Tensor, mask: 
     I-LLM's ``P = ⌊E · (2^bits - 1) / ΣE⌋`` with the constant scale ``1 / (2^bits - 1)``. ``mask`` is a bool
     tensor (True = attend) broadcastable to ``s``; a fully masked row gives zeros.
     """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"di_clipped_softmax output must have 2..16 bits, got {bits}")
     s = _long(s)
     if mask is not None:
         mask = mask.to(torch.bool)

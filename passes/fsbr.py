@@ -258,8 +258,9 @@ class FSBRConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "FSBRConfig":
         cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
-        if cfg.epochs < 1 or cfg.samples < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
-            raise PassError(f"FSBR needs epochs, samples, batch_size >= 1 and seq_len >= 2, got {cfg}")
+        if cfg.epochs < 0 or cfg.samples < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
+            raise PassError(f"FSBR needs epochs >= 0 (0: SmoothQuant scales, no training, no clipping), samples and "
+                            f"batch_size >= 1 and seq_len >= 2, got {cfg}")
         if not 2 <= cfg.act_bits <= 16:
             raise PassError(f"FSBR activation bits must lie in 2..16, got {cfg.act_bits}", "e.g. act_bits: 8")
         return cfg
@@ -328,6 +329,9 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         if g.tie_half:
             blocks = start[g.name].view(-1, 2, g.tie_half)
             start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
+    if cfg.epochs == 0:        # SmoothQuant alone: the initial scales, no reconstruction, no weight clipping
+        return EquivalentScales(plan=plan, scales=start, losses=[], method="fsbr", init=start,
+                                extra={"clip": {}, "spec": spec, "act_bits": cfg.act_bits})
     prefix, layers = _decoder_layers(model, plan)
     scales: dict[str, torch.Tensor] = {}
     clips: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
