@@ -38,7 +38,6 @@ FLOAT_ONLY_OPS = frozenset({
     "softmax", "_softmax", "log_softmax", "_log_softmax", "gelu", "silu", "layer_norm", "native_layer_norm",
     "rms_norm", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "reciprocal", "pow", "mean", "var", "std", "div_", "true_divide",
-    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm",
 })
 
 
