@@ -155,7 +155,7 @@ def test_minilm_embeddings_match_fp32(minilm):
     assert stats["di_layernorm"] == 13 and stats["di_gelu"] == 6
     verify_integer_only(cg)
     text, _ = eval_text(None)
-    sim = encoder_similarity(minilm.model, IntegerOnlyModel(cg, causal=False), minilm.tokenizer, text, n=24)
+    sim = encoder_similarity(minilm.model, IntegerOnlyModel(cg, causal=False), minilm.tokenizer, text, n=12)
     assert sim["cosine"] >= 0.99, sim
 
 
