@@ -118,7 +118,7 @@ def _load_and_quantize(args, default_recipe: str):
     if getattr(args, "steps", None) is not None:
         if args.steps <= 0:
             raise FxquantError(f"--steps must be a positive number, got {args.steps}", "e.g. --steps 200")
-        recipe.options["epochs" if recipe.method == "fsbr" else "steps"] = args.steps
+        recipe.options["epochs" if recipe.method in ("fsbr", "illm") else "steps"] = args.steps
     lm = load_model(args.model, dtype=_dtype(args.dtype))
     float_model = None
     if getattr(args, "baseline", False) and not recipe.is_float:
