@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any, Callable
 
 import torch
 
 from . import intops as ref
-from .dyadic import DyadicConstant
 
 __all__ = ["OPS", "ENTER_OPS", "EXIT_OPS", "op"]
+
+log = logging.getLogger("fxquant")
 
 Tensor = torch.Tensor
 Triple = tuple[Tensor, Tensor, Tensor]
@@ -30,7 +32,9 @@ Triple = tuple[Tensor, Tensor, Tensor]
 def _triton_module() -> Any:
     try:
         from . import triton_intops  # noqa: PLC0415
-    except Exception:  # noqa: BLE001 - no Triton (or no kernels yet): the reference runs on every device
+    except Exception as exc:  # noqa: BLE001 - no Triton: the reference runs on every device, and we say so
+        log.warning("fxquant: the Triton integer kernels could not be imported (%s); the di_* ops on CUDA run the "
+                    "reference implementation (slow, and its integer matmul is CPU-only)", exc)
         return None
     return triton_intops
 
@@ -78,10 +82,6 @@ def _define(name: str, body: Callable, fake: Callable) -> Any:
 
 def _row_scale(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], 1), dtype=torch.int64)
-
-
-def _dy(m: int, k: int) -> DyadicConstant:
-    return DyadicConstant(m=int(m), k=int(k))
 
 
 # ---- boundaries ------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -55,6 +56,7 @@ from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError
 from fxquant.graphview import op_name
 from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.verify import INTEGER_BOUNDARY  # the annotation the verifier reads: "enter" | "exit"
 
 log = logging.getLogger("fxquant")
 
@@ -62,8 +64,6 @@ __all__ = ["IntegerOnlyConfig", "LowerIntegerOnly", "lower_integer_only", "RULES
            "LoweringError"]
 
 aten = torch.ops.aten
-#: the annotation the verifier reads: ``node.meta["fxquant"]["integer_boundary"] = "enter" | "exit"``
-INTEGER_BOUNDARY = "integer_boundary"
 
 
 class LoweringError(PassError):
@@ -164,7 +164,7 @@ class _Lowering:
             return node
         outs = []
         for i in range(n_out):
-            gi = self.g.call_function(_getitem, (node, i))
+            gi = self.g.call_function(operator.getitem, (node, i))
             outs.append(gi)
         return tuple(outs)
 
@@ -197,8 +197,6 @@ class _Lowering:
             v = self.align(v, 1)
         if v.bits <= bits and v.unsigned == unsigned and all(v.vary[:-1]):
             return v
-        if v.unsigned and not unsigned and v.bits < bits:
-            return v
         q, m, k = self.call(_di("requantize_rows"), v.q, v.m, v.k, bits, unsigned, n_out=3)
         self.count("requantize_rows")
         return self.value(q, m, k, bits, tuple([True] * (v.ndim - 1) + [False]), unsigned=unsigned, tag="rq")
@@ -212,7 +210,6 @@ class _Lowering:
 
     def enter_rows(self, x: fx.Node, bits: int) -> IntValue:
         q, m, k = self.call(_di("quantize_rows"), x, bits, False, n_out=3, boundary="enter")
-        fxmeta(q.args[0])[INTEGER_BOUNDARY] = "enter"
         self.count("enter")
         nd = len(_dims(x))
         return self.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="in")
@@ -403,13 +400,6 @@ class _Lowering:
         return self.value(q, m, k, bits, tuple([True] * (n - 1) + [False]), tag="rms")
 
 
-def _getitem(x: Any, i: int) -> Any:
-    return x[i]
-
-
-_getitem = __import__("operator").getitem  # noqa: F811 - the FX-recognised getitem
-
-
 def _dyadic(v: float):
     from fxquant.backends.dyadic import dyadic  # noqa: PLC0415
     return dyadic(v)
@@ -551,14 +541,10 @@ def _cat(L: _Lowering, node: fx.Node) -> IntValue:
     if any(p.key != first.key or p.vary != first.vary for p in parts) or first.vary[dim]:
         raise LoweringError(f"{node.name}: cat of integer values with different scales along dim {dim}",
                             "only concatenations of one value's pieces (as in rotate_half) are supported")
-    dts = {_int_width(p) for p in parts}
-    qs = [p.q if len(dts) == 1 else L.g.call_function(aten.to.dtype, (p.q, torch.int64)) for p in parts]
+    widths = {p.bits for p in parts}      # pieces of different widths may have different dtypes: widen them all
+    qs = [p.q if len(widths) == 1 else L.g.call_function(aten.to.dtype, (p.q, torch.int64)) for p in parts]
     q = L.g.call_function(aten.cat.default, (qs, node.args[1] if len(node.args) > 1 else 0))
     return replace(first, q=q, bits=max(p.bits for p in parts))
-
-
-def _int_width(v: IntValue) -> int:
-    return v.bits
 
 
 def _reshape_groups(a: list[sp.Expr], b: list[sp.Expr]) -> list[tuple[list[int], list[int]]] | None:
