@@ -41,3 +41,11 @@ class PassError(FxquantError):
 
 class DataError(FxquantError):
     """Evaluation or calibration text is missing, empty or too short."""
+
+
+class TrainingError(FxquantError):
+    """Training (TEQ, FSBR, QAT) cannot go on: the loss became NaN/Inf, a checkpoint does not match the run, ..."""
+
+
+class ResourceError(FxquantError):
+    """The machine cannot do what was asked: not enough memory, a kernel format on a device that cannot run it."""
