@@ -15,10 +15,11 @@ from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
 from .pipeline import Pass, PassContext, PassResult, Pipeline
 from .api import QuantizeResult, quantize
 from .recipes import Recipe, get_recipe
+from .checkpoint import QuantizedCheckpoint, load_quantized as load, save_quantized as save
 
 __all__ = [
     "__version__", "CapturedGraph", "capture", "fxmeta", "Pass", "PassContext", "PassResult", "Pipeline",
-    "quantize", "QuantizeResult", "Recipe", "get_recipe", "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
+    "quantize", "QuantizeResult", "load", "save", "QuantizedCheckpoint", "Recipe", "get_recipe", "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
     "FxquantError", "CaptureError", "DataError", "ModelLoadError", "PassError", "QuantSpecError", "RecipeError",
     "WeightError", "TrainingError", "ResourceError",
 ]

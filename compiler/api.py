@@ -56,6 +56,13 @@ class QuantizeResult:
         """What to evaluate: the integer-only model if there is one, else the (fake-)quantized model."""
         return self.integer_model or self.model
 
+    def save(self, out: str, tokenizer: Any = None, *, overwrite: bool = False):
+        """Write the quantized model as an fxquant checkpoint folder (safetensors + JSON; see
+        :mod:`fxquant.checkpoint`); ``fxquant.load(out)`` restores it bit for bit."""
+        from .checkpoint import save_quantized
+        return save_quantized(self.model, tokenizer, out, recipe=self.recipe, quantized=self.quantized,
+                              overwrite=overwrite)
+
 
 def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128", calibration: Any = None, *,
              verify: bool | None = None, debug_dir: str | None = None, capture_model: bool = True) -> QuantizeResult:

@@ -341,13 +341,20 @@ for _name, _w, _a in (("fsbr-w8a8", 8, 8), ("fsbr-w4a8", 4, 8), ("fsbr-w4a4", 4,
 
 # ---- integer-only (I-LLM; passes/lower_integer_only.py) ------------------------------------------------------------
 
+def illm_integer_config(options: dict[str, Any]):
+    """The :class:`IntegerOnlyConfig` an ``illm`` recipe's options describe (also used to re-lower a checkpoint)."""
+    from fxquant.passes.lower_integer_only import IntegerOnlyConfig
+    o = options
+    return IntegerOnlyConfig(act_bits=int(o.get("act_bits", 8)), inner_bits=int(o.get("inner_bits", 16)),
+                             attn_bits=int(o.get("attn_bits", 8)), exp_order=int(o.get("exp_order", 2)),
+                             softmax_clip=float(o.get("softmax_clip", 15.0)))
+
+
 def _illm_passes(recipe: Recipe) -> list:
     """FSBR (unless ``fsbr: false``) -> per-channel RTN weights -> integer-only lowering of every layer."""
-    from fxquant.passes.lower_integer_only import IntegerOnlyConfig, LowerIntegerOnly
+    from fxquant.passes.lower_integer_only import LowerIntegerOnly
     o = recipe.options
-    cfg = IntegerOnlyConfig(act_bits=int(o.get("act_bits", 8)), inner_bits=int(o.get("inner_bits", 16)),
-                            attn_bits=int(o.get("attn_bits", 8)), exp_order=int(o.get("exp_order", 2)),
-                            softmax_clip=float(o.get("softmax_clip", 15.0)))
+    cfg = illm_integer_config(o)
     if o.get("fsbr", True):
         return [*_fsbr_passes(recipe)[:-1], LowerIntegerOnly(cfg)]   # FSBR minus its fake-quant: the lowering quantizes
     return [*_rtn_passes(recipe), LowerIntegerOnly(cfg)]
