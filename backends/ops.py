@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import WeightFormat, get_format, load_callable
+from .registry import WeightFormat, check_kernel_device, get_format, load_callable
 
 __all__ = ["define_linear_op", "triton_available", "triton_linear_int4", "triton_linear_int8",
            "triton_dequant_int4", "triton_dequant_int8", "aot_variants_int4", "aot_variants_int8", "op_for"]
@@ -49,6 +49,7 @@ def define_linear_op(fmt: WeightFormat) -> Any:
         return fmt.reference(x, *tensors.values(), bias, **attrs)
 
     def cuda(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        check_kernel_device(fmt, x.device, x.dtype)  # a clear error instead of a Triton compile failure
         impl = load_callable(fmt.triton) if fmt.triton is not None and triton_available() else None
         if impl is None:
             return reference(x, *args)

@@ -44,6 +44,7 @@ only tensors) and packed weights (:func:`packed_for`, so that recompilations nev
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from fxquant.quant import QuantizedWeight, QuantSpec
 
 __all__ = ["WeightFormat", "PackedWeight", "register_format", "get_format", "formats", "select_format",
-           "pack", "packed_for", "remember_quantized", "recorded_quantization", "load_callable"]
+           "pack", "packed_for", "remember_quantized", "recorded_quantization", "load_callable", "check_kernel_device",
+           "kernel_device_problem", "KERNEL_DTYPES", "TRITON_MIN_CAPABILITY", "BF16_MIN_CAPABILITY"]
 
 log = logging.getLogger("fxquant")
 
@@ -138,6 +140,8 @@ class PackedWeight:
         return self.fmt.dequantize(*[self.tensors[n] for n in self.fmt.tensor_names], dtype=dtype, **self.attrs)
 
     def to(self, device: torch.device | str) -> PackedWeight:
+        from fxquant.guards import check_device  # noqa: PLC0415
+        check_device(device, f"packed {self.format} weight")
         moved = {k: (None if v is None else v.to(device)) for k, v in self.tensors.items()}
         return PackedWeight(self.format, moved, dict(self.attrs), self.spec, dict(self.meta))
 
@@ -207,6 +211,57 @@ def pack(qw: QuantizedWeight, fmt: WeightFormat | str | None = None) -> PackedWe
         raise ValueError(f"format {fmt.name} cannot hold {qw.spec.describe()}: {why}")
     tensors, attrs = fmt.pack(qw)
     return PackedWeight(fmt.name, tensors, attrs, qw.spec)
+
+
+# ---- can this device run this format's kernel? -------------------------------------------------------------------
+#: activation dtypes every format's op takes on CUDA (the schema's contract; the Triton kernels accumulate in fp32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: oldest NVIDIA GPU the Triton compiler targets (torch.compile's own check refuses older ones), and the oldest with
+#: bfloat16 instructions (``cvt.bf16`` needs sm_80)
+TRITON_MIN_CAPABILITY = (7, 0)
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
+def kernel_device_problem(fmt: WeightFormat | str, device: torch.device | str, dtype: torch.dtype, *,
+                          capability: tuple[int, int] | None = None) -> str | None:
+    """None if ``fmt``'s op can run on ``device`` with ``dtype`` activations, else a sentence naming the format,
+    the device and what is missing (see :func:`check_kernel_device`)."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    device = torch.device(device)
+    if device.type != "cuda" or fmt.triton is None:
+        return None  # the reference runs on any device, in any float dtype
+    if dtype not in KERNEL_DTYPES:
+        return (f"format {fmt.name} on {device}: its Triton kernel takes float16, bfloat16 or float32 activations, "
+                f"got {str(dtype).removeprefix('torch.')}")
+    if capability is None:
+        capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    cap = tuple(capability)
+    need = TRITON_MIN_CAPABILITY if dtype != torch.bfloat16 else BF16_MIN_CAPABILITY
+    if cap < need:
+        what = "Triton kernel" if dtype != torch.bfloat16 else "Triton kernel with bfloat16 activations"
+        return (f"format {fmt.name} on {device}: its {what} needs an NVIDIA GPU of compute capability "
+                f"{need[0]}.{need[1]} or newer, and {device} is {cap[0]}.{cap[1]}")
+    return None
+
+
+def check_kernel_device(fmt: WeightFormat | str, device: torch.device | str, dtype: torch.dtype, *,
+                        capability: tuple[int, int] | None = None) -> None:
+    """Raise :class:`~fxquant.errors.ResourceError` naming the format and the device if ``fmt``'s op cannot run on
+    ``device`` with ``dtype`` activations: on CUDA, a dtype outside :data:`KERNEL_DTYPES`, a GPU older than
+    :data:`TRITON_MIN_CAPABILITY`, or bfloat16 on a GPU older than :data:`BF16_MIN_CAPABILITY`. ``capability``
+    overrides the device's own (``torch.cuda.get_device_capability``): that is how it is tested without the GPU."""
+    problem = kernel_device_problem(fmt, device, dtype, capability=capability)
+    if problem is not None:
+        from fxquant.errors import ResourceError  # noqa: PLC0415
+        hint = ("cast the model to float16 (model.half()), " if dtype == torch.bfloat16 else
+                "cast the model and its inputs to float32 or float16, ")
+        raise ResourceError(problem, hint + "or compile with options={'kernels': 'never'} to run the linears on "
+                                            "their dequantized float weights")
 
 
 # ---- weak tables keyed by weight tensor ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .capture import CapturedGraph, capture, fxmeta
 from .errors import (CaptureError, DataError, FxquantError, ModelLoadError, PassError, QuantSpecError,
-                     RecipeError, ResourceError, TrainingError, WeightError)
+                     OutputError, RecipeError, ResourceError, TrainingError, WeightError)
 from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model
 from .pipeline import Pass, PassContext, PassResult, Pipeline
 from .api import QuantizeResult, quantize
@@ -21,6 +21,6 @@ __all__ = [
     "__version__", "CapturedGraph", "capture", "fxmeta", "Pass", "PassContext", "PassResult", "Pipeline",
     "quantize", "QuantizeResult", "load", "save", "QuantizedCheckpoint", "Recipe", "get_recipe", "load_model", "LoadedModel", "BUILTIN_MODELS", "DEFAULT_MODEL",
     "FxquantError", "CaptureError", "DataError", "ModelLoadError", "PassError", "QuantSpecError", "RecipeError",
-    "WeightError", "TrainingError", "ResourceError",
+    "WeightError", "TrainingError", "ResourceError", "OutputError",
 ]
 from . import backend as _backend  # noqa: E402,F401 - registers torch.compile(backend="fxquant")

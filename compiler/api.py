@@ -42,6 +42,8 @@ class QuantizeResult:
     def integer_model(self):
         """The integer-only model (:class:`~fxquant.intmodel.IntegerOnlyModel`) when the recipe lowered the graph
         to integers (``illm-*``), else None. ``model`` keeps the float model with the rounded weights."""
+        if self.artifacts.get("_integer_model") is not None:
+            return self.artifacts["_integer_model"]
         if "integer_only" not in self.artifacts or self.captured is None:
             return None
         if "_integer_model" not in self.artifacts:
@@ -79,8 +81,11 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128",
                           "pass calibration=<text or token ids> (the CLI uses WikiText-2 validation by default)")
     if recipe.is_float and not capture_model:
         return QuantizeResult(model=model, recipe=recipe, captured=None)
+    _release_free_memory()
     cg = capture(model)
-    ctx = PassContext(recipe=recipe, calibration=calibration)
+    # passes overwrite the model's weights in place: no second copy of the model (peak = model + one weight);
+    # the debugger (fxquant debug) runs the passes functionally instead, to compare before and after each one
+    ctx = PassContext(recipe=recipe, calibration=calibration, options={"inplace_weights": True})
     pipeline = recipe.pipeline()
     records = pipeline.run(cg, ctx, debug_dir=debug_dir, verify=verify)
     copied = cg.write_back()
@@ -90,6 +95,23 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe | dict = "rtn-w4g128",
     return QuantizeResult(model=model, recipe=recipe, captured=cg, records=records,
                           quantized=quantized, artifacts=ctx.artifacts,
                           seconds=time.perf_counter() - start)
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS before a large job (a model load leaves hundreds of MiB of freed but
+    resident memory behind in glibc's arenas), so that the job's peak is its own."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        # glibc raises its mmap threshold each time a large block is freed, after which the per-weight temporaries
+        # land on the heap and fragment it (+100-300 MiB of freed-but-resident memory on SmolLM2); a fixed
+        # threshold keeps every block over 1 MiB in its own mapping, returned to the OS when freed
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _remember_for_backend(model: torch.nn.Module, quantized: dict[str, Any]) -> None:

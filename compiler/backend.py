@@ -161,6 +161,15 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
         lower_op = opts.kernels == "always" or (opts.kernels == "auto" and on_cuda)
         if fmt is None and lower_op:
             return Lowering("keep", reason=why, name=fqn)
+        if fmt is not None and lower_op:
+            # a GPU too old for the Triton kernel (or a dtype it does not take): "auto" falls back to the float
+            # linear on the dequantized weight, "always" was an explicit request and fails at compile time
+            problem = registry.kernel_device_problem(fmt, real.device, real.dtype)
+            if problem is not None:
+                if opts.kernels == "always":
+                    registry.check_kernel_device(fmt, real.device, real.dtype)
+                log.warning("fxquant backend: %s: %s; using the float linear on the dequantized weight", fqn, problem)
+                lower_op = False
 
         def quantized() -> Any:
             if qw is not None:

@@ -65,9 +65,17 @@ def _from_datasets(split: str, what: str) -> str:
 
 
 def _read(path: Path, what: str) -> str:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} text {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                        "pass a plain-text file such as WikiText-2's wiki.test.raw / valid.txt") from exc
+    except OSError as exc:
+        raise DataError(f"{what} text {path} cannot be read: {exc.strerror or exc}",
+                        "check the file's permissions, or pass another file") from exc
     if not text.strip():
-        raise DataError(f"{what} text {path} is empty", "point --data / FXQUANT_DATA at the real file")
+        flag = "--calib" if what == "calibration" else "--data"
+        raise DataError(f"{what} text {path} is empty", f"point {flag} (or FXQUANT_DATA) at a file with text")
     return text
 
 

@@ -49,3 +49,7 @@ class TrainingError(FxquantError):
 
 class ResourceError(FxquantError):
     """The machine cannot do what was asked: not enough memory, a kernel format on a device that cannot run it."""
+
+
+class OutputError(FxquantError):
+    """The output cannot be written: the folder is not empty, is a file, the disk is full, permission denied, ..."""

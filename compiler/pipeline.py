@@ -72,6 +72,26 @@ class Pass:
         return f"<pass {self.name}>"
 
 
+def replace_weight(cg: CapturedGraph, ctx: PassContext, names: Iterable[str], new: Any) -> None:
+    """Make ``new`` the tensor behind the placeholders ``names`` (aliases of one weight).
+
+    By default the graph's tensor is *replaced* (passes are functional: the debugger compares the tensors before
+    and after each pass). With ``ctx.options["inplace_weights"]`` — what :func:`fxquant.quantize` sets — the
+    model's own tensor is overwritten instead, so quantizing needs no second copy of the model: peak memory stays
+    at the model plus the one weight being quantized.
+    """
+    names = list(names)
+    original = cg.tensors[names[0]]
+    if (ctx.options.get("inplace_weights") and getattr(original, "shape", None) == new.shape
+            and original.dtype == new.dtype and all(cg.tensors[n] is original for n in names)):
+        import torch
+        with torch.no_grad():
+            original.copy_(new)
+        return
+    for n in names:
+        cg.tensors[n] = new
+
+
 def verify_graph(cg: CapturedGraph, after: str = "") -> None:
     """Structural checks that hold after every pass."""
     try:

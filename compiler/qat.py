@@ -29,10 +29,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import DataError, FxquantError, RecipeError
+from . import train_state
+from .errors import DataError, FxquantError, RecipeError, TrainingError
 
 __all__ = ["QATConfig", "QATHistory", "default_lr", "train_qat", "save_qat_checkpoint", "load_qat_checkpoint",
-           "make_optimizer", "add_qat_parser", "cmd_qat", "calibration_ids"]
+           "make_optimizer", "add_qat_parser", "cmd_qat", "calibration_ids", "full_state_dict"]
 
 log = logging.getLogger("fxquant")
 
@@ -45,9 +46,18 @@ def default_lr(bits: float) -> float:
     return 2e-5 if bits <= 2 else 1e-5
 
 
+#: how :func:`train_qat` spreads a run over the ranks of ``torch.distributed`` (ignored in a single process)
+SHARDINGS = ("ddp", "fsdp")
+
+
 @dataclass
 class QATConfig:
-    """Settings of :func:`train_qat` (defaults: the paper's optimizer, a CPU-sized budget)."""
+    """Settings of :func:`train_qat` (defaults: the paper's optimizer, a CPU-sized budget).
+
+    ``batch_size`` is the *global* batch: under ``torch.distributed`` each of the ``world_size`` ranks trains on
+    ``batch_size / world_size`` windows of it. ``sharding`` picks DistributedDataParallel (``"ddp"``, every rank
+    holds the whole model) or FSDP2 (``"fsdp"``: parameters, gradients and optimizer moments sharded).
+    """
 
     steps: int = 200
     lr: float | None = None          # None: default_lr(bits)
@@ -60,8 +70,12 @@ class QATConfig:
     save_every: int = 0              # 0: no intermediate checkpoints
     grad_clip: float | None = 1.0
     progress: bool = True
+    sharding: str = "ddp"            # under torch.distributed: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
 
     def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise RecipeError(f"QAT sharding must be 'ddp' or 'fsdp', got {self.sharding!r}",
+                              "--sharding ddp (every GPU holds the model) or --sharding fsdp (sharded)")
         for name in ("steps", "batch_size", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -114,64 +128,46 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------------
+def _qat_fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     config: Any = None) -> dict[str, Any]:
+    """What a resumed QAT run must share with the saved one: the model's tensors (names, shapes, dtypes), each
+    QAT linear's ParetoQ spec, the optimizer's hyper-parameters and, when the trainer passes it, its config."""
+    from .paretoq import qat_modules
+    groups = [{k: g.get(k) for k in ("initial_lr", "betas", "eps", "weight_decay")} | {"params": len(g["params"])}
+              for g in optimizer.param_groups]
+    return train_state.fingerprint("qat", config, model.state_dict(),
+                                   ignore=train_state.RUN_CONTROL | {"eval_every", "eval_windows", "eval_seq_len",
+                                                                      "sharding"},
+                                   specs={n: m.spec.describe() for n, m in qat_modules(model).items()},
+                                   optimizer=groups)
+
+
 def save_qat_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        step: int, generator: torch.Generator, extra: dict[str, Any] | None = None) -> Path:
-    """Write a resumable QAT state to the folder ``path`` (safetensors + JSON; written atomically per file)."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        tensors[f"model.{k}"] = v.detach().clone().contiguous().cpu()  # clones: tied weights share storage
-    opt_state = optimizer.state_dict()
-    for idx, state in opt_state["state"].items():
-        for k, v in state.items():
-            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            tensors[f"optim.{idx}.{k}"] = t.detach().clone().contiguous().cpu()
-    tensors["generator_state"] = generator.get_state()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"format": "fxquant-qat-v1", "step": step, "param_groups": groups, "scheduler": sched,
-            "extra": extra or {}}
-    tmp = path / (CHECKPOINT_STATE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "fxquant-qat-v1"})
-    os.replace(tmp, path / CHECKPOINT_STATE)
-    (path / (CHECKPOINT_META + ".tmp")).write_text(json.dumps(meta, indent=1, default=float))
-    os.replace(path / (CHECKPOINT_META + ".tmp"), path / CHECKPOINT_META)
-    return path
+                        step: int, generator: torch.Generator, extra: dict[str, Any] | None = None, *,
+                        config: Any = None) -> Path:
+    """Write a resumable QAT state to the folder ``path`` with :mod:`fxquant.train_state`: the model's state
+    dict, the AdamW moments, the scheduler, the data generator, the step, ``extra``, and a fingerprint (add the
+    :class:`QATConfig` as ``config`` to have its fields checked on resume too)."""
+    return train_state.save_train_state(path, kind="qat", step=step, tensors=model.state_dict(), optimizer=optimizer,
+                                        scheduler=scheduler, generators={"data": generator}, extras=extra or {},
+                                        fingerprint=_qat_fingerprint(model, optimizer, config))
 
 
 def load_qat_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        generator: torch.Generator) -> dict[str, Any]:
-    """Restore what :func:`save_qat_checkpoint` wrote into a model prepared the same way; returns its metadata."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not (path / CHECKPOINT_STATE).is_file() or not (path / CHECKPOINT_META).is_file():
-        raise FxquantError(f"{path} is not a QAT checkpoint (no {CHECKPOINT_STATE} / {CHECKPOINT_META})",
-                           "pass the folder written by --save-every / save_qat_checkpoint")
-    try:
-        meta = json.loads((path / CHECKPOINT_META).read_text())
-        tensors = load_file(str(path / CHECKPOINT_STATE))
-    except Exception as exc:  # noqa: BLE001 - corrupted files raise various errors
-        raise FxquantError(f"QAT checkpoint {path} is corrupted: {exc}".splitlines()[0], "start again or use an older one") from exc
-    if meta.get("format") != "fxquant-qat-v1":
-        raise FxquantError(f"{path} holds {meta.get('format')!r}, not an fxquant QAT checkpoint", "start again")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FxquantError(f"QAT checkpoint {path} does not fit this model (missing {list(missing)[:3]}, "
-                           f"unexpected {list(unexpected)[:3]})",
-                           "resume with the same model and recipe the checkpoint was trained with")
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    generator.set_state(tensors["generator_state"])
-    return meta
+                        generator: torch.Generator, *, config: Any = None) -> dict[str, Any]:
+    """Restore what :func:`save_qat_checkpoint` wrote into a model prepared the same way (``path``: a
+    ``step-<N>/`` folder, or a checkpoint directory: its latest complete one); returns ``{"step", "extra",
+    "path"}``. A checkpoint of another model, recipe or optimizer raises :class:`TrainingError`."""
+    folder = Path(path)
+    if (folder / CHECKPOINT_META).is_file():
+        raise TrainingError(f"{folder} is a QAT checkpoint of an older fxquant ({CHECKPOINT_META}), which this "
+                            f"version does not read", "start the run again")
+    folder = train_state.resolve_resume(folder, None, "QAT")
+    state = train_state.load_train_state(folder, kind="qat", fingerprint=_qat_fingerprint(model, optimizer, config))
+    target = model.state_dict()
+    train_state.copy_tensors(target, state.tensors, f"QAT checkpoint {folder}")
+    state.restore(optimizer=optimizer, scheduler=scheduler, generators={"data": generator})
+    return {"step": state.step, "extra": state.extras, "path": str(folder)}
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------------------
@@ -184,6 +180,17 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
     ``bits`` picks the default learning rate when ``config.lr`` is None (read from the model when omitted).
     ``resume`` continues from a checkpoint folder; ``checkpoint_dir`` receives one (``step-<N>/``) every
     ``config.save_every`` steps and at the end. Returns the loss of every step run and the evaluations.
+
+    Under ``torch.distributed`` (e.g. launched by ``torchrun``; call it on every rank with the same model, data and
+    config): every rank draws the same global batch of ``config.batch_size`` windows from the same seeded
+    generator and trains on its contiguous slice, so the data order does not depend on the world size. The model
+    is wrapped in ``DistributedDataParallel`` (``config.sharding="ddp"``; ``model`` itself stays a plain module)
+    or sharded in place with FSDP2 (``"fsdp"``: each decoder layer and the root; afterwards ``model`` holds
+    DTensor shards, and :func:`full_state_dict` gathers them). The gradient is the single-process gradient of the
+    global batch, clipping uses the global norm, the losses are global means, and every rank returns the same
+    history. Rank 0 alone shows the progress bar and writes checkpoints (plain state-dict keys, resumable with any
+    world size); it alone evaluates under DDP (under FSDP every rank takes part in the sharded forward pass).
+    ``resume``: every rank loads the same checkpoint.
     """
     from .paretoq import qat_modules
     config = config or QATConfig()
@@ -191,6 +198,10 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
     if ids.numel() <= config.seq_len:
         raise DataError(f"calibration text has {ids.numel()} tokens, not more than one {config.seq_len}-token window",
                         "use more text (WikiText-2 validation by default) or a smaller --seq-len")
+    rank, world = _dist_info()
+    _check_global_batch(config.batch_size, world)
+    local = config.batch_size // world
+    fsdp = world > 1 and config.sharding == "fsdp"
     if bits is None:
         mods = qat_modules(model)
         bits = next(iter(mods.values())).spec.bits if mods else 4
@@ -200,15 +211,30 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
     gen = torch.Generator().manual_seed(config.seed)
     history = QATHistory()
     step = 0
-    if resume is not None:
-        meta = load_qat_checkpoint(resume, model, optimizer, scheduler, gen)
+    resume = train_state.resolve_resume(resume, checkpoint_dir, "QAT")  # "auto": the latest, or from scratch
+    if resume is not None:  # every rank loads the same checkpoint into the plain model (before DDP / FSDP2)
+        meta = load_qat_checkpoint(resume, model, optimizer, scheduler, gen, config=config)
         step = history.start_step = int(meta["step"])
         log.info("resumed QAT from %s at step %d", resume, step)
+    if fsdp:
+        # FSDP2 replaces the parameters by sharded ones: a new optimizer over them, holding this rank's shards of
+        # the (possibly resumed) state; the schedule carries over
+        full_optim, sched_state = optimizer.state_dict(), scheduler.state_dict()
+        _fully_shard(model)
+        optimizer, scheduler = make_optimizer(model, lr, config.steps)
+        if resume is not None:
+            optimizer.load_state_dict(_shard_optimizer_state(full_optim, optimizer))
+            scheduler.load_state_dict(sched_state)
+        del full_optim
+    net = model
+    if world > 1 and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     was_training = model.training
-    model.train()
+    net.train()
     start = time.perf_counter()
     bar = None
-    if config.progress:
+    if config.progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.steps, initial=step, desc=f"QAT {bits}-bit", unit="step")
 
@@ -216,28 +242,51 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
         if eval_ids is None:
             return
         from .evaluate import perplexity
-        model.eval()
-        r = perplexity(model, ids=eval_ids, windows=config.eval_windows, seq_len=config.eval_seq_len, progress=False)
-        model.train()
-        history.evals.append({"step": at, "ppl": r.ppl})
+        ppl, windows = float("nan"), 0
+        if rank == 0 or fsdp:  # DDP: the plain module on rank 0; FSDP: the sharded forward needs every rank
+            model.eval()
+            with torch.no_grad():
+                r = perplexity(model, ids=eval_ids, windows=config.eval_windows, seq_len=config.eval_seq_len,
+                               progress=False)
+            model.train()
+            ppl, windows = r.ppl, r.windows
+        if world > 1:  # the other ranks wait here for rank 0's number
+            ppl = _broadcast_float(ppl, device)
+        history.evals.append({"step": at, "ppl": ppl})
         if bar is not None:
-            bar.write(f"step {at}: perplexity {r.ppl:.3f} on {r.windows} windows")
+            bar.write(f"step {at}: perplexity {ppl:.3f} on {windows} windows")
+
+    def save(at: int) -> None:
+        path = Path(checkpoint_dir) / f"step-{at:06d}"
+        if fsdp:  # gathering the shards is collective; rank 0 keeps the full tensors and writes them
+            model_state, optim_state = _gather_state(model, optimizer, keep=rank == 0)
+            if rank == 0:
+                save_qat_checkpoint(path, _GatheredModel(model, model_state), _gathered_optimizer(optimizer, optim_state),
+                                    scheduler, at, gen, config=config)
+        elif rank == 0:
+            save_qat_checkpoint(path, model, optimizer, scheduler, at, gen, config=config)
+        if world > 1:
+            _barrier()
 
     try:
         while step < config.steps:
-            batch = _batch(ids, config.batch_size, config.seq_len, gen).to(device)
-            loss = _loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FxquantError(f"QAT loss became {loss.item()} at step {step}",
+            batch = _batch(ids, config.batch_size, config.seq_len, gen)
+            batch = batch[rank * local: (rank + 1) * local].to(device)
+            loss = _loss(net, batch)
+            # the global mean: every rank's slice is the same size, so the mean of the per-rank means
+            reported = _global_mean(loss.detach(), world) if world > 1 else loss.detach()
+            if not torch.isfinite(reported):
+                raise FxquantError(f"QAT loss became {reported.item()} at step {step}",
                                    "lower the learning rate (--lr) or check the model for NaN/Inf weights")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP and FSDP2 average the gradients over the ranks: the global batch's gradient
             if config.grad_clip:
+                # DDP: the gradients are already synchronised; FSDP2: DTensor gradients, the norm is reduced
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            history.losses.append(float(loss.detach()))
+            history.losses.append(float(reported))
             if on_step is not None:
                 on_step(step, history.losses[-1])
             if bar is not None:
@@ -246,16 +295,148 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 evaluate(step)
             if checkpoint_dir is not None and config.save_every and step % config.save_every == 0:
-                save_qat_checkpoint(Path(checkpoint_dir) / f"step-{step:06d}", model, optimizer, scheduler, step, gen)
+                save(step)
         evaluate(step)
         if checkpoint_dir is not None:
-            save_qat_checkpoint(Path(checkpoint_dir) / f"step-{step:06d}", model, optimizer, scheduler, step, gen)
+            save(step)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
     history.seconds = time.perf_counter() - start
     return history
+
+
+# ---- torch.distributed -------------------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_global_batch(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise RecipeError(f"QAT batch size {batch_size} (the global batch) does not divide among {world} processes",
+                          f"use a multiple of the number of processes, e.g. --batch-size {world * max(1, batch_size // world)}")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _global_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    import torch.distributed as dist
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / world
+
+
+def _broadcast_float(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: Hugging Face's ``_no_split_modules`` (the decoder layers),
+    else the entries of the longest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        blocks = list(max(lists, key=len)) if lists else []
+    return blocks
+
+
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2 in place: every decoder block, then the root (embeddings, final norm, head)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError as exc:  # torch < 2.6
+        raise RecipeError(f"--sharding fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), missing in torch "
+                          f"{torch.__version__}", "upgrade torch to 2.6 or newer, or use --sharding ddp") from exc
+    if isinstance(model, FSDPModule):
+        return  # sharded by the caller
+    for block in _decoder_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full(t: Any, keep: bool) -> Any:
+    """The whole tensor behind a DTensor shard (collective), on CPU where ``keep``, else None."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu() if keep else None
+
+
+def _gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts of an FSDP2-sharded run. Collective: every rank calls it in the same
+    order, one tensor at a time (peak memory: one unsharded tensor); only where ``keep`` are the results held."""
+    model_state = {k: _full(v, keep) for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    state = {i: {k: _full(osd["state"][i][k], keep) for k in sorted(osd["state"][i])} for i in sorted(osd["state"])}
+    return model_state, {"state": state, "param_groups": osd["param_groups"]}
+
+
+def _shard_optimizer_state(full: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict of the plain model (full tensors, the same on every rank) laid out for the
+    optimizer of the FSDP2-sharded model: each per-parameter tensor shaped like its parameter becomes this rank's
+    shard (no communication). Parameters keep their order under ``fully_shard``, so the indices still match."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def shard(v: Any, p: torch.Tensor) -> Any:
+        if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape):
+            return distribute_tensor(v.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return v
+
+    state = {i: {k: shard(v, params[int(i)]) for k, v in s.items()} for i, s in full["state"].items()}
+    return {"state": state, "param_groups": full["param_groups"]}
+
+
+class _GatheredModel:
+    """An FSDP2-sharded model as :func:`save_qat_checkpoint` sees it: ``state_dict()`` is the gathered full state
+    (plain tensors, plain keys); everything else (its modules, for the fingerprint) is the model's."""
+
+    def __init__(self, model: nn.Module, full_state: dict[str, torch.Tensor]):
+        self._model, self._full_state = model, full_state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._full_state
+
+
+def _gathered_optimizer(optimizer: torch.optim.Optimizer, full_state: dict) -> torch.optim.Optimizer:
+    """An optimizer of the same type and hyper-parameters holding the gathered full state (on rank 0, to be
+    saved): its parameters are empty placeholders, since only its state dict is read."""
+    import inspect
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    groups = [{"params": [torch.empty(0, dtype=p.dtype) for p in g["params"]]} for g in optimizer.param_groups]
+    # defaults the constructor takes (AdamW's defaults hold Adam's decoupled_weight_decay, not an AdamW argument);
+    # load_state_dict then restores every group's hyper-parameters as saved
+    copy = type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    copy.load_state_dict(full_state)
+    return copy
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain state dict of a model trained by :func:`train_qat`, sharded (FSDP2) or not: full CPU tensors on
+    rank 0, an empty dict on the other ranks. Collective under FSDP2: call it on every rank."""
+    rank, _ = _dist_info()
+    state = {k: _full(v, rank == 0) for k, v in model.state_dict().items()}
+    return state if rank == 0 else {}
 
 
 # ---- the command ------------------------------------------------------------------------------------------------------
@@ -279,9 +460,12 @@ def add_qat_parser(sub: Any) -> Any:
     p.add_argument("--data", default=None, help="evaluation text (default: WikiText-2 test)")
     p.add_argument("--checkpoint-dir", default=None, help="folder for resumable checkpoints (step-<N>/ inside)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (with --checkpoint-dir)")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint folder (a step-<N>/ folder)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint folder (a step-<N>/ folder), a checkpoint "
+                   "directory (its latest complete checkpoint), or 'auto' (the latest in --checkpoint-dir, else start)")
     p.add_argument("--out", default=None, help="save the quantized model here (safetensors + packed codes)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the losses and perplexities as JSON")
+    p.add_argument("--sharding", choices=SHARDINGS, default="ddp",
+                   help="under torchrun: ddp (every process holds the model; default) or fsdp (FSDP2 shards it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     p.set_defaults(func=cmd_qat)
@@ -289,6 +473,40 @@ def add_qat_parser(sub: Any) -> Any:
 
 
 def cmd_qat(args: Any) -> int:
+    """``fxquant qat``. Under ``torchrun`` every process runs it: it joins the process group (gloo on CPU, nccl
+    on CUDA with one GPU per process, ``LOCAL_RANK``), trains with :func:`train_qat` (``--batch-size`` is the
+    global batch), and only rank 0 evaluates the starting points, prints, and writes ``--out`` and ``--json``."""
+    created = _init_distributed()
+    try:
+        return _cmd_qat(args)
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment); True when this call
+    created it. CUDA: backend nccl, this process on GPU ``LOCAL_RANK``; otherwise gloo on the CPU."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise FxquantError("WORLD_SIZE is set but this torch build has no torch.distributed",
+                           "run fxquant qat without torchrun, or install a torch build with distributed support")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise FxquantError(f"process LOCAL_RANK={local} has no GPU: this machine has {torch.cuda.device_count()}",
+                               "run torchrun with --nproc-per-node at most the number of GPUs")
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _cmd_qat(args: Any) -> int:
     from .data import calibration_text, eval_text
     from .evaluate import perplexity, tokenize_text
     from .models import load_model
@@ -302,35 +520,62 @@ def cmd_qat(args: Any) -> int:
     steps = args.steps if args.steps is not None else int(recipe.options.get("steps", 200))
     config = QATConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                        eval_every=args.eval_every, eval_windows=args.eval_windows, progress=not args.no_progress,
-                       save_every=args.save_every)
-    lm = load_model(args.model)
+                       save_every=args.save_every, sharding=getattr(args, "sharding", "ddp"))
+    rank, world = _dist_info()
+    _check_global_batch(config.batch_size, world)  # before the slow load
+    device = torch.device("cpu")
+    import torch.distributed as dist
+    if world > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    lm = load_model(args.model, device=device)
     if not lm.is_causal_lm:
         raise FxquantError(f"{args.model} is not a causal LM", "fxquant qat trains causal LMs (next-token loss)")
     torch.manual_seed(args.seed)
     ids = tokenize_text(lm.tokenizer, calibration_text(args.calib)[0])
     eval_ids = tokenize_text(lm.tokenizer, eval_text(args.data)[0])
-    float_ppl = perplexity(lm.model, ids=eval_ids, windows=args.eval_windows, progress=False).ppl
+
+    def ppl() -> float:  # the starting points: rank 0 alone, on its whole model (the others wait below)
+        with torch.no_grad():
+            return perplexity(lm.model, ids=eval_ids, windows=args.eval_windows, progress=False).ppl if rank == 0 \
+                else float("nan")
+
+    float_ppl = ppl()
     prepare_qat(lm.model, recipe)
-    start_ppl = perplexity(lm.model, ids=eval_ids, windows=args.eval_windows, progress=False).ppl
+    start_ppl = ppl()
+    if world > 1:
+        _barrier()
     history = train_qat(lm.model, ids, config, bits=recipe.weight.bits, eval_ids=eval_ids,
                         checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     final = history.evals[-1]["ppl"] if history.evals else float("nan")
-    convert(lm.model, packed=False)
-    quantized = paretoq_weights(lm.model)
+    model = lm.model
+    if world > 1 and config.sharding == "fsdp":
+        # the trained model is sharded over the processes: gather it (collective) into a plain copy on rank 0
+        state = full_state_dict(lm.model)
+        if rank == 0:
+            model = load_model(args.model).model
+            prepare_qat(model, recipe)
+            model.load_state_dict(state)
+        del state
+    if rank != 0:
+        return 0
+    convert(model, packed=False)
+    quantized = paretoq_weights(model)
     packed_bytes = sum(q.packed_nbytes() for q in quantized.values())
     float_bytes = sum(q.codes.numel() * 2 for q in quantized.values())
-    print(f"\nmodel: {args.model}  recipe: {recipe.name}  steps: {steps}  ({history.seconds:.0f}s)")
+    print(f"\nmodel: {args.model}  recipe: {recipe.name}  steps: {steps}  ({history.seconds:.0f}s"
+          + (f", {world} processes, {config.sharding}" if world > 1 else "") + ")")
     print(f"perplexity on {args.eval_windows} WikiText-2 test windows: fp32 {float_ppl:.3f}, "
           f"fake-quant at init {start_ppl:.3f}, after QAT {final:.3f}")
     print(f"quantized linears: {len(quantized)}, packed {packed_bytes / 2**20:.2f} MiB "
           f"({packed_bytes / float_bytes:.3f} of their fp16 bytes)")
     if args.out:
         from .checkpoint import save_quantized
-        out = save_quantized(lm.model, lm.tokenizer, args.out, recipe=recipe, quantized=quantized, overwrite=True)
+        out = save_quantized(model, lm.tokenizer, args.out, recipe=recipe, quantized=quantized, overwrite=True)
         print(f"wrote {out}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         report = {"model": args.model, "recipe": recipe.name, "steps": steps, "config": asdict(config),
+                  "world_size": world,
                   "ppl_fp32": float_ppl, "ppl_init": start_ppl, "ppl_final": final, "packed_bytes": packed_bytes,
                   "fp16_bytes": float_bytes, **history.to_dict()}
         with open(args.json, "w") as f:

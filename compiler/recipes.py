@@ -173,7 +173,9 @@ def get_recipe(name_or_path: str | Recipe | dict) -> Recipe:
         try:
             return _rtn(int(m["bits"]), int(m["group"]) if m["group"] is not None else None, bool(m["asym"]))
         except QuantSpecError as exc:
-            raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+            raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint or (
+                "write rtn-w<bits>[g<group>][a] with bits 2-8 (1 only asymmetric, e.g. rtn-w1g32a) and a group "
+                "size above 0, e.g. rtn-w4g128")) from exc
     path = Path(name)
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         return load_recipe_file(path)
@@ -216,6 +218,19 @@ def _from_mapping(data: dict, source: str) -> Recipe:
     exclude = data.get("exclude", ["lm_head*"])
     if isinstance(exclude, str):
         exclude = [exclude]
+    if exclude is None:
+        exclude = []
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(p, str) for p in exclude):
+        raise RecipeError(f"recipe {name!r}: exclude must be a list of name patterns, got {exclude!r}",
+                          "e.g. exclude: [lm_head*, '*.down_proj']")
+    for key in ("symmetric", "per_tensor"):
+        if key in data and not isinstance(data[key], bool):
+            # bool("no") is True: a string here would silently mean the opposite of what it says
+            raise RecipeError(f"recipe {name!r}: {key} must be true or false, got {data[key]!r}",
+                              f"write {key}: true or {key}: false (YAML booleans, unquoted)")
+    if data.get("options") is not None and not isinstance(data["options"], dict):
+        raise RecipeError(f"recipe {name!r}: options must be a mapping, got {data['options']!r}",
+                          "e.g. options: {steps: 200}")
     if method == "fp32":
         extra = {"bits", "group_size", "symmetric", "per_tensor"} & set(data)
         if extra:
@@ -223,8 +238,14 @@ def _from_mapping(data: dict, source: str) -> Recipe:
                               "drop the quantization keys, or choose method: rtn")
         return Recipe(name=name, method="fp32", description=data.get("description", "no quantization"))
     if method != "rtn":
+        if method in PIPELINE_BUILDERS:
+            named = sorted(n for n in EXTRA_RECIPES if EXTRA_RECIPES[n][1]().method == method)
+            raise RecipeError(f"recipe {name!r}: method {method!r} cannot be set up from a recipe file yet (files "
+                              "take method rtn or fp32)",
+                              f"use a built-in {method} recipe by name: {', '.join(named) or 'see `fxquant recipes`'}")
         raise RecipeError(f"recipe {name!r}: unknown method {method!r}",
-                          f"known methods: {', '.join(sorted(PIPELINE_BUILDERS))}")
+                          "a recipe file takes method: rtn or method: fp32; `fxquant recipes` lists every built-in "
+                          f"recipe (methods {', '.join(sorted(PIPELINE_BUILDERS))})")
     if "bits" not in data:
         raise RecipeError(f"recipe {name!r}: method rtn needs bits", "add bits: 4 (any integer 1-8)")
     bits, group = data["bits"], data.get("group_size")
@@ -238,7 +259,8 @@ def _from_mapping(data: dict, source: str) -> Recipe:
         spec = QuantSpec(bits=bits, symmetric=bool(data.get("symmetric", True)), group_size=group,
                          per_tensor=bool(data.get("per_tensor", False)))
     except QuantSpecError as exc:
-        raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+        raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint or (
+            "bits: 2-8 (1 only with symmetric: false), group_size: a positive integer or null (per-channel)")) from exc
     return Recipe(name=name, method="rtn", weight=spec, exclude=tuple(exclude),
                   description=data.get("description", f"round-to-nearest {spec.describe()}"),
                   options=dict(data.get("options") or {}))

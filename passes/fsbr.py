@@ -18,7 +18,10 @@ and trains them block by block:
   are cached (memory bounded to one block's activations), the target is the float layer's output on the float
   input, the quantized layer runs on the quantized chain's input (the outputs of already-trained quantized
   blocks feed the next); MSE; AdamW, lr 5e-3 for scales and 1e-2 for clipping, ``epochs`` epochs, keeping the
-  best epoch.
+  best epoch;
+* **resumable**: options ``checkpoint_dir``, ``save_every`` (optimizer steps) and ``resume`` (a checkpoint folder,
+  or true / "auto") checkpoint the finished layers and the layer in progress (:mod:`fxquant.train_state`); a
+  resumed run recomputes the cached block inputs and ends with the uninterrupted run's parameters bit for bit.
 
 Then :class:`~fxquant.passes.fold_equivalent_scales.FoldEquivalentScales` (``source="fsbr"``) folds the scales,
 :class:`ClipWeights` clamps the folded weights to the learned bounds, RTN quantizes them, and
@@ -35,13 +38,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fxquant.capture import CapturedGraph, fxmeta
-from fxquant.errors import PassError
+from fxquant import train_state
+from fxquant.errors import PassError, TrainingError
+from fxquant.guards import check_finite_loss
 from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScaleGroup, ScalePlan, ScaleSite,
                                                    _gqa_index, _linears_by_name, plan_scales)
 from fxquant.passes.train_teq_scales import calibration_ids, calibration_windows, quantized_linears
@@ -254,6 +259,9 @@ class FSBRConfig:
     alpha: float = 0.5
     seed: int = 0
     progress: bool = True
+    save_every: int = 0                 # checkpoint every N steps (0: only at the end, when checkpoint_dir is set)
+    checkpoint_dir: str | None = None   # where step-<N>/ checkpoints go (None: no checkpoints)
+    resume: Any = None                  # a checkpoint folder, or True / "auto": the latest in checkpoint_dir
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "FSBRConfig":
@@ -263,6 +271,7 @@ class FSBRConfig:
                             f"batch_size >= 1 and seq_len >= 2, got {cfg}")
         if not 2 <= cfg.act_bits <= 16:
             raise PassError(f"FSBR activation bits must lie in 2..16, got {cfg.act_bits}", "e.g. act_bits: 8")
+        train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
         return cfg
 
 
@@ -307,14 +316,120 @@ def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Module, batches: torch
     return cached
 
 
+class _Block:
+    """One decoder layer under reconstruction: its scale groups, the weights it owns, the linears it clips, and
+    (inside ``with``) the activation fake-quant hooks on those linears, off unless :meth:`quantized` runs."""
+
+    def __init__(self, plan: ScalePlan, prefix: str, index: int, layer: torch.nn.Module, model: torch.nn.Module,
+                 qlin: Mapping[str, str], base: Mapping[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype,
+                 act_bits: int):
+        self.plan, self.layer, self.model, self.base, self.spec, self.dtype = plan, layer, model, base, spec, dtype
+        self.local = local = f"{prefix}.{index}."
+        self.groups = [g for g in plan.groups if g.producer.startswith(local)]
+        # sorted, not a set's order (which changes with the process's string hashing): the order the weights are
+        # built in is the order autograd sums each scale's gradient contributions, so it must not change on resume
+        self.mine = sorted({s.fqn for g in self.groups for s in g.sites} | {f for f in qlin if f.startswith(local)})
+        self.clipped = sorted(f for f in qlin if f.startswith(local))
+        self.act_bits = act_bits
+        self.act_on = False  # activation fake-quant only in the quantized block, never in the float target
+        self.hooks: list[Any] = []
+
+    def __enter__(self) -> "_Block":
+        def act_hook(mod, args):
+            return (act_fake_quantize(args[0], self.act_bits),) + tuple(args[1:]) if self.act_on else None
+        self.hooks = [_module_of(self.model, f).register_forward_pre_hook(act_hook) for f in self.clipped]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def initial_clips(self) -> dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]]:
+        out = {}
+        for fqn in self.clipped:
+            rows, cols = self.base[fqn].shape
+            n = -(-cols // self.spec.effective_group_size(cols))
+            hi = torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
+            lo = None if self.spec.symmetric else torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
+            out[fqn] = (lo, hi)
+        return out
+
+    def effective(self, scales: Mapping[str, torch.Tensor],
+                  clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The block's weights with ``scales`` folded and clipped fake-quant applied, keyed relative to the layer."""
+        typed = {k: v.to(self.dtype) for k, v in scales.items()}
+        out = {}
+        for fqn in self.mine:
+            w = self.plan.apply_one(fqn, self.base[fqn], typed)
+            if fqn in clips:
+                lo, hi = clips[fqn]
+                w = lwc_fake_quantize(w, self.spec, lo, hi)
+            out[fqn[len(self.local):]] = w
+        return out
+
+    def quantized(self, params: Mapping[str, torch.Tensor], h: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
+        self.act_on = True
+        return torch.func.functional_call(self.layer, dict(params), args=(h,), kwargs=dict(kw), strict=False)
+
+    @torch.no_grad()
+    def float_outputs(self, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        self.act_on = False
+        return [self.layer(h, **kw) for h, kw in inputs]
+
+    @torch.no_grad()
+    def quantized_outputs(self, inputs: list[tuple[torch.Tensor, dict]], scales: Mapping[str, torch.Tensor],
+                          clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]
+                          ) -> list[tuple[torch.Tensor, dict]]:
+        params = self.effective(scales, clips)
+        return [(self.quantized(params, h, kw), kw) for h, kw in inputs]
+
+
+def _snapshot(scales: Mapping[str, torch.Tensor], clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]):
+    return ({k: v.detach().clone() for k, v in scales.items()},
+            {k: tuple(None if p is None else p.detach().clone() for p in v) for k, v in clips.items()})
+
+
+def _flatten(prefix: str, scales: Mapping[str, torch.Tensor],
+             clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Checkpoint names: ``<prefix>.scale.<group>``, ``<prefix>.hi.<weight>``, ``<prefix>.lo.<weight>``."""
+    out = {f"{prefix}.scale.{k}": v for k, v in scales.items()}
+    for fqn, (lo, hi) in clips.items():
+        out[f"{prefix}.hi.{fqn}"] = hi
+        if lo is not None:
+            out[f"{prefix}.lo.{fqn}"] = lo
+    return out
+
+
+def _unflatten(prefix: str, tensors: Mapping[str, torch.Tensor], groups: Sequence[ScaleGroup],
+               clipped: Sequence[str], where: str):
+    try:
+        scales = {g.name: tensors[f"{prefix}.scale.{g.name}"] for g in groups}
+        clips = {f: (tensors.get(f"{prefix}.lo.{f}"), tensors[f"{prefix}.hi.{f}"]) for f in clipped}
+    except KeyError as exc:
+        raise TrainingError(f"{where} lacks the tensor {exc.args[0]}",
+                            "resume from another checkpoint, or start again") from None
+    return scales, clips
+
+
 def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration: Any, cfg: FSBRConfig, *,
                exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
-               init: Mapping[str, torch.Tensor] | None = None) -> EquivalentScales:
+               init: Mapping[str, torch.Tensor] | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> EquivalentScales:
     """Train FSBR's scales and clipping block by block (see the module docstring). ``init`` replaces the
-    SmoothQuant initialisation (tests use it)."""
+    SmoothQuant initialisation (tests use it).
+
+    A step is one optimizer step (one calibration sample of one layer): ``layers × epochs × samples`` in all.
+    With ``cfg.checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` steps and at the end; it holds the
+    initial scales, the finished layers' best scales and clipping logits, and the layer in progress (its current
+    parameters, AdamW state, epoch, sample, best epoch so far). On ``cfg.resume`` the cached block inputs are
+    recomputed by replaying the finished layers with exactly the operations of the uninterrupted run, so the final
+    parameters are the same bit for bit. ``on_step(step, loss)`` runs after each step (and its checkpoint).
+    """
     model = cg.model
     if model is None:
         raise PassError("FSBR trains on the eager model, but the captured graph has none", "capture with fxquant.capture(model)")
+    train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
     base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
     qlin = {f: lay for f, lay in quantized_linears(cg, exclude).items() if lay == "out_in"}
     ids = calibration_ids(calibration, model, tokenizer)
@@ -323,101 +438,162 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     pick = torch.randperm(windows.shape[0], generator=gen)[: cfg.samples]
     batches = windows[pick]
     dtype = next(t.dtype for t in base.values() if t.is_floating_point())
-    start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha)
-    start = {k: v.detach().float().clone() for k, v in start.items()}
-    for g in plan.groups:  # tied groups start tied
-        if g.tie_half:
-            blocks = start[g.name].view(-1, 2, g.tie_half)
-            start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
+
+    def initial_scales() -> dict[str, torch.Tensor]:
+        start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha)
+        start = {k: v.detach().float().clone() for k, v in start.items()}
+        for g in plan.groups:  # tied groups start tied
+            if g.tie_half:
+                blocks = start[g.name].view(-1, 2, g.tie_half)
+                start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
+        return start
+
     if cfg.epochs == 0:        # SmoothQuant alone: the initial scales, no reconstruction, no weight clipping
+        start = initial_scales()
         return EquivalentScales(plan=plan, scales=start, losses=[], method="fsbr", init=start,
                                 extra={"clip": {}, "spec": spec, "act_bits": cfg.act_bits})
     prefix, layers = _decoder_layers(model, plan)
+    blocks = [_Block(plan, prefix, i, layer, model, qlin, base, spec, dtype, cfg.act_bits)
+              for i, layer in enumerate(layers)]
+    n = batches.shape[0]
+    per_layer = cfg.epochs * n
+    total_steps = len(layers) * per_layer
+
+    # ---- checkpoints
+    fp = train_state.fingerprint(
+        "fsbr", cfg, {f: base[f] for f in sorted(set(qlin) | plan.fqns())}, spec=spec, exclude=list(exclude),
+        groups={g.name: [g.kind, g.size, g.tie_half] for g in plan.groups}, layers=len(layers), samples=n,
+        calibration=train_state.tensor_digest(batches),
+        init=None if init is None else train_state.tensor_digest({k: v.detach().float() for k, v in init.items()}))
+    step = 0
+    losses: list[float] = []
     scales: dict[str, torch.Tensor] = {}
     clips: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-    losses: list[float] = []
+    state = None
+    resume_from = train_state.resolve_resume(cfg.resume, cfg.checkpoint_dir, "FSBR")
+    if resume_from is not None:
+        state = train_state.load_train_state(resume_from, kind="fsbr", fingerprint=fp)
+        where = f"FSBR checkpoint {resume_from}"
+        step = state.step
+        if not 0 <= step <= total_steps or len(state.extras.get("losses", [])) != step // n:
+            raise TrainingError(f"{where} is at step {step} of {total_steps} and holds "
+                                f"{len(state.extras.get('losses', []))} epoch losses",
+                                "resume from a checkpoint of this run, or start again")
+        start = {g.name: state.tensors[f"start.{g.name}"] for g in plan.groups if f"start.{g.name}" in state.tensors}
+        if set(start) != {g.name for g in plan.groups}:
+            raise TrainingError(f"{where} lacks initial scales", "resume from another checkpoint, or start again")
+        losses = [float(v) for v in state.extras["losses"]]
+        for block in blocks[: step // per_layer]:
+            s, c = _unflatten("done", state.tensors, block.groups, block.clipped, where)
+            scales.update(s)
+            clips.update(c)
+        state.restore(generators={"data": gen})
+        log.info("fsbr: resumed from %s at step %d of %d (layer %d)", resume_from, step, total_steps, step // per_layer)
+    else:
+        start = initial_scales()
+
+    def save(at: int, live: dict[str, Any] | None) -> None:
+        """Checkpoint after ``at`` steps; ``live``: the layer in progress (None at a layer boundary)."""
+        tensors = {**{f"start.{k}": v for k, v in start.items()}, **_flatten("done", scales, clips)}
+        extras: dict[str, Any] = {"losses": losses, "layer": at // per_layer, "epoch": at % per_layer // n,
+                                  "sample": at % n, "layers": len(layers), "epochs": cfg.epochs, "samples": n}
+        opt = None
+        if live is not None:
+            tensors.update(_flatten("cur", live["s"], live["c"]))
+            if live["best"] is not None:
+                tensors.update(_flatten("best", *live["best"]))
+            extras.update(epoch_total=live["running"], best_loss=None if live["best"] is None else live["best_loss"])
+            opt = live["opt"]
+        train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, at), kind="fsbr", step=at,
+                                     tensors=tensors, optimizer=opt, generators={"data": gen}, extras=extras,
+                                     fingerprint=fp)
+
+    def save_due(at: int) -> bool:
+        return cfg.checkpoint_dir is not None and ((cfg.save_every > 0 and at % cfg.save_every == 0)
+                                                   or at == total_steps)
+
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    float_in = _layer_inputs(model, layers[0], batches)
-    quant_in = [(h.clone(), kw) for h, kw in float_in]
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(layers) * cfg.epochs, desc="fsbr", unit="epoch", leave=False)
+        bar = tqdm(total=len(layers) * cfg.epochs, initial=step // n, desc="fsbr", unit="epoch", leave=False)
     try:
-        for i, layer in enumerate(layers):
-            local = f"{prefix}.{i}."
-            groups = [g for g in plan.groups if g.producer.startswith(local)]
-            mine = {f for g in groups for s in g.sites for f in [s.fqn]} | {f for f in qlin if f.startswith(local)}
-            s_params = {g.name: torch.nn.Parameter(start[g.name].clone()) for g in groups}
-            c_params: dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]] = {}
-            for fqn in sorted(f for f in qlin if f.startswith(local)):
-                rows, cols = base[fqn].shape
-                n = -(-cols // spec.effective_group_size(cols))
-                hi = torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
-                lo = None if spec.symmetric else torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
-                c_params[fqn] = (lo, hi)
+        first = step // per_layer
+        if first < len(layers):
+            float_in = _layer_inputs(model, layers[0], batches)
+            quant_in = [(h.clone(), kw) for h, kw in float_in]
+            for block in blocks[:first]:  # resumed: rebuild the next layer's inputs from the finished layers
+                with block:
+                    targets = block.float_outputs(float_in)
+                    quant_in = block.quantized_outputs(quant_in, *_unflatten("done", state.tensors, block.groups,
+                                                                            block.clipped, "FSBR checkpoint"))
+                float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
+        for i in range(first, len(layers)):
+            block = blocks[i]
+            s_params = {g.name: torch.nn.Parameter(start[g.name].clone()) for g in block.groups}
+            c_params = block.initial_clips()
             clip_list = [p for pair in c_params.values() for p in pair if p is not None]
             opt = torch.optim.AdamW([{"params": list(s_params.values()), "lr": cfg.lr_scale},
                                      {"params": clip_list, "lr": cfg.lr_clip}], weight_decay=0.0)
-
-            def effective(quantize: bool) -> dict[str, torch.Tensor]:
-                typed = {k: v.to(dtype) for k, v in s_params.items()}
-                out = {}
-                for fqn in mine:
-                    w = plan.apply_one(fqn, base[fqn], typed)
-                    if quantize and fqn in c_params:
-                        lo, hi = c_params[fqn]
-                        w = lwc_fake_quantize(w, spec, lo, hi)
-                    out[fqn[len(local):]] = w
-                return out
-
-            act = {"on": False}  # activation fake-quant only in the quantized block, never in the float target
-
-            def act_hook(mod, args):
-                return (act_fake_quantize(args[0], cfg.act_bits),) + tuple(args[1:]) if act["on"] else None
-
-            hooks = [_module_of(model, f).register_forward_pre_hook(act_hook) for f in c_params]
-            try:
-                with torch.no_grad():
-                    targets = [layer(h, **kw) for h, kw in float_in]
-                act["on"] = True
-                best = (math.inf, None)
-                for epoch in range(cfg.epochs):
-                    total = 0.0
-                    for b in range(len(quant_in)):
+            live: dict[str, Any] = {"s": s_params, "c": c_params, "opt": opt, "best": None, "best_loss": math.inf,
+                                    "running": 0.0}
+            e0 = b0 = 0
+            if state is not None and i == first and step % per_layer:  # resumed in the middle of this layer
+                where = f"FSBR checkpoint {state.path}"
+                cur_s, cur_c = _unflatten("cur", state.tensors, block.groups, block.clipped, where)
+                train_state.copy_tensors({**s_params, **{f"{k}.hi": v[1] for k, v in c_params.items()},
+                                          **{f"{k}.lo": v[0] for k, v in c_params.items() if v[0] is not None}},
+                                         {**cur_s, **{f"{k}.hi": v[1] for k, v in cur_c.items()},
+                                          **{f"{k}.lo": v[0] for k, v in cur_c.items() if v[0] is not None}}, where)
+                state.restore(optimizer=opt)
+                if state.extras.get("best_loss") is not None:
+                    live["best"] = _unflatten("best", state.tensors, block.groups, block.clipped, where)
+                    live["best_loss"] = float(state.extras["best_loss"])
+                live["running"] = float(state.extras["epoch_total"])
+                e0, b0 = divmod(step % per_layer, n)
+            with block:
+                targets = block.float_outputs(float_in)
+                last = None
+                for epoch in range(e0, cfg.epochs):
+                    for b in range(b0 if epoch == e0 else 0, n):
                         h, kw = quant_in[b]
-                        out = torch.func.functional_call(layer, effective(True), args=(h,), kwargs=kw, strict=False)
+                        out = block.quantized(block.effective(s_params, c_params), h, kw)
                         loss = F.mse_loss(out.float(), targets[b].float())
-                        value = float(loss.detach())
-                        if not math.isfinite(value):
-                            raise PassError(f"FSBR loss is {value} in layer {i}, epoch {epoch + 1}, sample {b + 1}",
-                                            "lower lr_scale / lr_clip, or check the weights for NaN/Inf")
+                        value = check_finite_loss(loss, epoch * n + b + 1, f"FSBR layer {i}")
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
                         with torch.no_grad():
-                            for g in groups:
+                            for g in block.groups:
                                 s = s_params[g.name]
                                 s.clamp_(min=MIN_SCALE)
                                 if g.tie_half:
-                                    blocks = s.view(-1, 2, g.tie_half)
-                                    blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
-                        total += value
-                    mean = total / len(quant_in)
-                    losses.append(mean)
-                    if mean < best[0]:
-                        best = (mean, ({k: v.detach().clone() for k, v in s_params.items()},
-                                       {k: tuple(None if p is None else p.detach().clone() for p in v)
-                                        for k, v in c_params.items()}))
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(layer=i, mse=f"{mean:.3g}")
-                assert best[1] is not None
-                best_s, best_c = best[1]
+                                    tied = s.view(-1, 2, g.tie_half)
+                                    tied.copy_(tied.mean(dim=1, keepdim=True).expand_as(tied))
+                        live["running"] += value
+                        step += 1
+                        if b == n - 1:  # end of an epoch: keep the best one
+                            mean = live["running"] / n
+                            live["running"] = 0.0
+                            losses.append(mean)
+                            if mean < live["best_loss"]:
+                                live["best_loss"], live["best"] = mean, _snapshot(s_params, c_params)
+                            if bar is not None:
+                                bar.update(1)
+                                bar.set_postfix(layer=i, mse=f"{mean:.3g}")
+                        if step % per_layer == 0:  # the layer's last step: saved below, once the layer is final
+                            last = value
+                            continue
+                        if save_due(step):
+                            save(step, live)
+                        if on_step is not None:
+                            on_step(step, value)
+                assert live["best"] is not None
+                best_s, best_c = live["best"]
                 with torch.no_grad():
                     for k, v in best_s.items():
                         s_params[k].copy_(v)
@@ -425,16 +601,15 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                         c_params[k][1].copy_(hi)
                         if lo is not None:
                             c_params[k][0].copy_(lo)
-                    # the next block's inputs: the float chain and the quantized chain
-                    q_params = effective(True)
-                    quant_in = [(torch.func.functional_call(layer, q_params, args=(h,), kwargs=kw, strict=False), kw)
-                                for h, kw in quant_in]
-                    float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
-            finally:
-                for h in hooks:
-                    h.remove()
+                # the next block's inputs: the float chain and the quantized chain
+                quant_in = block.quantized_outputs(quant_in, s_params, c_params)
+                float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
             scales.update(best_s)
             clips.update(best_c)
+            if save_due(step):
+                save(step, None)
+            if on_step is not None and last is not None:
+                on_step(step, last)
     finally:
         if bar is not None:
             bar.close()

@@ -35,7 +35,7 @@ from torch import fx
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError, QuantSpecError
 from fxquant.paretoq import ParetoQSpec, init_alpha, paretoq_fake_quant
-from fxquant.passes.quantize_weights_rtn import LINEAR_OPS, matches, resolve_weight
+from fxquant.passes.quantize_weights_rtn import LINEAR_OPS, matches, nothing_quantized, resolve_weight
 from fxquant.pipeline import Pass, PassContext, PassResult
 
 __all__ = ["InsertParetoQFakeQuant", "fake_quant_nodes"]
@@ -158,6 +158,8 @@ class InsertParetoQFakeQuant(Pass):
             records[fqn] = {**note, "weight_placeholder": first.placeholder.name, "alpha_placeholder": alpha_node.name,
                             "node": fq.name, "aliases": list(names)}
             n_done += 1
+        if n_done == 0 and (n_excluded or skipped):
+            raise nothing_quantized(self.name, cg, n_excluded, skipped, self.exclude, self.include)
         stats = {"inserted": n_done, "skipped": len(skipped), "excluded": n_excluded, "spec": self.spec.describe()}
         return PassResult(modified=n_done > 0, stats=stats)
 

@@ -355,7 +355,9 @@ class _Lowering:
                 raise LoweringError(
                     f"integer-only lowering has no rule for aten.{op_name(node)} (node {node.name}, reading "
                     f"{', '.join(a.name for a in reads)})",
-                    f"ops with rules: {', '.join(sorted(RULES))}; add one to fxquant.passes.lower_integer_only.RULES")
+                    f"quantize this model with a recipe that keeps float activations (fsbr-w8a8, rtn-w8), or add a "
+                    f"rule for aten.{op_name(node)} to fxquant.passes.lower_integer_only.RULES (ops with rules: "
+                    f"{', '.join(sorted(RULES))})")
             with self.g.inserting_before(node):
                 out = rule(self, node)
             if out is not None:

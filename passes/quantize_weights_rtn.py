@@ -52,7 +52,7 @@ from torch import fx
 
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError, QuantSpecError
-from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.pipeline import Pass, PassContext, PassResult, replace_weight
 from fxquant.quant import QuantizedWeight, QuantSpec, quantize_weight
 
 log = logging.getLogger("fxquant")
@@ -151,6 +151,23 @@ def _storage_key(t: torch.Tensor) -> tuple:
 def _describe_use(user: fx.Node) -> str:
     target = user.target if user.op == "call_function" else user.op
     return f"{user.name} ({target})"
+
+
+def nothing_quantized(pass_name: str, cg: CapturedGraph, n_excluded: int, skipped: dict[str, str],
+                      exclude: Sequence[str], include: Sequence[str] | None) -> PassError:
+    """The error of a weight pass that found linears but quantized none of them: a "quantized" model that is still
+    entirely float is a silently wrong result, so it is refused, saying which patterns or reasons left each out."""
+    what = f"the graph of {cg.model_class or 'the model'}"
+    parts = []
+    if n_excluded:
+        pats = f"exclude={list(exclude)}" + (f", include={list(include)}" if include is not None else "")
+        parts.append(f"{n_excluded} excluded by the recipe's patterns ({pats})")
+    if skipped:
+        first = next(iter(skipped.items()))
+        parts.append(f"{len(skipped)} skipped (e.g. {first[0]}: {first[1]})")
+    return PassError(f"{pass_name}: no linear weight of {what} was quantized: " + ("; ".join(parts) or "none found"),
+                     "narrow the recipe's exclude (and include) patterns so that they leave some linear weights, "
+                     "e.g. exclude: [lm_head*]")
 
 
 class QuantizeWeightsRTN(Pass):
@@ -252,9 +269,8 @@ class QuantizeWeightsRTN(Pass):
             # NaN/Inf or otherwise unquantizable weights raise WeightError: a clear error, not a skipped layer
             qw = quantize_weight(original.t() if first.in_out else original, self.spec, name=fqn)
             deq = qw.dequantize(original.dtype)
-            new = (deq.t() if first.in_out else deq).contiguous()
-            for n in names:
-                cg.tensors[n] = new
+            replace_weight(cg, ctx, names, (deq.t() if first.in_out else deq).contiguous())
+            del deq
             quantized[fqn] = qw
             note = {"weight": fqn, "spec": self.spec.describe(), "bits": self.spec.bits,
                     "group_size": qw.group_size}
@@ -264,6 +280,9 @@ class QuantizeWeightsRTN(Pass):
                 fxmeta(use.node)["quant"] = dict(note)
             n_quantized += 1
 
+        if n_quantized == 0 and (n_excluded or n_skipped):
+            raise nothing_quantized(self.name, cg, n_excluded, {k: skipped[k] for k in list(skipped)[-n_skipped:]}
+                                    if n_skipped else {}, self.exclude, self.include)
         stats = {"quantized": n_quantized, "skipped": n_skipped, "excluded": n_excluded}
         # the graph is unchanged; the tensors behind it and the annotations are what changed
         return PassResult(modified=n_quantized > 0, stats=stats)

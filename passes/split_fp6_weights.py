@@ -35,8 +35,8 @@ from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError, QuantSpecError
 from fxquant.fpformats import (FP6PackedWeight, FPQuantSpec, container_format, pack_fp6, pack_fp6_planes,
                                quantize_fp, unpack_fp6_planes)
-from fxquant.passes.quantize_weights_rtn import LINEAR_OPS, matches, resolve_weight
-from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.passes.quantize_weights_rtn import LINEAR_OPS, matches, nothing_quantized, resolve_weight
+from fxquant.pipeline import Pass, PassContext, PassResult, replace_weight
 
 log = logging.getLogger("fxquant")
 
@@ -146,9 +146,8 @@ class SplitFP6Weights(Pass):
             weight = original.t() if first.in_out else original
             packed = pack_fp6(quantize_fp(weight, self.spec, name=fqn))  # WeightError on NaN/Inf
             deq = packed.dequantize(original.dtype)
-            new = (deq.t() if first.in_out else deq).contiguous()
-            for n in names:
-                cg.tensors[n] = new
+            replace_weight(cg, ctx, names, (deq.t() if first.in_out else deq).contiguous())
+            del deq
             stored[fqn] = packed
             note = {"weight": fqn, "format": self.spec.label, "group_size": self.spec.group_size,
                     "bits": self.spec.format.bits, "packing": FP6_PACKING, "scale_search": self.spec.scale_search}
@@ -158,6 +157,8 @@ class SplitFP6Weights(Pass):
                 fxmeta(use.node)["quant"] = dict(note)
             n_done += 1
 
+        if n_done == 0 and (n_excluded or skipped):
+            raise nothing_quantized(self.name, cg, n_excluded, skipped, self.exclude, self.include)
         stats = {"quantized": n_done, "skipped": len(skipped), "excluded": n_excluded, "format": self.spec.label}
         # the graph is unchanged: the tensors behind it and the annotations are what changed
         return PassResult(modified=n_done > 0, stats=stats)

@@ -104,8 +104,10 @@ class TrainParetoQ(Pass):
                                 "ParetoQ QAT trains torch.nn.Linear modules; other linear-like modules are not supported")
             config = QATConfig(steps=int(options.get("steps", 200)), lr=options.get("lr"),
                                batch_size=int(options.get("batch_size", 4)), seq_len=int(options.get("seq_len", 256)),
-                               seed=int(options.get("seed", 0)), progress=bool(options.get("progress", False)))
-            history = train_qat(model, ids, config, bits=spec.bits)
+                               seed=int(options.get("seed", 0)), progress=bool(options.get("progress", False)),
+                               save_every=int(options.get("save_every", 0) or 0))
+            history = train_qat(model, ids, config, bits=spec.bits, checkpoint_dir=options.get("checkpoint_dir"),
+                                resume=options.get("resume"))
             ctx.artifacts["qat_history"] = history
             for fqn, rec in records.items():
                 cg.tensors[rec["alpha_placeholder"]] = prepared[fqn[: -len(".weight")]].weight_alpha.detach().clone()

@@ -21,16 +21,20 @@ gradient reaches ``s`` through ``W · diag(s)`` and through the producer's ``1/s
 * Adam, lr 1e-3, linear warm-up over the first 5 % of steps then linear decay to 0, default 1000 steps;
   ``s`` is clamped to ≥ 1e-5 after every step;
 * deterministic for a seed (the windows are drawn from a seeded generator; CPU kernels are deterministic);
-* a NaN/Inf loss stops training with an error naming the step.
+* a NaN/Inf loss stops training with an error naming the step (:func:`fxquant.guards.check_finite_loss`);
+* resumable: with ``checkpoint_dir`` it writes a checkpoint (:mod:`fxquant.train_state`: the scales, Adam's
+  moments, the scheduler, the data generator, the step and the loss curve) every ``save_every`` steps and at the
+  end; ``resume`` continues from one and ends with the same scales, bit for bit, as the uninterrupted run.
 
 Options (recipe ``options``, all optional): ``steps`` (1000), ``lr`` (1e-3), ``warmup`` (0.05), ``seq_len`` (512),
 ``batch_size`` (4), ``seed`` (0), ``distill`` (0.0: pure causal-LM loss; 1.0: pure distillation), ``progress``
-(True), ``tokenizer`` (to tokenize text calibration; found from the model's name otherwise).
+(True), ``tokenizer`` (to tokenize text calibration; found from the model's name otherwise), ``save_every`` (0: no
+intermediate checkpoints), ``checkpoint_dir`` (None: no checkpoints; ``step-<N>/`` folders inside), ``resume``
+(None; a checkpoint folder, or true / "auto": the latest complete one in ``checkpoint_dir``, if any).
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.capture import CapturedGraph
-from fxquant.errors import DataError, PassError
+from fxquant import train_state
+from fxquant.errors import DataError, PassError, TrainingError
+from fxquant.guards import check_finite_loss
 from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScalePlan, linear_weights,
                                                    plan_scales)
 from fxquant.passes.quantize_weights_rtn import matches
@@ -66,6 +72,9 @@ class TEQConfig:
     seed: int = 0
     distill: float = 0.0
     progress: bool = True
+    save_every: int = 0                 # checkpoint every N steps (0: only at the end, when checkpoint_dir is set)
+    checkpoint_dir: str | None = None   # where step-<N>/ checkpoints go (None: no checkpoints)
+    resume: Any = None                  # a checkpoint folder, or True / "auto": the latest in checkpoint_dir
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "TEQConfig":
@@ -86,6 +95,7 @@ class TEQConfig:
         if not 0 <= self.distill <= 1:
             raise PassError(f"TEQ distill weight must lie in [0, 1], got {self.distill!r}",
                             "0: causal-LM loss only (the paper), 1: distillation only")
+        train_state.check_checkpoint_options(self.save_every, self.checkpoint_dir, self.resume, "TEQ")
 
 
 def weight_quantizer(spec: Any) -> Quantizer:
@@ -208,7 +218,7 @@ def _quantized_params(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, 
     dtype = next(t.dtype for t in base.values() if t.is_floating_point())
     typed = {k: v.to(dtype) for k, v in scales.items()}
     out = {}
-    for fqn in set(qlin) | plan.fqns():
+    for fqn in sorted(set(qlin) | plan.fqns()):
         w = plan.apply_one(fqn, base[fqn], typed)
         if fqn in qlin:
             w = quantizer(w.t()).t() if qlin[fqn] == "in_out" else quantizer(w)
@@ -248,8 +258,14 @@ def quantized_linears(cg: CapturedGraph, exclude: Sequence[str]) -> dict[str, st
 
 def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calibration: Any, cfg: TEQConfig, *,
                  exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
-                 init: Mapping[str, torch.Tensor] | None = None) -> EquivalentScales:
-    """Train the plan's scales on ``cg.model`` (see the module docstring) and return them with the loss curve."""
+                 init: Mapping[str, torch.Tensor] | None = None, quantizer_name: str | None = None,
+                 on_step: Callable[[int, float], None] | None = None) -> EquivalentScales:
+    """Train the plan's scales on ``cg.model`` (see the module docstring) and return them with the loss curve.
+
+    ``quantizer_name`` identifies the quantizer in checkpoint fingerprints (the pass gives its spec), so a run
+    resumed with another weight format is refused; ``on_step(step, loss)`` is called after every step (after that
+    step's checkpoint, if one is due), ``step`` counting from 1.
+    """
     model = cg.model
     if model is None:
         raise PassError("TEQ trains on the eager model, but the captured graph has none",
@@ -270,7 +286,9 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
             return quantizer(w.t()).t()
         return quantizer(w)
 
-    scaled = plan.fqns()
+    # a fixed order (not a set's, which changes with the process's string hashing): the order in which the
+    # weights are built is the order in which autograd sums each scale's gradient contributions
+    scaled = sorted(plan.fqns())
     # weights that are quantized but not rescaled do not depend on s: quantize them once
     with torch.no_grad():
         fixed = {fqn: fq(fqn, base[fqn]) for fqn in qlin if fqn not in scaled}
@@ -280,19 +298,47 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     init_copy = {k: v.detach().clone() for k, v in scales.items()}
     opt = torch.optim.Adam(list(scales.values()), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(cfg.steps, cfg.warmup))
+    losses: list[float] = []
+
+    # ---- checkpoints: what identifies the run, what is saved, where to resume from
+    fp = train_state.fingerprint(
+        "teq", cfg, {f: base[f] for f in sorted(set(qlin) | set(scaled))}, quantizer=quantizer_name,
+        groups={g.name: [g.kind, g.size, g.tie_half] for g in plan.groups}, exclude=list(exclude),
+        calibration=train_state.tensor_digest(windows), init=train_state.tensor_digest(start) if start else None)
+
+    def state_tensors() -> dict[str, torch.Tensor]:
+        return {**{f"scale.{k}": v for k, v in scales.items()}, **{f"init.{k}": v for k, v in init_copy.items()}}
+
+    def save(step: int) -> None:
+        train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, step), kind="teq", step=step,
+                                     tensors=state_tensors(), optimizer=opt, scheduler=sched, generators={"data": gen},
+                                     extras={"losses": losses}, fingerprint=fp)
+
+    first = 0
+    resume_from = train_state.resolve_resume(cfg.resume, cfg.checkpoint_dir, "TEQ")
+    if resume_from is not None:
+        state = train_state.load_train_state(resume_from, kind="teq", fingerprint=fp)
+        n_losses = len(state.extras.get("losses", []))
+        if not 0 <= state.step <= cfg.steps or n_losses != state.step:
+            raise TrainingError(f"TEQ checkpoint {resume_from} is at step {state.step} of a {cfg.steps}-step run "
+                                f"and holds {n_losses} losses", "resume from a checkpoint of this run, or start again")
+        train_state.copy_tensors(state_tensors(), state.tensors, f"TEQ checkpoint {resume_from}")
+        state.restore(optimizer=opt, scheduler=sched, generators={"data": gen})
+        losses = [float(v) for v in state.extras["losses"]]
+        first = state.step
+        log.info("teq: resumed from %s at step %d of %d", resume_from, first, cfg.steps)
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     for p, _ in frozen:
         p.requires_grad_(False)
     model.eval()
-    losses: list[float] = []
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, desc="teq", unit="step", leave=False)
+        bar = tqdm(total=cfg.steps, initial=first, desc="teq", unit="step", leave=False)
     try:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             pick = torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)
             batch = windows[pick].to(device)
             params = dict(fixed)
@@ -301,11 +347,7 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
                 w = plan.apply_one(fqn, base[fqn], typed)
                 params[fqn] = fq(fqn, w) if fqn in qlin else w
             loss = _loss(model, params, batch, cfg.distill)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise PassError(f"TEQ loss is {value} at step {step + 1} of {cfg.steps}",
-                                "lower the learning rate (option lr), check the calibration data and the weights "
-                                "for NaN/Inf, or train in float32")
+            value = check_finite_loss(loss, step + 1, "TEQ")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -318,6 +360,12 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
                         blocks = s.view(-1, 2, g.tie_half)
                         blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
             losses.append(value)
+            done = step + 1
+            if cfg.checkpoint_dir is not None and (
+                    (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+                save(done)
+            if on_step is not None:
+                on_step(done, value)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
@@ -362,7 +410,7 @@ class TrainTEQScales(Pass):
             log.info("teq: skipped %s: %s", what, why)
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
         record = train_scales(cg, plan, self.quantizer, ctx.calibration, self.config, exclude=self.exclude,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, quantizer_name=repr(self.spec))
         ctx.artifacts["teq"] = record
         n = len(record.losses)
         k = max(1, n // 20)

@@ -57,3 +57,26 @@ def make_tiny_llama(layers: int = 1, hidden: int = 64, heads: int = 4, kv_heads:
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def make_tiny_model_folder(tmp_path):
+    """A tiny random LLaMA saved with a real (MiniLM's WordPiece) tokenizer: enough for `fxquant quantize`."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fxquant.models import builtin_path
+    tok_dir, _ = builtin_path("minilm")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    text = tmp_path / "calib.txt"
+    words = "the model of a tower is tall and the river runs by the old city walls in spring".split()
+    g = torch.Generator().manual_seed(3)
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (3000,), generator=g)))
+    return folder, text

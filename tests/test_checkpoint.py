@@ -202,3 +202,26 @@ def test_an_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         result.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_quantize_then_eval_the_checkpoint(tmp_path, capsys):
+    """`fxquant eval --model DIR` evaluates a saved checkpoint as it is (its recipe, packed size); asking to
+    quantize it again, or for a float baseline it does not hold, is refused."""
+    from conftest import make_tiny_model_folder
+
+    from fxquant.cli import main
+    folder, text = make_tiny_model_folder(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(folder), "--recipe", "rtn-w4g128", "--out", str(out)]) == 0
+    report = tmp_path / "r.json"
+    common = ["--windows", "2", "--seq-len", "64", "--data", str(text), "--no-progress"]
+    assert main(["eval", "--model", str(out), *common, "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["recipe"] == "rtn-w4g128" and data["windows"] == 2
+    float_bytes = sum(p.numel() * 4 for p in make_tiny_llama(layers=1, hidden=32, inter=64, vocab=30522).parameters())
+    assert data["weight_bytes"] < float_bytes
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--recipe", "rtn-w8", *common]) == 2
+    assert "already quantized with 'rtn-w4g128'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(out), "--baseline", *common]) == 2
+    assert "--baseline" in capsys.readouterr().err
