@@ -9,27 +9,39 @@ Built-in names (``fxquant recipes`` lists them):
   width), symmetric unless the trailing ``a`` asks for asymmetric (zero points). Any such name parses, e.g.
   ``rtn-w5g32a``; the common ones are listed.
 
-A file recipe (``--recipe my.yaml``) is a mapping::
+A file recipe (``--recipe my.yaml``, or a dict given to :func:`get_recipe`) is a mapping that can describe
+every built-in recipe::
 
     name: my-w4              # optional, defaults to the file name
-    method: rtn              # rtn | fp32 (more methods register themselves as they land)
-    bits: 4
-    group_size: 128          # omit or null for per-channel
-    symmetric: true
-    exclude: [lm_head]       # fnmatch patterns over parameter names that stay float
+    base: teq-w4g128         # optional: start from a built-in recipe, then override keys and options
+    method: rtn              # fp32 | rtn | fp | teq | fsbr | illm | paretoq (the base's when omitted)
+    bits: 4                  # rtn/teq/fsbr/illm: integer 1-8; paretoq: 1, 1.58, 2, 3, 4
+    group_size: 128          # omit or null for per-channel (illm: per-channel only)
+    symmetric: true          # integer weights (illm and paretoq: true only)
+    per_tensor: false        # rtn/teq integer weights only
+    format: e3m2             # fp, teq: a minifloat (e3m2/fp6, e2m3, e2m2/fp5, e3m1, e2m1/fp4); bits, if given, must agree
+    scale_search: absmax     # fp, teq with a format: absmax | mse
+    exclude: [lm_head*]      # fnmatch patterns over parameter names that stay float
+    options: {steps: 200}    # the settings the method's passes read (see :func:`method_options`)
 
-Later methods (TEQ, FSBR, ParetoQ, FP6, integer-only) add entries to :data:`RECIPE_BUILDERS` and
-:data:`NAMED_RECIPES`, so a combination is one recipe, not a special case.
+A key the method does not take, or a value that contradicts another key, is refused with a one-line
+:class:`RecipeError`; so is an option no pass of the method reads (``steps`` misspelt ``stpes``). Options are
+checked when a :class:`Recipe` is built — by name, from a file, or directly — and again by :func:`get_recipe`
+and :meth:`Recipe.pipeline` (which catch options changed afterwards), so a bad recipe fails before a model loads.
+A file-built recipe equals the built-in one it spells out (method, weight spec, options, passes).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import QuantSpecError, RecipeError
+from .errors import FxquantError, QuantSpecError, RecipeError
 
 #: the recipe the README's main command and ``fxquant quantize`` use when none is given
 DEFAULT_RECIPE = "rtn-w4g128"
@@ -51,6 +63,20 @@ class Recipe:
     #: free-form settings of later methods (steps, lr, activation bits, ...)
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "Recipe":
+        """Check the method, that the weight spec fits it, and every option (key and value) against what the
+        method's passes read; raises :class:`RecipeError`. Runs on construction, in :func:`get_recipe` and in
+        :meth:`pipeline`, so options changed after construction are checked before anything runs."""
+        if self.method not in PIPELINE_BUILDERS:
+            raise RecipeError(f"recipe {self.name!r}: unknown method {self.method!r}",
+                              f"known methods: {', '.join(sorted(PIPELINE_BUILDERS))}")
+        _check_weight(self)
+        check_options(self.method, self.options, recipe=self.name)
+        return self
+
     @property
     def is_float(self) -> bool:
         return self.method == "fp32"
@@ -66,12 +92,9 @@ class Recipe:
         """The ordered passes this recipe runs on a captured graph."""
         from .pipeline import Pipeline
         from fxquant.passes.analyze_structure import AnalyzeStructure
+        self.validate()  # options may have changed since construction (the CLI's --steps, a user's update)
         passes = [AnalyzeStructure()]  # every recipe starts by finding norm/linear groups, pairs, attention
-        builder = PIPELINE_BUILDERS.get(self.method)
-        if builder is None:
-            raise RecipeError(f"recipe {self.name!r}: method {self.method!r} has no pipeline",
-                              f"known methods: {', '.join(sorted(PIPELINE_BUILDERS))}")
-        passes += builder(self)
+        passes += PIPELINE_BUILDERS[self.method](self)
         return Pipeline(passes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +183,7 @@ def register_recipe(name: str, description: str, factory: Callable[[], Recipe]) 
 def get_recipe(name_or_path: str | Recipe | dict) -> Recipe:
     """A recipe by name, from a YAML/JSON file path, or from a dict (same keys as a file)."""
     if isinstance(name_or_path, Recipe):
-        return name_or_path
+        return name_or_path.validate()  # its options may have been changed since it was built
     if isinstance(name_or_path, dict):
         return _from_mapping(dict(name_or_path), source="dict")
     name = str(name_or_path).strip()
@@ -205,17 +228,43 @@ def load_recipe_file(path: str | Path) -> Recipe:
     return _from_mapping(data, source=str(path))
 
 
-_KNOWN_KEYS = {"name", "method", "bits", "group_size", "symmetric", "per_tensor", "exclude", "description", "options"}
+# ---- recipe files and dicts -----------------------------------------------------------------------------
+
+_WEIGHT_KEYS = ("bits", "group_size", "symmetric", "per_tensor", "format", "scale_search")
+_FILE_KEYS = {"name", "base", "method", "description", "exclude", "options", *_WEIGHT_KEYS}
+_INT_ONLY = ("symmetric", "per_tensor")        # integer weights only
+_FP_ONLY = ("format", "scale_search")          # minifloat weights only
+_TRAINED = "teq, fsbr, illm, paretoq"
+
+
+def _did_you_mean(key: str, allowed) -> str:
+    close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _from_mapping(data: dict, source: str) -> Recipe:
-    unknown = set(data) - _KNOWN_KEYS
+    unknown = sorted(set(map(str, data)) - _FILE_KEYS)
     if unknown:
-        raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(sorted(unknown))}",
-                          f"allowed keys: {', '.join(sorted(_KNOWN_KEYS))}")
-    method = str(data.get("method", "rtn")).lower()
-    name = str(data.get("name", method))
-    exclude = data.get("exclude", ["lm_head*"])
+        as_option = [k for k in unknown if any(k in method_options(m) for m in _described_methods())]
+        hint = f"allowed keys: {', '.join(sorted(_FILE_KEYS))}"
+        if as_option:
+            one = len(as_option) == 1
+            hint = (f"{', '.join(as_option)} {'is an option' if one else 'are options'}: put {'it' if one else 'them'} "
+                    f"under options: (e.g. options: {{{as_option[0]}: ...}}); {hint}")
+        raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(unknown)}"
+                          + (_did_you_mean(unknown[0], _FILE_KEYS) if len(unknown) == 1 else ""), hint)
+    base = _base_recipe(data["base"], source) if "base" in data else None
+    name = str(data.get("name") or (base.name if base is not None else data.get("method", "rtn")))
+    method = str(data.get("method", base.method if base is not None else "rtn")).lower()
+    if base is not None and method != base.method:
+        raise RecipeError(f"recipe {name!r} contradicts itself: base {base.name} is method {base.method}, "
+                          f"but method is {method}", f"drop method:, or choose a {method} base "
+                          f"({', '.join(_named_of(method)) or 'see `fxquant recipes`'})")
+    if method not in PIPELINE_BUILDERS:
+        raise RecipeError(f"recipe {name!r}: unknown method {method!r}",
+                          f"a recipe file takes method: {' | '.join(_described_methods())}; `fxquant recipes` lists "
+                          "every built-in recipe (any of them can be a file's base:)")
+    exclude = data["exclude"] if "exclude" in data else (list(base.exclude) if base is not None else ["lm_head*"])
     if isinstance(exclude, str):
         exclude = [exclude]
     if exclude is None:
@@ -223,47 +272,366 @@ def _from_mapping(data: dict, source: str) -> Recipe:
     if not isinstance(exclude, (list, tuple)) or not all(isinstance(p, str) for p in exclude):
         raise RecipeError(f"recipe {name!r}: exclude must be a list of name patterns, got {exclude!r}",
                           "e.g. exclude: [lm_head*, '*.down_proj']")
-    for key in ("symmetric", "per_tensor"):
+    for key in _INT_ONLY:
         if key in data and not isinstance(data[key], bool):
             # bool("no") is True: a string here would silently mean the opposite of what it says
             raise RecipeError(f"recipe {name!r}: {key} must be true or false, got {data[key]!r}",
                               f"write {key}: true or {key}: false (YAML booleans, unquoted)")
-    if data.get("options") is not None and not isinstance(data["options"], dict):
-        raise RecipeError(f"recipe {name!r}: options must be a mapping, got {data['options']!r}",
-                          "e.g. options: {steps: 200}")
+    own = data.get("options")
+    if own is not None and not isinstance(own, dict):
+        raise RecipeError(f"recipe {name!r}: options must be a mapping, got {own!r}", "e.g. options: {steps: 200}")
+    own = dict(own or {})
+    bad = [k for k in own if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"recipe {name!r}: option names must be text, got {bad[0]!r}", "e.g. options: {steps: 200}")
     if method == "fp32":
-        extra = {"bits", "group_size", "symmetric", "per_tensor"} & set(data)
+        extra = sorted(set(_WEIGHT_KEYS) & set(data))
         if extra:
-            raise RecipeError(f"recipe {name!r} contradicts itself: method fp32 with {', '.join(sorted(extra))}",
+            raise RecipeError(f"recipe {name!r} contradicts itself: method fp32 with {', '.join(extra)}",
                               "drop the quantization keys, or choose method: rtn")
-        return Recipe(name=name, method="fp32", description=data.get("description", "no quantization"))
-    if method != "rtn":
-        if method in PIPELINE_BUILDERS:
-            named = sorted(n for n in EXTRA_RECIPES if EXTRA_RECIPES[n][1]().method == method)
-            raise RecipeError(f"recipe {name!r}: method {method!r} cannot be set up from a recipe file yet (files "
-                              "take method rtn or fp32)",
-                              f"use a built-in {method} recipe by name: {', '.join(named) or 'see `fxquant recipes`'}")
-        raise RecipeError(f"recipe {name!r}: unknown method {method!r}",
-                          "a recipe file takes method: rtn or method: fp32; `fxquant recipes` lists every built-in "
-                          f"recipe (methods {', '.join(sorted(PIPELINE_BUILDERS))})")
-    if "bits" not in data:
-        raise RecipeError(f"recipe {name!r}: method rtn needs bits", "add bits: 4 (any integer 1-8)")
-    bits, group = data["bits"], data.get("group_size")
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise RecipeError(f"recipe {name!r}: bits must be an integer 1-8, got {bits!r}", "e.g. bits: 4")
+    spec = _weight_spec(method, name, data, base)
+    options = {**(base.options if base is not None else {}), **own}
+    changed = sorted(k for k in data if k in _WEIGHT_KEYS or k in ("exclude", "options", "method"))
+    if "description" in data:
+        description = str(data["description"])
+    elif base is not None and not set(changed) - {"method"}:
+        description = base.description
+    elif base is not None:
+        description = f"{base.name} with {', '.join(k for k in changed if k != 'method')} from {source}"
+    elif method == "rtn":
+        description = f"round-to-nearest {spec.describe()}"
+    else:
+        description = f"{method} recipe from {source}" + (f": {spec.describe()}" if spec is not None else "")
+    return Recipe(name=name, method=method, weight=spec, exclude=tuple(exclude), description=description,
+                  options=options)
+
+
+def _described_methods() -> list[str]:
+    """Methods a file can set up without a base (the others need ``base:``)."""
+    return [m for m in ("fp32", "rtn", "fp", "teq", "fsbr", "illm", "paretoq") if m in PIPELINE_BUILDERS]
+
+
+def _named_of(method: str) -> list[str]:
+    """The listed built-in recipes of ``method`` (for hints)."""
+    return [n for n in named_recipes() if "<" not in n and get_recipe(n).method == method]
+
+
+def _base_recipe(base: Any, source: str) -> Recipe:
+    if not isinstance(base, str) or Path(base).suffix.lower() in (".yaml", ".yml", ".json"):
+        raise RecipeError(f"recipe {source}: base must be a built-in recipe name, got {base!r}",
+                          "e.g. base: teq-w4g128 (`fxquant recipes` lists them); a file cannot be a base")
+    try:
+        return get_recipe(base)
+    except RecipeError as exc:
+        known = ", ".join(k for k in named_recipes() if "<" not in k)
+        raise RecipeError(f"recipe {source}: base {base!r}: {exc.message}",
+                          f"base takes a built-in recipe name: {known}, or rtn-w<bits>[g<group>][a]") from exc
+
+
+def _weight_kind(method: str, given: dict, base: Recipe | None, name: str) -> str:
+    if method in ("rtn", "fsbr", "illm"):
+        return "int"
+    if method == "fp":
+        return "fp"
+    if method == "paretoq":
+        return "paretoq"
+    if method == "teq":  # integer or minifloat weights: the keys say which
+        if any(k in given for k in _FP_ONLY):
+            return "fp"
+        if any(k in given for k in ("bits", *_INT_ONLY)):
+            return "int"
+        if base is not None:
+            return base.weight.kind
+        raise RecipeError(f"recipe {name!r}: method teq needs bits (integer weights) or format (minifloat weights)",
+                          "e.g. bits: 4 and group_size: 128, or format: e3m2; or base: teq-w4g128")
+    if base is not None and base.weight is not None:
+        return base.weight.kind
+    raise RecipeError(f"recipe {name!r}: method {method!r} cannot be set up from a file without a base",
+                      f"write base: <a built-in {method} recipe> ({', '.join(_named_of(method)) or 'see `fxquant recipes`'})")
+
+
+def _base_weight_fields(spec: Any) -> dict[str, Any]:
+    kind = getattr(spec, "kind", None)
+    if kind == "int":
+        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                "per_tensor": spec.per_tensor}
+    if kind == "fp":
+        return {"format": spec.format, "group_size": spec.group_size, "scale_search": spec.scale_search}
+    if kind == "paretoq":
+        return {"bits": spec.bits, "group_size": spec.group_size}
+    return {}
+
+
+def _weight_spec(method: str, name: str, data: dict, base: Recipe | None) -> Any:
+    """The weight spec a file describes: the base's (if any) with the file's weight keys over it."""
+    if method == "fp32":
+        return None
+    given = {k: data[k] for k in _WEIGHT_KEYS if k in data}
+    kind = _weight_kind(method, given, base, name)
+    fields: dict[str, Any] = {}
+    if base is not None and base.weight is not None:
+        inherited = _base_weight_fields(base.weight)
+        # another kind of weights than the base's (teq-w4g128 with format: e3m2): only the group size carries over
+        fields = inherited if base.weight.kind == kind else {"group_size": inherited.get("group_size")}
+    fields.update(given)
+    group = fields.get("group_size")
     if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
         raise RecipeError(f"recipe {name!r}: group_size must be a positive integer or null, got {group!r}",
                           "e.g. group_size: 128, or null for per-channel")
+    if kind == "int":
+        return _int_spec(method, name, given, fields)
+    if kind == "fp":
+        return _fp_spec(method, name, given, fields)
+    if kind == "paretoq":
+        return _paretoq_spec(name, given, fields)
+    return base.weight  # a method registered later, set up from its base: no weight key to apply
+
+
+def _int_spec(method: str, name: str, given: dict, fields: dict) -> Any:
+    wrong = [k for k in _FP_ONLY if k in given]
+    if wrong:
+        raise RecipeError(f"recipe {name!r} contradicts itself: {wrong[0]} is a minifloat setting, and method "
+                          f"{method} quantizes weights to integers",
+                          f"drop {wrong[0]}, or use method: fp (or teq) for minifloat weights, e.g. base: fp6")
+    if "bits" not in fields:
+        raise RecipeError(f"recipe {name!r}: method {method} needs bits", "add bits: 4 (any integer 1-8)")
+    bits = fields["bits"]
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        hint = ("1.58-bit (ternary) and other ParetoQ widths are method paretoq, e.g. base: paretoq-w1.58"
+                if isinstance(bits, float) else "e.g. bits: 4")
+        raise RecipeError(f"recipe {name!r}: bits must be an integer 1-8 for method {method}, got {bits!r}", hint)
+    if method == "fsbr" and fields.get("per_tensor"):
+        raise RecipeError(f"recipe {name!r} contradicts itself: per_tensor with method fsbr (FSBR learns its weight "
+                          "clipping per channel or per group)", "drop per_tensor, or use a group_size")
+    if method == "illm":
+        wrong = [f"{k}: {v!r}" for k, v, ok in (("group_size", fields.get("group_size"), None),
+                                               ("symmetric", fields.get("symmetric", True), True),
+                                               ("per_tensor", fields.get("per_tensor", False), False)) if v != ok]
+        if wrong:
+            raise RecipeError(f"recipe {name!r} contradicts itself: method illm with {', '.join(wrong)} (the "
+                              "integer-only DI-MatMul takes symmetric per-channel weights)",
+                              "drop them: illm weights are symmetric, one scale per output channel")
     from .quant import QuantSpec
     try:
-        spec = QuantSpec(bits=bits, symmetric=bool(data.get("symmetric", True)), group_size=group,
-                         per_tensor=bool(data.get("per_tensor", False)))
+        return QuantSpec(bits=bits, symmetric=fields.get("symmetric", True), group_size=fields.get("group_size"),
+                         per_tensor=fields.get("per_tensor", False))
     except QuantSpecError as exc:
         raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint or (
             "bits: 2-8 (1 only with symmetric: false), group_size: a positive integer or null (per-channel)")) from exc
-    return Recipe(name=name, method="rtn", weight=spec, exclude=tuple(exclude),
-                  description=data.get("description", f"round-to-nearest {spec.describe()}"),
-                  options=dict(data.get("options") or {}))
+
+
+def _fp_spec(method: str, name: str, given: dict, fields: dict) -> Any:
+    from .fpformats import FORMATS, FPQuantSpec
+    wrong = [k for k in _INT_ONLY if k in given]
+    if wrong:
+        raise RecipeError(f"recipe {name!r} contradicts itself: {wrong[0]} is an integer setting, and these "
+                          "weights are a minifloat format", f"drop {wrong[0]}; minifloats take format, group_size "
+                          "and scale_search (for integer weights write bits without format, method rtn or teq)")
+    if "format" not in fields:
+        raise RecipeError(f"recipe {name!r}: method {method} needs a minifloat format",
+                          f"add format: e3m2 (one of {', '.join(sorted(FORMATS))}), or base: fp6")
+    fmt = fields["format"]
+    if not isinstance(fmt, str) and not hasattr(fmt, "exp_bits"):
+        raise RecipeError(f"recipe {name!r}: format must be a name like e3m2, got {fmt!r}",
+                          f"one of {', '.join(sorted(FORMATS))}")
+    try:
+        spec = FPQuantSpec(format=fmt, group_size=fields.get("group_size"),
+                           scale_search=fields.get("scale_search", "absmax"))
+    except QuantSpecError as exc:
+        raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+    bits = given.get("bits")
+    if bits is not None and (isinstance(bits, bool) or bits != spec.bits):
+        raise RecipeError(f"recipe {name!r} contradicts itself: bits: {bits!r} and format {spec.label} "
+                          f"({spec.bits} bits)", f"drop bits (the format sets the width), or write bits: {spec.bits}")
+    return spec
+
+
+def _paretoq_spec(name: str, given: dict, fields: dict) -> Any:
+    from .paretoq import ParetoQSpec
+    wrong = [k for k in _FP_ONLY if k in given]
+    wrong += [k for k, fixed in (("symmetric", True), ("per_tensor", False)) if k in given and given[k] is not fixed]
+    if wrong:
+        raise RecipeError(f"recipe {name!r} contradicts itself: {wrong[0]}: {given[wrong[0]]!r} with method paretoq "
+                          "(ParetoQ weights are symmetric levels with one learned scale per channel or per group)",
+                          f"drop {wrong[0]}; paretoq takes bits (1, 1.58, 2, 3, 4) and group_size")
+    if "bits" not in fields:
+        raise RecipeError(f"recipe {name!r}: method paretoq needs bits", "add bits: 2 (one of 1, 1.58, 2, 3, 4)")
+    try:
+        return ParetoQSpec(fields["bits"], fields.get("group_size"))
+    except QuantSpecError as exc:
+        raise RecipeError(f"recipe {name!r}: {exc.message}", exc.hint) from exc
+
+
+def _check_weight(recipe: Recipe) -> None:
+    """The weight spec must be what the method's passes quantize with (checked for every recipe, not only files)."""
+    w, m, name = recipe.weight, recipe.method, recipe.name
+    kind = getattr(w, "kind", None)
+    wants = {"fp32": (None,), "rtn": ("int",), "fsbr": ("int",), "illm": ("int",), "fp": ("fp",),
+             "teq": ("int", "fp"), "paretoq": ("paretoq",)}.get(m)
+    if wants is None:
+        return  # a method registered later: its passes check their spec
+    if (w is None and None not in wants) or (w is not None and kind not in wants):
+        what = {"int": "an integer QuantSpec", "fp": "a minifloat FPQuantSpec", "paretoq": "a ParetoQSpec",
+                None: "no weight spec"}
+        raise RecipeError(f"recipe {name!r}: method {m} takes {' or '.join(what[k] for k in wants)}, "
+                          f"got {type(w).__name__ if w is not None else 'none'}",
+                          "build recipes with get_recipe (a name, a file, or a dict with method and weight keys)")
+    if m == "fsbr" and w.per_tensor:
+        raise RecipeError(f"recipe {name!r}: FSBR learns its weight clipping per channel or group, not per tensor",
+                          "use per-channel or grouped weights")
+    if m == "illm" and (not w.symmetric or w.group_size is not None or w.per_tensor):
+        raise RecipeError(f"recipe {name!r}: integer-only (illm) takes symmetric per-channel weights, got "
+                          f"{w.describe()}", "use bits only (e.g. bits: 8): symmetric, one scale per output channel")
+
+
+# ---- options: what each method's passes read ----------------------------------------------------------------
+
+#: options every trained method accepts for checkpointing (TEQConfig / FSBRConfig fields; the ParetoQ pass reads them)
+CHECKPOINT_OPTIONS = ("save_every", "checkpoint_dir", "resume")
+#: the QATConfig fields the ParetoQ pass (passes/train_paretoq.py, TrainParetoQ.call) fills from recipe options
+#: (tests/test_recipes.py reads that file and checks this against every ``options.get`` there)
+_PARETOQ_QAT_FIELDS = ("steps", "lr", "batch_size", "seq_len", "seed", "progress", "save_every")
+#: illm options that configure the integer-only lowering: option -> (type, default), see :func:`illm_integer_config`
+_ILLM_INTEGER_OPTIONS: dict[str, tuple[type, Any]] = {
+    "act_bits": (int, 8), "inner_bits": (int, 16), "attn_bits": (int, 8), "exp_order": (int, 2),
+    "softmax_clip": (float, 15.0)}
+
+
+def _fields(cls) -> dict[str, Any]:
+    """A config dataclass's fields and their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _teq_option_defaults() -> dict[str, Any]:
+    from fxquant.passes.train_teq_scales import TEQConfig
+    return {**_fields(TEQConfig), "tokenizer": None}   # the pass reads tokenizer itself
+
+
+def _fsbr_option_defaults() -> dict[str, Any]:
+    from fxquant.passes.fsbr import FSBRConfig
+    return {**_fields(FSBRConfig), "tokenizer": None}
+
+
+def _illm_option_defaults() -> dict[str, Any]:
+    return {**_fsbr_option_defaults(), "fsbr": True, **{k: d for k, (_, d) in _ILLM_INTEGER_OPTIONS.items()}}
+
+
+def _paretoq_option_defaults() -> dict[str, Any]:
+    from .qat import QATConfig
+    qat = _fields(QATConfig)
+    missing = [k for k in _PARETOQ_QAT_FIELDS if k not in qat]
+    if missing:  # QATConfig lost a field the pass fills: a programming error, not a user's
+        raise RecipeError(f"QATConfig has no field(s) {', '.join(missing)} that ParetoQ options set", "report a bug")
+    # checkpoint_dir and resume go to train_qat() itself, tokenizer to the calibration
+    return {**{k: qat[k] for k in _PARETOQ_QAT_FIELDS}, "checkpoint_dir": None, "resume": None, "tokenizer": None}
+
+
+#: method -> the options its passes read, each with its config default (derived from the config dataclasses; the
+#: key set is what :func:`check_options` allows, a bool/int/float default fixes the value's type). A method
+#: registered later adds its entry here, or takes no options.
+OPTION_SOURCES: dict[str, Callable[[], dict[str, Any]]] = {
+    "fp32": dict, "rtn": dict, "fp": dict, "teq": _teq_option_defaults, "fsbr": _fsbr_option_defaults,
+    "illm": _illm_option_defaults, "paretoq": _paretoq_option_defaults}
+
+
+@functools.lru_cache(maxsize=None)
+def _option_defaults(method: str) -> dict[str, Any]:
+    source = OPTION_SOURCES.get(method)
+    return dict(source()) if source is not None else {}
+
+
+def method_options(method: str) -> frozenset[str]:
+    """The option keys ``method``'s passes read (an empty set: the method takes no options)."""
+    return frozenset(_option_defaults(method))
+
+
+def check_options(method: str, options: dict[str, Any], *, recipe: str | None = None) -> None:
+    """Refuse an option ``method`` does not read (naming it, the method and the allowed keys) or a value of the
+    wrong type or range (the method's own config classes judge the range). Raises :class:`RecipeError`."""
+    who = f"recipe {recipe!r}" if recipe is not None else f"method {method}"
+    if not isinstance(options, dict):
+        raise RecipeError(f"{who}: options must be a mapping, got {options!r}", "e.g. options: {steps: 200}")
+    if not options:
+        return
+    defaults = _option_defaults(method)
+    for key in options:
+        if key in defaults:
+            continue
+        elsewhere = [m for m in _described_methods() if m != method and key in method_options(m)]
+        where = f"; {key} is an option of {', '.join(elsewhere)}" if elsewhere else ""
+        if not defaults:
+            raise RecipeError(f"{who}: method {method} takes no options, got {key!r}{where}",
+                              f"drop options:, or use a trained method ({_TRAINED})")
+        raise RecipeError(f"{who}: unknown option {key!r} for method {method}{_did_you_mean(key, defaults)}{where}",
+                          f"method {method} reads: {', '.join(sorted(defaults))}")
+    for key, value in options.items():
+        _check_type(who, key, value, defaults[key])
+    check = _VALUE_CHECKS.get(method)
+    if check is None:
+        return
+    try:
+        check(options)
+    except RecipeError as exc:
+        raise RecipeError(f"{who}: {exc.message}", exc.hint) from exc
+    except FxquantError as exc:
+        raise RecipeError(f"{who}: {exc.message}", exc.hint) from exc
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{who}: invalid option value: {exc}".splitlines()[0], "check the options' values") from exc
+
+
+def _check_type(who: str, key: str, value: Any, default: Any) -> None:
+    """Options with a bool / int / float default take that type (YAML reads ``1e-3`` as text, ``'no'`` as text)."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        hint = f"e.g. options: {{{key}: {str(default).lower() if isinstance(default, bool) else default}}}"
+        if isinstance(value, str) and want == "a number":
+            hint += " (YAML reads 1e-3 as text: write 1.0e-3 or 0.001)"
+        raise RecipeError(f"{who}: option {key} must be {want}, got {value!r}", hint)
+
+
+def _teq_values(o: dict) -> None:
+    from fxquant.passes.train_teq_scales import TEQConfig
+    TEQConfig.from_options(o)
+
+
+def _fsbr_values(o: dict) -> None:
+    from fxquant.passes.fsbr import FSBRConfig
+    FSBRConfig.from_options({"act_bits": int(o.get("act_bits", 8)), **o})   # as _fsbr_passes builds it
+
+
+def _illm_values(o: dict) -> None:
+    _fsbr_values(o)
+    illm_integer_config(o)
+    if o.get("fsbr", True) is False:
+        # the other FSBR settings (alpha, samples, ...) may stay at the recipe's values; asking for training is a
+        # contradiction (the CLI refuses --steps and --checkpoint-dir on such a data-free recipe the same way)
+        asked = ([f"epochs: {o['epochs']}"] if o.get("epochs", 0) else []) + [
+            f"{k}: {o[k]!r}" for k in CHECKPOINT_OPTIONS if o.get(k) not in (None, 0)]
+        if asked:
+            raise RecipeError(f"contradicts itself: fsbr: false skips FSBR, so {', '.join(asked)} would do nothing",
+                              "drop them, or set fsbr: true to smooth (and, with epochs > 0, train) before lowering")
+
+
+def _paretoq_values(o: dict) -> None:
+    from .qat import QATConfig
+    from .train_state import check_checkpoint_options
+    lr = o.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+        raise RecipeError(f"option lr must be a number, or null for the bit width's default, got {lr!r}",
+                          "e.g. options: {lr: 2.0e-5} (YAML reads 2e-5 as text: write 2.0e-5 or 0.00002)")
+    QATConfig(**{k: o[k] for k in _PARETOQ_QAT_FIELDS if k in o})
+    check_checkpoint_options(o.get("save_every", 0), o.get("checkpoint_dir"), o.get("resume"), "ParetoQ")
+
+
+_VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
+    "teq": _teq_values, "fsbr": _fsbr_values, "illm": _illm_values, "paretoq": _paretoq_values}
 
 
 # ---- TEQ (passes/train_teq_scales.py + passes/fold_equivalent_scales.py) ----------------------------------------
@@ -366,10 +734,7 @@ for _name, _w, _a in (("fsbr-w8a8", 8, 8), ("fsbr-w4a8", 4, 8), ("fsbr-w4a4", 4,
 def illm_integer_config(options: dict[str, Any]):
     """The :class:`IntegerOnlyConfig` an ``illm`` recipe's options describe (also used to re-lower a checkpoint)."""
     from fxquant.passes.lower_integer_only import IntegerOnlyConfig
-    o = options
-    return IntegerOnlyConfig(act_bits=int(o.get("act_bits", 8)), inner_bits=int(o.get("inner_bits", 16)),
-                             attn_bits=int(o.get("attn_bits", 8)), exp_order=int(o.get("exp_order", 2)),
-                             softmax_clip=float(o.get("softmax_clip", 15.0)))
+    return IntegerOnlyConfig(**{k: kind(options.get(k, default)) for k, (kind, default) in _ILLM_INTEGER_OPTIONS.items()})
 
 
 def _illm_passes(recipe: Recipe) -> list:

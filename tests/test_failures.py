@@ -511,7 +511,7 @@ def test_unknown_recipe_name_lists_the_known_ones(tmp_path, capsys, no_load):
 @pytest.mark.parametrize("content,needle", [
     ("method: rtn\nbits: 4\ncolour: red\n", "unknown key(s) colour"),
     ("method: gptq\nbits: 4\n", "unknown method 'gptq'"),
-    ("method: teq\nbits: 4\n", "method 'teq' cannot be set up from a recipe file"),
+    ("method: teq\nbits: 4\noptions: {stpes: 100}\n", "unknown option 'stpes' for method teq (did you mean 'steps'?)"),
     ("method: rtn\nbits: 4\nexclude: 7\n", "exclude must be a list of name patterns"),
 ])
 def test_recipe_file_with_unknown_field_or_method_is_refused(content, needle, tmp_path, capsys, no_load):
