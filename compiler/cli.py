@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("recipes", help="list the recipes, one line each",
-                       description="Built-in recipes. A recipe file (YAML/JSON) has keys: name, method (rtn|fp32), "
-                                   "bits (1-8), group_size (positive int or null), symmetric (bool), exclude (patterns).")
+                       description="Built-in recipes. A recipe file (YAML/JSON) has keys: name, method (fp32, rtn, "
+                                   "fp, teq, fsbr, illm, paretoq) or base (a built-in name to start from), bits, "
+                                   "group_size, symmetric, per_tensor, format, scale_search, exclude (patterns), "
+                                   "options (only those the method reads). See the README's Recipes section.")
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("generate", help="quantize (optionally) and generate text greedily with the KV cache")

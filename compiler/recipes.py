@@ -19,7 +19,7 @@ every built-in recipe::
     group_size: 128          # omit or null for per-channel (illm: per-channel only)
     symmetric: true          # integer weights (illm and paretoq: true only)
     per_tensor: false        # rtn/teq integer weights only
-    format: e3m2             # fp, teq: a minifloat (e3m2/fp6, e2m3, e2m2/fp5, e3m1, e2m1/fp4); bits, if given, must agree
+    format: e3m2             # fp, teq: e3m2/fp6, e2m3, e2m2/fp5, e3m1, e2m1/fp4 (bits, if given, must agree)
     scale_search: absmax     # fp, teq with a format: absmax | mse
     exclude: [lm_head*]      # fnmatch patterns over parameter names that stay float
     options: {steps: 200}    # the settings the method's passes read (see :func:`method_options`)
@@ -347,7 +347,8 @@ def _weight_kind(method: str, given: dict, base: Recipe | None, name: str) -> st
     if base is not None and base.weight is not None:
         return base.weight.kind
     raise RecipeError(f"recipe {name!r}: method {method!r} cannot be set up from a file without a base",
-                      f"write base: <a built-in {method} recipe> ({', '.join(_named_of(method)) or 'see `fxquant recipes`'})")
+                      f"write base: <a built-in {method} recipe> "
+                      f"({', '.join(_named_of(method)) or 'see `fxquant recipes`'})")
 
 
 def _base_weight_fields(spec: Any) -> dict[str, Any]:
@@ -571,9 +572,7 @@ def check_options(method: str, options: dict[str, Any], *, recipe: str | None = 
         return
     try:
         check(options)
-    except RecipeError as exc:
-        raise RecipeError(f"{who}: {exc.message}", exc.hint) from exc
-    except FxquantError as exc:
+    except FxquantError as exc:  # RecipeError (QATConfig), PassError / TrainingError / LoweringError (the others)
         raise RecipeError(f"{who}: {exc.message}", exc.hint) from exc
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{who}: invalid option value: {exc}".splitlines()[0], "check the options' values") from exc

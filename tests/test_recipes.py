@@ -284,8 +284,8 @@ def test_a_misspelt_option_suggests_the_right_one(method, data):
     if typo in method_options(method):
         return
     with pytest.raises(RecipeError, match="did you mean"):
-        get_recipe({"base": {"teq": "teq-w4", "fsbr": "fsbr-w4a8", "illm": "illm-w4a8", "paretoq": "paretoq-w2"}[method],
-                    "options": {typo: 1}})
+        base = {"teq": "teq-w4", "fsbr": "fsbr-w4a8", "illm": "illm-w4a8", "paretoq": "paretoq-w2"}[method]
+        get_recipe({"base": base, "options": {typo: 1}})
 
 
 def test_the_option_sets_come_from_the_config_dataclasses():
