@@ -244,6 +244,13 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['ms_float'] * 1e3:.1f} | {r['speedup']:.2f}x | {r['GBps_quant']:.0f} | "
                      f"{100 * r['GBps_quant'] / report['copy_GBps']:.0f}% | {kr.get('n_regs', '-')} | "
                      f"{kr.get('shared', '-')} | {kr.get('n_spills', '-')} |")
+    if report["device"].startswith("CPU"):
+        lines += ["", "On the CPU the eager `fxquant::linear_*` op is the reference: it dequantizes the whole weight on "
+                  "every call, so the GEMM rows measure that, not a kernel. Compiled models do not pay it: "
+                  "`torch.compile(..., backend=\"fxquant\")` dequantizes once at compile time and lets Inductor run the "
+                  "float GEMM (the decode table below)."]
+    if report.get("command"):
+        lines += ["", f"Command: `{report['command']}`"]
     m1 = [r for r in report["gemm"] if r["M"] == 1]
     if m1:
         lines += ["", "Decode (M = 1) speedup over the float matmul, geometric mean over the shapes:", ""]
@@ -275,8 +282,9 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     shapes = SHAPES[:2] if quick else SHAPES
     rows = [int(r) for r in args.rows.split(",")] if args.rows else ([1, 16] if quick else ROWS)
+    import sys
     report: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
-                              "quick": quick}
+                              "quick": quick, "command": " ".join(["python", "examples/bench_kernels.py", *sys.argv[1:]])}
     try:
         import triton
         report["triton"] = triton.__version__
