@@ -106,12 +106,10 @@ def unpack_bitplanes(planes: torch.Tensor, cols: int) -> torch.Tensor:
 # ---- one quantized weight <-> tensors + JSON -------------------------------------------------------------------------
 def encode_weight(name: str, q: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A quantized weight object → (its manifest entry, its tensors named ``<name>.<field>``)."""
-    from .fpformats import FP6PackedWeight, FPQuantizedWeight, format_label, pack_fp6
+    from .fpformats import FP6PackedWeight, FPQuantizedWeight, format_label
     from .paretoq import ParetoQWeight
     from .quant import QuantizedWeight
     tensors: dict[str, torch.Tensor] = {}
-    if isinstance(q, FPQuantizedWeight):
-        q = pack_fp6(q)
     if isinstance(q, QuantizedWeight):
         s = q.spec
         offset = 1 << (s.bits - 1) if s.symmetric else 0
@@ -121,11 +119,11 @@ def encode_weight(name: str, q: Any) -> tuple[dict[str, Any], dict[str, torch.Te
             tensors[f"{name}.zero"] = q.zero.to(torch.uint8)
         entry = {"kind": "int", "bits": s.bits, "symmetric": s.symmetric, "spec_group_size": s.group_size,
                  "per_tensor": s.per_tensor, "group_size": int(q.group_size)}
-    elif isinstance(q, FP6PackedWeight):
+    elif isinstance(q, (FP6PackedWeight, FPQuantizedWeight)):
         # the element codes at the format's own width (FP4 in 4 bits, not in the kernel's 6-bit container);
         # the 4+2 planes are rebuilt on load
         tensors.update({f"{name}.planes": pack_bitplanes(q.codes, q.format.bits), f"{name}.scale": q.scale})
-        entry = {"kind": "fp", "format": format_label(q.format), "bits": q.format.bits, "in_features": q.in_features,
+        entry = {"kind": "fp", "format": format_label(q.format), "bits": q.format.bits, "in_features": int(q.shape[1]),
                  "group_size": q.group_size, "dtype": str(q.dtype).removeprefix("torch.")}
     elif isinstance(q, ParetoQWeight):
         from fxquant.backends.lowbit import pack_codes
@@ -243,7 +241,8 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, r
             model.save_pretrained(tmp, state_dict=state)
         finally:
             del model.config.quantization_config
-        for stray in tmp.glob("*.bin"):
+        stray = next(tmp.glob("*.bin"), None)
+        if stray is not None:  # transformers >= 5 writes safetensors only; never ship a pickle if that changes
             raise ModelLoadError(f"save_pretrained wrote a pickle ({stray.name})", "upgrade transformers")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -271,11 +270,9 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, r
 
 
 # ---- load -----------------------------------------------------------------------------------------------------------
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 def refuse_pickles(path: Path) -> None:
     """An fxquant checkpoint never holds a pickle: a folder with one is refused before anything is read."""
+    from .models import PICKLE_SUFFIXES
     found = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if found:
         raise ModelLoadError(f"{path} holds pickled files ({', '.join(found)}); fxquant never unpickles",

@@ -82,8 +82,12 @@ def _kind_of(config) -> str:
     return "causal-lm" if getattr(config, "is_decoder", False) or "causal" in archs.lower() else "causal-lm"
 
 
+#: file suffixes of pickled weights: fxquant never opens them (a checkpoint folder holding one is refused outright)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
 def _refuse_pickles(folder: Path) -> None:
-    pickles = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
     safes = list(folder.glob("*.safetensors")) + list(folder.glob("*.gguf"))
     if pickles and not safes:
         raise ModelLoadError(f"{folder} holds only pickled weights ({', '.join(sorted(pickles))})",
