@@ -336,6 +336,10 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype | None = None, device
         # transformers would look for a quantizer named "fxquant"; we rebuild the quantized weights ourselves
         del config.quantization_config
     qc = dict(qc or {})
+    sums = qc.get("checksums")
+    if sums is not None and manifest and sums != {k: f"sha256:{v}" for k, v in manifest.get("files", {}).items()}:
+        raise ModelLoadError(f"the checksums in {path / 'config.json'} do not match {MANIFEST}",
+                             "the checkpoint was modified; quantize again")
     if manifest and manifest.get("format", "fxquant-packed-v1") != FORMAT:
         raise ModelLoadError(f"{path} is a {manifest.get('format', 'fxquant-packed-v1')} checkpoint; this fxquant "
                              f"reads {FORMAT}", "quantize the model again with this version")

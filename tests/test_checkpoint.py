@@ -175,7 +175,7 @@ def test_a_malformed_manifest_entry_is_reported(saved, tmp_path):
         load_quantized(dst)
 
 
-def test_load_model_and_cli_eval_read_a_checkpoint(saved):
+def test_load_model_reads_a_checkpoint(saved):
     lm = fxquant.load_model(str(saved[0]))
     assert isinstance(lm, fxquant.QuantizedCheckpoint)
     assert torch.equal(_logits(lm.model), saved[1])
@@ -225,3 +225,18 @@ def test_cli_quantize_then_eval_the_checkpoint(tmp_path, capsys):
     assert "already quantized with 'rtn-w4g128'" in capsys.readouterr().err
     assert main(["eval", "--model", str(out), "--baseline", *common]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_manifest_and_config_checksums_must_agree(saved, tmp_path):
+    """Re-hashing a modified file into the manifest alone is caught by the copy of the hashes in config.json."""
+    from fxquant.checkpoint import _sha256
+    dst = _copy(saved, tmp_path)
+    f = dst / PACKED
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["files"][PACKED] = _sha256(f)
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="checksums in .*config.json do not match"):
+        load_quantized(dst)
