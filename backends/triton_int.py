@@ -246,6 +246,192 @@ def _wq_linear_kernel(
             tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask, sem="relaxed")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Decode GEMV on 32-bit words (M == 1): the fast path
+# ---------------------------------------------------------------------------------------------------------------
+# Why a second GEMV. Decode is bound by the weight bytes only if the per-weight ALU work is small: an H100 SM does
+# 128 FP32 FMA/ADD, 64 integer shift/logic and only 16 *type conversions* per clock, so a single int -> float
+# conversion per weight (``.to(tl.float32)`` on a code) costs more than reading an int4 weight. This kernel
+#
+# * loads the packed weight as int32 words (16-byte vector loads; a word holds 8 int4 or 4 int8 codes),
+# * turns a code into a float with one LOP3 and one FADD, no conversion: a code ``u`` placed in the mantissa at
+#   bit ``p`` under the exponent field ``150 - p`` is the float ``2^(23-p) + u`` exactly (``u < 2^(23-p)``), so
+#   ``bitcast(word & (MASK << p) | ((150 - p) << 23)) - (2^(23-p) + zero)`` is ``u - zero`` exactly. Codes at bit
+#   positions 0..19 (int4) or 0..15 (int8) take the word as it is, the others the word shifted once,
+# * accumulates in a ``[BLOCK_N, BLOCK_W]`` float32 tile, reduced across threads once after the loop, and
+# * applies a per-channel scale once at the end, a group scale once per word (a word never straddles a group).
+#
+# Per int4 weight: 1 LOP3 + 1 FADD + 1 FFMA (+ 1/8 SHF), against ~8 operations with a conversion before.
+# The numerics are the same real number as :func:`_dequant` times ``x``: ``u - zero`` is exact, the product and
+# the sum are float32 (summed in another order than the other paths: within float tolerance, as any GEMM).
+@triton.jit
+def _code_value(words, wshift, magic, j: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """``(u_j - OFFSET) · 2^P`` as float32 (exact) for code ``j`` of each word, where ``P`` is the code's bit position
+    in ``words`` or in ``wshift`` (the word shifted right by 16 (int8) or 12 (int4) bits, which holds the codes
+    that would reach the exponent field in place): ``bitcast(field | 0x4B000000) = 2^23 + u·2^P`` exactly.
+    ``magic`` is 0x4B000000 passed as a kernel argument: as a register it is shared by every code, where a
+    constant would be rebuilt next to each use (the masks are the logic ops' immediates)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 4:
+        P: tl.constexpr = 4 * j if j <= 4 else 4 * j - 12
+    else:
+        P: tl.constexpr = 8 * j if j <= 1 else 8 * j - 16
+    if (BITS == 4 and j <= 4) or (BITS == 8 and j <= 1):
+        v = words
+    else:
+        v = wshift
+    BASE: tl.constexpr = 8388608.0 + OFFSET * float(1 << P)
+    f = ((v & (MASK << P)) | magic).to(tl.float32, bitcast=True)
+    return f - BASE
+
+
+@triton.jit
+def _x_for_code(xj, j: tl.constexpr, BITS: tl.constexpr):
+    """``x · 2^-P`` for code ``j`` (``P`` as in :func:`_code_value`): exact, a power of two."""
+    if BITS == 4:
+        P: tl.constexpr = 4 * j if j <= 4 else 4 * j - 12
+    else:
+        P: tl.constexpr = 8 * j if j <= 1 else 8 * j - 16
+    return xj * (1.0 / (1 << P))
+
+
+@triton.jit
+def _word_step(acc, words, s, z, x_ptrs, z_row, offs_w, w_end, magic,
+               BITS: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr, GROUP: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One ``BLOCK_W``-word step of the word GEMV on loaded ``words`` (and, with groups, their loaded scales ``s``
+    and zero points ``z``): ``acc += (codes - zero) * x`` (times the group scale). ``MASKED``: the partial last
+    step (words past ``w_end`` were loaded as 0; x is masked here)."""
+    CPW: tl.constexpr = 32 // BITS
+    # int8 words: flip each byte's sign bit once per word, so byte j holds the unsigned ``code + 128``
+    FLIP: tl.constexpr = -2139062144 if BITS == 8 else 0     # 0x80808080 as an int32
+    SHIFT: tl.constexpr = 16 if BITS == 8 else 12
+    # what each code value is taken relative to: the symmetric zero point (int4: 8) and the int8 flip (128);
+    # asymmetric zero points are subtracted once per word below, through the word's sum of x
+    OFFSET: tl.constexpr = (128 if BITS == 8 else 0) + (0 if HAS_ZERO else SYM_ZERO)
+    if MASKED:
+        w_mask = offs_w < w_end
+    if BITS == 8:
+        words = words ^ FLIP
+    wshift = words >> SHIFT
+    # per channel without zero points: straight into acc; else a per-word partial sum, corrected and scaled once
+    DIRECT: tl.constexpr = (GROUP == 0) and (not HAS_ZERO)
+    if DIRECT:
+        part = acc
+    else:
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+    xsum = tl.zeros((acc.shape[1],), dtype=tl.float32)
+    for j in tl.static_range(CPW):
+        if MASKED:
+            xj = tl.load(x_ptrs + j, mask=w_mask, other=0.0).to(tl.float32)
+        else:
+            xj = tl.load(x_ptrs + j).to(tl.float32)
+        # the code's value carries 2^P (its bit position); x carries 2^-P (exact, and shared by the rows)
+        part += _code_value(words, wshift, magic, j, BITS, OFFSET) * _x_for_code(xj, j, BITS)[None, :]
+        if HAS_ZERO:
+            xsum += xj
+    if HAS_ZERO:
+        if GROUP == 0:
+            part -= z_row * xsum[None, :]
+        else:
+            part -= z.to(tl.float32) * xsum[None, :]
+    if DIRECT:
+        acc = part
+    elif GROUP == 0:
+        acc += part
+    else:
+        acc += part * s
+    return acc
+
+
+@triton.jit
+def _group_tiles(s_ptr, z_ptr, rows, offs_w, w_end, stride_sn, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 GROUP: tl.constexpr, MASK):
+    """Scales and zero points ``[BLOCK_N, BLOCK_W]`` of the words at ``offs_w`` (GROUP > 0; else dummies). Words
+    past ``w_end`` take the last word's group: their codes and x are zero, but a scale read past the row could be
+    anything, NaN included. ``MASK`` (a prefetch past the last step) leaves the values undefined and unused."""
+    CPW: tl.constexpr = 32 // BITS
+    if GROUP == 0:
+        s = 0.0
+        z = 0
+    else:
+        g = (tl.minimum(offs_w, w_end - 1) * CPW) // GROUP
+        ptrs = rows[:, None] * stride_sn + g[None, :]
+        s = tl.load(s_ptr + ptrs, mask=MASK)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + ptrs, mask=MASK)
+        else:
+            z = 0
+    return s, z
+
+
+@triton.jit
+def _wq_gemv_words_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, KW, stride_wn, stride_sn, magic,
+    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    CPW: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # rows past the edge read a valid duplicate row (no mask in the loop); their results are not stored
+    rows = offs_n % N
+    w_tiles = tl.cdiv(KW, BLOCK_W)
+    per_split = tl.cdiv(w_tiles, SPLIT_K) * BLOCK_W
+    w_begin = pid_k * per_split
+    w_end = min(w_begin + per_split, KW)
+    n_full = tl.maximum(w_end - w_begin, 0) // BLOCK_W
+    if HAS_ZERO and GROUP == 0:
+        z_row = tl.load(z_ptr + rows * stride_sn).to(tl.float32)[:, None]
+    else:
+        z_row = 0.0
+    # one word per thread per step along K (32-bit loads, coalesced across the warp): the x values of a code,
+    # 8 (int4) or 4 (int8) columns apart, then land in the same layout as the words; 16-byte word loads would
+    # need x shuffled through shared memory, with a barrier, for every code of every step
+    offs_w = w_begin + tl.max_contiguous(tl.arange(0, BLOCK_W), 1)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_w[None, :]
+    x_ptrs = x_ptr + offs_w * CPW
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    # software pipelining by hand (Triton's pipeliner leaves loads that feed no tl.dot alone): the next step's
+    # words (and group scales) are requested before this step's arithmetic, so a program always has loads in
+    # flight. The masks are one value per step; a masked-off prefetch leaves registers undefined and unused.
+    ones = tl.full((1, BLOCK_W), 1, tl.int32)
+    words = tl.load(w_ptrs, mask=ones <= n_full)
+    s, z = _group_tiles(s_ptr, z_ptr, rows, offs_w, w_end, stride_sn, BITS, HAS_ZERO, GROUP, ones <= n_full)
+    for it in range(n_full):
+        more = ones + it < n_full
+        words_next = tl.load(w_ptrs + BLOCK_W, mask=more)
+        s_next, z_next = _group_tiles(s_ptr, z_ptr, rows, offs_w + BLOCK_W, w_end, stride_sn, BITS, HAS_ZERO,
+                                      GROUP, more)
+        acc = _word_step(acc, words, s, z, x_ptrs, z_row, offs_w, w_end, magic, BITS, HAS_ZERO, SYM_ZERO, GROUP,
+                         False)
+        words = words_next
+        s = s_next
+        z = z_next
+        w_ptrs += BLOCK_W
+        x_ptrs += BLOCK_W * CPW
+        offs_w += BLOCK_W
+    if w_begin + n_full * BLOCK_W < w_end:   # the partial last step
+        tail = (offs_w < w_end)[None, :]
+        words = tl.load(w_ptrs, mask=tail, other=0)
+        s, z = _group_tiles(s_ptr, z_ptr, rows, offs_w, w_end, stride_sn, BITS, HAS_ZERO, GROUP, tail)
+        acc = _word_step(acc, words, s, z, x_ptrs, z_row, offs_w, w_end, magic, BITS, HAS_ZERO, SYM_ZERO, GROUP,
+                         True)
+    y = tl.sum(acc, axis=1)
+    if GROUP == 0:
+        y = y * tl.load(s_ptr + rows * stride_sn)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(b_ptr + rows).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
+
+
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr, GROUP: tl.constexpr,
@@ -293,6 +479,43 @@ TILED_CONFIGS = [
 ]
 
 
+def _wcfg(bn: int, bw: int, split: int, warps: int, stages: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split}, num_warps=warps, num_stages=stages,
+                         pre_hook=_zero_output if split > 1 else None)
+
+
+#: M == 1 on 32-bit words: BLOCK_W = a multiple of 32 lanes x warps, BLOCK_N rows per thread sharing each x value.
+#: Decode here is bound by the loads in flight, not by bandwidth or arithmetic: small programs (many of them, few
+#: registers each) won on the H100 (examples/results/word_gemv_sweep_nvidia_h100.md); autotuning picks per shape.
+WORD_GEMV_CONFIGS = [
+    _wcfg(2, 128, 1, 1), _wcfg(4, 128, 1, 4), _wcfg(8, 128, 1, 4), _wcfg(4, 64, 1, 2), _wcfg(8, 256, 1, 8),
+    _wcfg(8, 64, 1, 2), _wcfg(8, 64, 2, 2),
+]
+
+
+def _word_prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """bf16 outputs cannot take split-K (no bf16 atomics before sm_90); a split needs words to split; group-wise
+    zero points (a prefetched scale and zero per word) keep to 16 words per thread, which spill on sm_80."""
+    y = named_args["y_ptr"]
+    kw = named_args["KW"]
+    heavy = kwargs.get("GROUP", 0) != 0 and kwargs.get("HAS_ZERO", False)
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or
+            (y.dtype != torch.bfloat16 and kw >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_W"])]
+    kept = [c for c in kept if not heavy or
+            c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_W"] <= 16 * 32 * c.num_warps]
+    return kept or [configs[0]]
+
+
+def word_gemv_eligible(qweight: torch.Tensor, *, bits: int, in_features: int, group_size: int) -> bool:
+    """Whether the word GEMV can read ``qweight`` as int32 words: whole words per row (K a multiple of 8 codes
+    for int4, 4 for int8), rows and base 4-byte aligned, and groups made of whole words."""
+    cpw = 32 // bits
+    k = in_features
+    group = 0 if group_size >= k else group_size
+    return (qweight.is_contiguous() and k % cpw == 0 and qweight.stride(0) % 4 == 0
+            and qweight.data_ptr() % 16 == 0 and (group == 0 or group % cpw == 0))
+
+
 def m_bucket(m: int) -> int:
     """Autotuning bucket of the row count: 1, 2, 4, ..., capped at 4096 (one tuning per bucket, not per M)."""
     return 1 if m <= 1 else min(4096, 1 << (m - 1).bit_length())
@@ -323,6 +546,8 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
 
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "BITS", "HAS_ZERO"]
+_word_gemv = triton.autotune(WORD_GEMV_CONFIGS, key=["N", "KW", "GROUP", "BITS", "HAS_ZERO"],
+                             prune_configs_by={"early_config_prune": _word_prune})(_wq_gemv_words_kernel)
 _gemv = triton.autotune(GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
 _skinny = triton.autotune(SKINNY_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
 _tiled = triton.autotune(TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
@@ -367,6 +592,14 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
     consts = dict(BITS=bits, HAS_ZERO=has_zero, SYM_ZERO=8 if bits == 4 else 0, GROUP=group,
                   HAS_BIAS=bias is not None,
                   DOT_IEEE=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16))
+    word_path = m == 1 and (config is None or "BLOCK_W" in config.kwargs) and word_gemv_eligible(
+        qweight, bits=bits, in_features=k, group_size=group_size)
+    if word_path:
+        _word_gemv_launch(x2, qweight, scale, zero, bias, y, n, k, bits, group, config)
+        return y.reshape(*lead, n)
+    if config is not None and "BLOCK_W" in config.kwargs:
+        raise ValueError("a word-GEMV config was given for a call the word GEMV cannot take "
+                         "(M > 1, K not a whole number of words, or groups that split a word)")
     tuner, configs = _configs_for(m)
     if config is None and INTERPRET:
         # the interpreter: no timing, take the first config that the pruning keeps
@@ -384,11 +617,44 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
         tuner[grid](*args, **consts)
         config = tuner.best_config
     _LAST_LAUNCH.clear()
-    _LAST_LAUNCH.update(args=args, consts=consts, config=config, m=m, n=n)
+    _LAST_LAUNCH.update(args=args, consts=consts, config=config, m=m, n=n, kernel=_wq_linear_kernel)
     return y.reshape(*lead, n)
 
 
 _LAST_LAUNCH: dict[str, Any] = {}
+
+
+#: 0x4B000000: the float32 bit pattern of 2^23 (see :func:`_code_value`)
+_MAGIC = 0x4B000000
+
+
+def _word_gemv_launch(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      bias: torch.Tensor | None, y: torch.Tensor, n: int, k: int, bits: int, group: int,
+                      config: triton.Config | None) -> None:
+    """Launch :func:`_wq_gemv_words_kernel` for one row ``x2 [1, K]`` into ``y [1, N]``."""
+    words = qweight.view(torch.int32)
+    kw = k * bits // 32
+    has_zero = zero is not None
+    args = (x2, words, scale, zero if has_zero else scale, bias if bias is not None else scale, y,
+            n, kw, words.stride(0), scale.stride(0), _MAGIC)
+    consts = dict(BITS=bits, HAS_ZERO=has_zero, SYM_ZERO=8 if bits == 4 else 0, GROUP=group,
+                  HAS_BIAS=bias is not None)
+    if config is None and INTERPRET:
+        config = _word_prune(WORD_GEMV_CONFIGS, dict(zip(_word_gemv.arg_names, args)), **consts)[0]
+    if config is not None:
+        kwc = dict(config.kwargs)
+        if kwc["SPLIT_K"] > 1:
+            y.zero_()
+        grid = (triton.cdiv(n, kwc["BLOCK_N"]), kwc["SPLIT_K"])
+        _wq_gemv_words_kernel[grid](*args, **consts, **kwc, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+    else:
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        _word_gemv[grid](*args, **consts)
+        config = _word_gemv.best_config
+    _LAST_LAUNCH.clear()
+    _LAST_LAUNCH.update(args=args, consts=consts, config=config, m=1, n=n, kernel=_wq_gemv_words_kernel)
 
 
 def last_kernel_resources() -> dict[str, Any] | None:
@@ -401,6 +667,15 @@ def last_kernel_resources() -> dict[str, Any] | None:
         return None
     cfg = _LAST_LAUNCH["config"]
     kw = dict(cfg.kwargs)
+    if _LAST_LAUNCH.get("kernel") is _wq_gemv_words_kernel:
+        if kw["SPLIT_K"] > 1:
+            _LAST_LAUNCH["args"][5].zero_()
+        kernel = _wq_gemv_words_kernel[(triton.cdiv(_LAST_LAUNCH["n"], kw["BLOCK_N"]), kw["SPLIT_K"])](
+            *_LAST_LAUNCH["args"], **_LAST_LAUNCH["consts"], **kw, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        return {"config": {**kw, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "path": "word_gemv"},
+                "n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+                "shared": getattr(getattr(kernel, "metadata", None), "shared", None)}
     grid = (triton.cdiv(_LAST_LAUNCH["m"], kw["BLOCK_M"]) * triton.cdiv(_LAST_LAUNCH["n"], kw["BLOCK_N"]),
             kw["SPLIT_K"])
     if kw["SPLIT_K"] > 1:
@@ -473,6 +748,14 @@ def aot_variants(bits: int) -> list[KernelVariant]:
                       **cfg.kwargs)
         out.append(KernelVariant(f"int{bits}_{pname}", _wq_linear_kernel, sig, consts, cfg.num_warps,
                                  cfg.num_stages, dot))
+    # the decode word GEMV: per-channel symmetric and group-wise asymmetric
+    wsig = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+            "N": "i32", "KW": "i32", "stride_wn": "i32", "stride_sn": "i32", "magic": "i32"}
+    for wname, layout, cfg in [("word_gemv_perchan", perchan, WORD_GEMV_CONFIGS[2]),
+                               ("word_gemv_g128a", g128a, WORD_GEMV_CONFIGS[0])]:
+        consts = dict(BITS=bits, SYM_ZERO=8 if bits == 4 else 0, HAS_BIAS=True, **layout, **cfg.kwargs)
+        out.append(KernelVariant(f"int{bits}_{wname}", _wq_gemv_words_kernel, wsig, consts, cfg.num_warps,
+                                 cfg.num_stages, False))
     sig = {"q_ptr": q_ty, "s_ptr": "*fp32", "z_ptr": "*i32", "w_ptr": "*fp16", "N": "i32", "K": "i32",
            "stride_qn": "i32", "stride_sn": "i32", "stride_wn": "i32"}
     out.append(KernelVariant(f"int{bits}_dequant_g128a", _dequant_kernel, sig,

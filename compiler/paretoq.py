@@ -256,7 +256,7 @@ def init_alpha(w: torch.Tensor, spec: ParetoQSpec) -> torch.Tensor:
     pad = n_groups * group - cols
     grouped = F.pad(a, (0, pad)).reshape(rows, n_groups, group)
     if spec.method == "binary":
-        counts = torch.full((n_groups,), float(group))
+        counts = torch.full((n_groups,), float(group), device=w.device)
         counts[-1] = cols - (n_groups - 1) * group  # the shorter last group averages over its own columns
         stat = grouped.sum(dim=2) / counts
     elif spec.method == "seq":

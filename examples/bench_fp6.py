@@ -110,7 +110,11 @@ def run(quick: bool, group_size: int | None, out_dir: Path) -> dict:
                    "rel_err_vs_reference": rel, "weight_copies": copies,
                    "fp6_GBps": (packed.nbytes() + m * k * 2 + m * n * 2) / t6 / 1e6}
             if cuda and path != "torch":
-                tuner = {"gemv": triton_fp6._gemv, "skinny": triton_fp6._skinny, "tiled": triton_fp6._tiled}[path]
+                if path == "gemv" and getattr(triton_fp6, "_word_gemv", None) is not None and \
+                        getattr(triton_fp6._word_gemv, "best_config", None) is not None:
+                    path = row["path"] = "word_gemv"
+                tuner = {"gemv": triton_fp6._gemv, "word_gemv": triton_fp6._word_gemv, "skinny": triton_fp6._skinny,
+                         "tiled": triton_fp6._tiled}[path]
                 if getattr(tuner, "best_config", None) is not None:
                     row["config"] = str(tuner.best_config)
             results.append(row)

@@ -271,6 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small subset (default on the CPU)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the SmolLM2 decode measurement")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM grid (only the decode measurement)")
     ap.add_argument("--synthetic-model", action="store_true",
                     help="SmolLM2's architecture with random weights (when the GGUF package is not installed)")
     ap.add_argument("--rows", default=None, help="comma-separated M values (default: the full list)")
@@ -300,7 +301,7 @@ def main() -> None:
         (out / f"bench_{slug}.json").write_text(json.dumps(report, indent=2, default=str))
         (out / f"bench_{slug}.md").write_text(markdown(report))
 
-    report["gemm"] = [r for n, k in shapes for r in run_gemm(n, k, rows, device, dtype)]
+    report["gemm"] = [] if args.no_gemm else [r for n, k in shapes for r in run_gemm(n, k, rows, device, dtype)]
     save()
     if not args.no_e2e:
         variants = (args.variants.split(",") if args.variants else

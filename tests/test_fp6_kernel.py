@@ -190,3 +190,80 @@ def test_aot_compile_no_spills_and_tensor_cores(arch, aot_rows):
     # the tiled path uses Hopper's warpgroup MMA on sm_90 and mma.sync on sm_80
     tiled = [r for r in rows if r["name"].startswith("fp6_tiled")]
     assert tiled and all(r["wgmma"] if arch >= 90 else r["mma"] for r in tiled)
+
+
+# ---- the word GEMV (M == 1 on int32 / int64 words of the planes) -------------------------------------------------
+# (group, K): per channel with a partial last 16-code group; groups of 64, 48 (3 x 16), 128; K % 4 != 0 (the
+# activations are then read element by element); K < 16 (no whole group); K longer than one step (2 x 128 groups)
+WORD_CASES = [(None, 100), (64, 200), (48, 100), (128, 4144), (None, 65), (None, 8), (32, 2100)]
+
+
+@pytest.mark.parametrize("cfg", range(len(T.WORD_GEMV_CONFIGS)), ids=lambda i: f"cfg{i}")
+@pytest.mark.parametrize("group,k", WORD_CASES, ids=[f"g{g}_k{k}" for g, k in WORD_CASES])
+def test_word_gemv_matches_reference(group, k, cfg):
+    config = T.WORD_GEMV_CONFIGS[cfg]
+    n = 37 if config.kwargs["SPLIT_K"] == 1 else 19      # rows that do not fill the last row block
+    q, p = _packed(_weight(n, k, seed=k), E3M2, group)
+    g = torch.Generator().manual_seed(k)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    dtypes = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
+    if config.kwargs["SPLIT_K"] == 1:
+        dtypes.append((torch.bfloat16, 1e-2))             # (no bf16 atomics: split-K is pruned for bf16)
+    ref_attrs = fp6_backend.pack_fp6_tensors(p)[1]
+    for dtype, tol in dtypes:
+        x = torch.randn(1, k, generator=g)
+        x[0, :: max(1, k // 7)] *= 40.0                    # outlier activations
+        x = x.to(DEVICE, dtype)
+        y = T.fp6_linear(x, p.hi2, p.lo4, p.scale, bias.to(dtype), config=config, **_kw(p))
+        ref = fp6_backend.linear_fp6_reference(x.float(), p.hi2, p.lo4, p.scale, bias, **ref_attrs)
+        assert y.shape == (1, n) and y.dtype == dtype
+        err = (y.float() - ref).norm() / ref.norm()
+        assert err < tol, f"word GEMV cfg{cfg} group={group} k={k} {dtype}: relative error {err:.2e}"
+
+
+def test_word_gemv_every_code_and_no_bias():
+    # all 64 codes (subnormals, zeros, both signs) in every position of a 16-code group, x = one-hot rows of the
+    # identity: y[n] is then exactly the dequantized weight W[n, j]
+    codes = torch.stack([torch.roll(torch.arange(64, dtype=torch.uint8), s) for s in range(16)])
+    from fxquant.fpformats import FPQuantizedWeight
+    q = FPQuantizedWeight(codes, torch.full((16, 1), 0.75), E3M2, None)
+    p = pack_fp6(q).to(DEVICE)
+    w = q.dequantize()
+    for j in (0, 5, 8, 15, 16, 37, 63):
+        x = torch.zeros(1, 64)
+        x[0, j] = 1.0
+        y = T.fp6_linear(x.to(DEVICE), p.hi2, p.lo4, p.scale, None, config=T.WORD_GEMV_CONFIGS[0], **_kw(p)).cpu()
+        assert torch.equal(y[0], w[:, j]), j
+
+
+def test_word_gemv_dispatch_and_fallbacks(monkeypatch):
+    calls = []
+    real = T._word_gemv_launch
+    monkeypatch.setattr(T, "_word_gemv_launch", lambda *a, **kw: (calls.append(a[8]), real(*a, **kw)))
+    x = torch.randn(1, 100).to(DEVICE)
+    # default dispatch: one row takes the word GEMV (per channel and whole 16-code groups) ...
+    for group in (None, 32):
+        q, p = _packed(_weight(24, 100), E3M2, group)
+        y = T.fp6_linear(x, p.hi2, p.lo4, p.scale, None, **_kw(p))
+        assert torch.allclose(y.cpu(), x.cpu() @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert calls == [0, 32]
+    # ... except groups that are not whole 16-code groups, other containers (E2M3), or word_gemv=False: the tile
+    # GEMV, with the same result
+    for fmt, group, word in ((E3M2, 24, None), (E2M3, 32, None), (E3M2, 32, False)):
+        q, p = _packed(_weight(24, 100), fmt, group)
+        y = T.fp6_linear(x, p.hi2, p.lo4, p.scale, None, word_gemv=word, **_kw(p))
+        assert torch.allclose(y.cpu(), x.cpu() @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert calls == [0, 32]
+    # planes that cannot be read as words (a row of 6 bytes, not a multiple of 4) fall back too
+    q, p = _packed(_weight(8, 64), E3M2, None)
+    hi, lo = p.hi2[:, :6].contiguous(), p.lo4[:, :12].contiguous()     # the first 24 codes of each row
+    assert not T.word_gemv_eligible(x[:, :24], hi, lo, exp_bits=3, group=0)
+    y = T.fp6_linear(x[:, :24], hi, lo, p.scale, None, in_features=24, exp_bits=3, bias=3, group_size=None)
+    assert torch.allclose(y.cpu(), x[:, :24].cpu() @ q.dequantize()[:, :24].t(), rtol=1e-5, atol=1e-5)
+    assert calls == [0, 32]
+    # forcing the word GEMV where it cannot run is an error, not a silent fallback
+    q, p = _packed(_weight(24, 100), E2M3, None)
+    with pytest.raises(ValueError, match="word GEMV"):
+        T.fp6_linear(x, p.hi2, p.lo4, p.scale, None, config=T.WORD_GEMV_CONFIGS[0], **_kw(p))
+    with pytest.raises(ValueError, match="one activation row"):
+        T.fp6_linear(torch.randn(2, 100).to(DEVICE), p.hi2, p.lo4, p.scale, None, word_gemv=True, **_kw(p))

@@ -135,3 +135,58 @@ def test_custom_op_dispatches_and_has_a_fake() -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = packed.linear(torch.empty(5, 72, device=DEVICE, dtype=torch.float16))
     assert fake.shape == (5, 24) and fake.dtype == torch.float16
+
+
+# (bits, symmetric, group_size, K) that the decode word GEMV takes: whole 32-bit words per row, whole words per group
+WORD_SPECS = [
+    (4, True, None, 72), (4, False, None, 136), (4, True, 32, 72), (4, False, 64, 200),
+    (8, True, None, 68), (8, False, None, 100), (8, True, 32, 96), (8, False, 16, 80),
+]
+
+
+@pytest.mark.parametrize("bits,sym,group,k", WORD_SPECS)
+def test_word_gemv_matches_reference(bits: int, sym: bool, group: int | None, k: int) -> None:
+    """The M = 1 word GEMV (codes made floats by bit patterns, not conversions): the default config, a narrow
+    word block that loops over K with a partial last step, and split-K; fp32 and fp16 activations, with a bias."""
+    from fxquant.backends import triton_int as ti
+    _, packed = _packed(bits, sym, group, k, n=40, seed=k)
+    assert ti.word_gemv_eligible(packed.tensors["qweight"], bits=bits, in_features=k,
+                                 group_size=packed.attrs["group_size"])
+    g = torch.Generator().manual_seed(k)
+    for cfg in (None, ti._wcfg(4, 8, 1, 1), ti._wcfg(8, 4, 3, 1)):
+        for dtype in (torch.float32, torch.float16):
+            x = (torch.randn(1, k, generator=g) * 2).to(dtype).to(DEVICE)
+            x[0, :3] *= 40.0   # outlier activations
+            _check_linear(packed, x, torch.randn(40, generator=g).to(dtype).to(DEVICE), config=cfg)
+            assert ti._LAST_LAUNCH["kernel"] is ti._wq_gemv_words_kernel
+
+
+@pytest.mark.parametrize("bits,sym,group,k", [WORD_SPECS[1], WORD_SPECS[3], WORD_SPECS[5], WORD_SPECS[7]])
+def test_word_gemv_one_hot_rows_give_the_exact_weights(bits: int, sym: bool, group: int | None, k: int) -> None:
+    """x = one row of the identity through the word GEMV: each output is one dequantized weight, bit for bit (the
+    code's float value and the zero-point subtraction are exact, the scale is the single rounding)."""
+    from fxquant.backends import triton_int as ti
+    qw, packed = _packed(bits, sym, group, k)
+    expect = qw.dequantize().t()
+    for col in (0, 5, k - 1):
+        x = torch.eye(k)[col:col + 1].to(DEVICE)
+        got = ti.wq_linear(x, *_tensors(packed), None, bits=bits, **packed.attrs).cpu()
+        assert ti._LAST_LAUNCH["kernel"] is ti._wq_gemv_words_kernel
+        assert torch.equal(got, expect[col:col + 1])
+
+
+def test_word_gemv_is_skipped_where_it_cannot_read_words() -> None:
+    """Odd K (a half-filled word), groups that split a word, and more than one row take the other paths; forcing a
+    word config on such a call is an error, not a silent fallback."""
+    from fxquant.backends import triton_int as ti
+    for bits, sym, group, k in [(4, False, 16, 61), (4, True, 12, 72), (8, True, None, 70)]:
+        _, packed = _packed(bits, sym, group, k)
+        eligible = ti.word_gemv_eligible(packed.tensors["qweight"], bits=4 if bits <= 4 else 8, in_features=k,
+                                         group_size=packed.attrs["group_size"])
+        assert not eligible, (bits, group, k)
+    _, packed = _packed(4, True, None, 72)
+    x = torch.randn(3, 72).to(DEVICE)
+    _check_linear(packed, x, None)
+    assert ti._LAST_LAUNCH.get("kernel") is not ti._wq_gemv_words_kernel
+    with pytest.raises(ValueError, match="word-GEMV config"):
+        ti.wq_linear(x, *_tensors(packed), None, bits=4, config=ti.WORD_GEMV_CONFIGS[0], **packed.attrs)

@@ -97,3 +97,40 @@ def test_aot_compile_sm80_sm90_no_spills():
         assert r["registers"] <= 255
         if r["uses_dot"]:
             assert r["mma"] or r["wgmma"], f"{r['name']} sm_{r['arch']}: no tensor-core instruction"
+
+
+# ---- the decode GEMV: unmasked main loop (two tiles a step), masked tail, every scale mode and activation dtype --
+GEMV_CASES = [(bits, k + (1000 if bits == 1 else 0), group) for bits in ALL_BITS
+              for k, group in ((1100, None), (1111, 64), (1100, 40))]
+
+
+@pytest.mark.parametrize("bits,k,group", GEMV_CASES, ids=[f"w{b}-k{k}-g{g}" for b, k, g in GEMV_CASES])
+def test_gemv_main_loop_tail_and_scale_modes(bits, k, group, monkeypatch):
+    # one warp -> tiles of 32 words (int16 / bytes for ternary), so K ~ 1100 runs the unmasked two-tile main loop
+    # and a masked tail; K = 1111 is odd (fp16 activations padded to int32 pairs, ternary rows of 223 bytes are
+    # read byte by byte); groups of 64 / 40 are whole words for some widths (a scale per word) and split words
+    # for the others (a scale per code)
+    monkeypatch.setattr(T, "GEMV_CONFIG", (16, 1))
+    qw, p, planes, scale = _packed(bits, 20, k, group, seed=k)
+    w = qw.dequantize(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(20, generator=g)
+    for m in (1, 3):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 2e-2)):
+            x = torch.randn(m, k, generator=g)
+            x[:, :: max(1, k // 7)] *= 30  # outlier columns
+            x = x.to(dtype)
+            ref = torch.nn.functional.linear(x.float(), w, bias)
+            y = T.lowbit_linear(x.to(DEVICE), planes, scale, bias.to(DEVICE, dtype), bits=bits, path="gemv",
+                                **p.attrs).float().cpu()
+            err = ((y - ref).norm() / ref.norm()).item()
+            assert err < tol, f"{bits}-bit k={k} g={group} m={m} {dtype}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_gemv_consts_cover_every_mode(bits):
+    for group, k in ((None, 4096), (128, 4096), (24, 4096)):
+        gc = T._gemv_consts(bits, group or k, k, 2)
+        cpw = gc["CPW"]
+        assert gc["GROUP_MODE"] == (0 if group is None else (1 if group % cpw == 0 else 2))
+        assert gc["BLOCK_N"] == (4 if gc["GROUP_MODE"] == 2 else T.GEMV_CONFIG[0])

@@ -191,3 +191,13 @@ def test_spec_names_and_wrong_shapes():
         paretoq_fake_quant(torch.randn(4, 12), torch.ones(4, 1), 2, 5)
     with pytest.raises(WeightError, match="non-finite"):
         init_alpha(torch.tensor([[1.0, float("nan")]]), ParetoQSpec(2))
+
+
+def test_binary_init_stays_on_the_weights_device():
+    """The 1-bit mean-|W| divisor is made on the weight's device, not the default one (a CUDA weight with the
+    default device CPU failed with a device mismatch; here the default device is 'meta' and the weight CPU)."""
+    w = torch.randn(6, 20)
+    expect = init_alpha(w, ParetoQSpec(1, 8))
+    with torch.device("meta"):
+        got = init_alpha(w, ParetoQSpec(1, 8))
+    assert got.device == w.device and torch.equal(got, expect)
