@@ -108,12 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration text (default: WikiText-2 validation)")
     p.set_defaults(func=cmd_verify)
 
+    from .benchmark import add_bench_parser
     from .debug import add_debug_parser
     from .pareto import add_pareto_parser
     from .qat import add_qat_parser
     add_debug_parser(sub)
     add_qat_parser(sub)
     add_pareto_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -82,3 +82,25 @@ def test_quantize_dumps_and_saves_a_loadable_checkpoint(tmp_path, monkeypatch, c
     # and the non-empty output folder is refused without --overwrite
     assert main(["quantize", "--model", "smollm2", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_bench_times_small_gemms_and_writes_the_report(tmp_path, capsys):
+    """`fxquant bench` on this machine with tiny shapes: every format checked against its reference, then timed at
+    each M against torch.matmul; the JSON and the Markdown report land in --out."""
+    assert main(["bench", "--shapes", "64x96,40x72", "--rows", "1,3", "--no-e2e", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("bench_*.json")
+    data = json.loads(js.read_text())
+    rows = data["gemm"]
+    assert {(r["N"], r["K"], r["M"]) for r in rows} == {(n, k, m) for n, k in ((64, 96), (40, 72)) for m in (1, 3)}
+    assert len(rows) == 8 and all(r["ms_quant"] > 0 and r["ms_float"] > 0 and r["speedup"] > 0 for r in rows)
+    assert data["command"].startswith("fxquant bench") or "bench" in data["command"]
+    md = js.with_suffix(".md").read_text()
+    assert "| int4 (w4g128) | 64 | 96 | 1 |" in md and data["device"] in md
+
+
+@pytest.mark.parametrize("args,needle", [(["--shapes", "64by96"], "cannot read shapes"),
+                                         (["--rows", "0"], "positive integer")])
+def test_bench_refuses_bad_shapes_in_one_line(tmp_path, capsys, args, needle):
+    assert main(["bench", *args, "--no-e2e", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0
