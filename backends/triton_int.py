@@ -486,7 +486,7 @@ def _wcfg(bn: int, bw: int, split: int, warps: int, stages: int = 1) -> triton.C
 
 #: M == 1 on 32-bit words: BLOCK_W = a multiple of 32 lanes x warps, BLOCK_N rows per thread sharing each x value.
 #: Decode here is bound by the loads in flight, not by bandwidth or arithmetic: small programs (many of them, few
-#: registers each) won on the H100 (examples/results/word_gemv_sweep_nvidia_h100.md); autotuning picks per shape.
+#: registers each) won on the H100 (examples/results/word_gemv_nvidia-h100-80gb-hbm3.md); autotuning picks per shape.
 WORD_GEMV_CONFIGS = [
     _wcfg(2, 128, 1, 1), _wcfg(4, 128, 1, 4), _wcfg(8, 128, 1, 4), _wcfg(4, 64, 1, 2), _wcfg(8, 256, 1, 8),
     _wcfg(8, 64, 1, 2), _wcfg(8, 64, 2, 2),

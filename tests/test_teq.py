@@ -264,3 +264,40 @@ def test_calibration_inputs_and_their_errors():
     assert calibration_windows(torch.arange(40), 16).shape == (4, 16)  # starts 0, 8, 16, 24
     with pytest.raises(PassError, match="steps"):
         TEQConfig(steps=0).validate()
+
+
+def test_held_out_windows_never_overlap_training_windows():
+    from fxquant.passes.train_teq_scales import calibration_windows, split_holdout
+    windows = calibration_windows(torch.arange(1000), 32)     # token ids = positions
+    train, held = split_holdout(windows, 4)
+    assert held.shape[0] == 4 and train.shape[0] + 2 * 4 == windows.shape[0]
+    assert not set(train.flatten().tolist()) & set(held.flatten().tolist())
+    assert len(set(held.flatten().tolist())) == held.numel()      # the held-out windows do not overlap each other
+    assert split_holdout(windows, 0)[1] is None and split_holdout(windows[:7], 4)[1] is None  # < 8 windows: none
+
+
+def test_a_harmful_run_keeps_the_initial_scales(caplog):
+    """A learning rate far too high makes the held-out loss rise: TEQ warns and keeps the init (RTN's quality), and
+    records both losses; with holdout 0 nothing is checked."""
+    cg, plan, ids = _train_setup()
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    cfg = TEQConfig(steps=5, lr=30.0, seq_len=32, batch_size=2, seed=0, distill=1.0, progress=False)
+    with caplog.at_level("WARNING", logger="fxquant"):
+        record = train_scales(cg, plan, q, ids, cfg)
+    assert record.extra["kept"] == "init" and record.moved() == 0.0
+    assert record.extra["heldout_loss_trained"] > record.extra["heldout_loss_init"]
+    assert "keeping the initial scales" in caplog.text
+    unchecked = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, holdout=0))
+    assert unchecked.extra == {"kept": "trained"} and unchecked.moved() > 1.0
+
+
+def test_a_useful_run_keeps_its_scales():
+    record = _train()
+    assert record.extra["kept"] == "trained" and record.extra["heldout_windows"] == 8
+    assert record.extra["heldout_loss_trained"] <= record.extra["heldout_loss_init"]
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.5])
+def test_holdout_option_is_validated(bad):
+    with pytest.raises(PassError, match="holdout"):
+        TEQConfig(holdout=bad).validate()
