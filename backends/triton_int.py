@@ -6,11 +6,15 @@ What this module computes, and why it is shaped this way
 A quantized linear reads its weight once per call. In decode (``M`` = 1 to a few rows) the product is bound by
 memory: the time is the bytes of ``W`` over the memory bandwidth, so int8 weights can be up to 2x and int4
 weights up to 4x faster than fp16 ones. In prefill (``M`` large) the product is bound by arithmetic and the
-dequantized tile must feed the tensor cores (``tl.dot``). One kernel body, :func:`_wq_linear_kernel`, serves
-both; its compile-time parameters pick the path:
+dequantized tile must feed the tensor cores (``tl.dot``). Two kernels:
 
-* ``BLOCK_M == 1`` — **GEMV** for ``M == 1``: each program owns ``BLOCK_N`` output channels, streams their
-  packed weights along ``K`` and reduces ``w * x`` with plain FMAs (no tensor core is worth a 1-row product);
+* :func:`_wq_gemv_words_kernel` — the **word GEMV** for ``M == 1`` whenever the packed rows are whole 32-bit
+  words (K a multiple of 8 codes for int4, 4 for int8) and groups are whole words: codes become floats by their
+  bit pattern, no int->float conversion (see the comment above the kernel). Everything else goes to
+* :func:`_wq_linear_kernel`, whose compile-time parameters pick the path:
+
+* ``BLOCK_M == 1`` — **GEMV** for ``M == 1`` (odd K, odd group widths): each program owns ``BLOCK_N`` output
+  channels, streams their packed weights along ``K`` and reduces ``w * x`` with plain FMAs;
 * ``BLOCK_M >= 16`` with ``SPLIT_K > 1`` — **skinny / split-K** for ``2 <= M <= 16``: few output tiles exist,
   so ``K`` is cut into ``SPLIT_K`` slices that run as separate programs and add into ``y`` atomically;
 * ``BLOCK_M >= 16``, ``SPLIT_K == 1`` — the **tiled GEMM** for larger ``M``: classic ``tl.dot`` tiles with
@@ -253,15 +257,20 @@ def _wq_linear_kernel(
 # 128 FP32 FMA/ADD, 64 integer shift/logic and only 16 *type conversions* per clock, so a single int -> float
 # conversion per weight (``.to(tl.float32)`` on a code) costs more than reading an int4 weight. This kernel
 #
-# * loads the packed weight as int32 words (16-byte vector loads; a word holds 8 int4 or 4 int8 codes),
-# * turns a code into a float with one LOP3 and one FADD, no conversion: a code ``u`` placed in the mantissa at
-#   bit ``p`` under the exponent field ``150 - p`` is the float ``2^(23-p) + u`` exactly (``u < 2^(23-p)``), so
-#   ``bitcast(word & (MASK << p) | ((150 - p) << 23)) - (2^(23-p) + zero)`` is ``u - zero`` exactly. Codes at bit
-#   positions 0..19 (int4) or 0..15 (int8) take the word as it is, the others the word shifted once,
+# * loads the packed weight as int32 words, one word per thread and row per step (32-bit loads, coalesced across
+#   the warp; 16-byte loads would put the x values of a code in another layout than the words, i.e. a shuffle
+#   through shared memory with a barrier for every code), and requests the next step's words (and group scales)
+#   before this step's arithmetic (a hand-made software pipeline: Triton pipelines only loads that feed tl.dot),
+# * turns a code into a float with one LOP3 and one FADD, no conversion: the code's field at bit ``p`` OR'ed
+#   into the bits of 2^23 reads as ``2^23 + u·2^p`` exactly, so one FADD leaves ``(u - offset)·2^p``; the
+#   ``2^-p`` is folded into x (exact, once per x value, shared by the thread's rows). Codes at bit positions
+#   0..16 (int4) or 0..8 (int8) take the word as it is, the others the word shifted once,
+# * subtracts asymmetric zero points once per word (``zero · Σx`` over the word's columns),
 # * accumulates in a ``[BLOCK_N, BLOCK_W]`` float32 tile, reduced across threads once after the loop, and
 # * applies a per-channel scale once at the end, a group scale once per word (a word never straddles a group).
 #
-# Per int4 weight: 1 LOP3 + 1 FADD + 1 FFMA (+ 1/8 SHF), against ~8 operations with a conversion before.
+# Per int4 weight: 1 LOP3 + 1 FADD + 1 FFMA (+ 1/8 SHF); 4.4 SASS instructions per weight in the sm_90 main loop
+# (per channel), against ~8 with an int->float conversion (16 per clock per SM on Hopper) before.
 # The numerics are the same real number as :func:`_dequant` times ``x``: ``u - zero`` is exact, the product and
 # the sum are float32 (summed in another order than the other paths: within float tolerance, as any GEMM).
 @triton.jit
