@@ -336,3 +336,39 @@ def add_bench_parser(sub: Any) -> None:
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     add_arguments(p)
     p.set_defaults(func=lambda args: (run(args), 0)[1])
+
+
+# ---- shared by the GPU kernel examples (examples/bench_word_gemv.py, bench_fp6_gemv.py, bench_lowbit_gemv.py) ----
+#: how their kernel times are taken, quoted in every report they write
+GPU_METHOD = ("kernel time from `fxquant.benchmark.bench`: a CUDA graph of 20 x [flush the 50 MB L2 with a 256 MB "
+              "memset, call] minus a graph of the flushes alone, median of 7 replays (no Python launch overhead, "
+              "weights read from HBM)")
+
+
+def slug(device: str) -> str:
+    """A file-name form of a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40]
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def example_main(args: argparse.Namespace, *, script: str, what: str,
+                 load: Callable[[list[str]], Any], markdown: Callable[[Any], str],
+                 measure: Callable[[argparse.Namespace], Any]) -> None:
+    """The common ``main`` of a GPU kernel example: ``--render JSON...`` re-renders recorded results (no GPU:
+    the Markdown goes next to the first file, or into ``--out``); otherwise it needs CUDA and measures."""
+    if getattr(args, "render", None):
+        md = markdown(load(args.render))
+        first = Path(args.render[0])
+        dest = (Path(args.out) if args.out else first.parent) / (first.stem + ".md")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(md)
+        print(md)
+        print(f"wrote {dest}")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU ({what}); without one, --render JSON re-renders recorded "
+                         "results")
+    measure(args)

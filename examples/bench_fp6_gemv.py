@@ -25,7 +25,6 @@ read from HBM as in a real model. The old tile GEMV is skipped (``-``) when a ``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fxquant import benchmark
+from fxquant.benchmark import GPU_METHOD, example_main, geomean, slug
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NAME = "fp6_gemv"
@@ -43,20 +45,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1433
 EXTRA_CONFIGS = [(4, 64, 1, 2), (8, 64, 1, 2), (2, 32, 1, 1), (4, 32, 1, 1), (16, 128, 1, 4)]
 TOL = 5e-3          # fp16 output rounding alone is ~2e-4
 TARGET = 2.2        # M = 1 speedup over FP16 torch.matmul
-METHOD = ("kernel time from `examples/bench_kernels.bench`: a CUDA graph of 20 x [flush the 50 MB L2 with a 256 MB "
-          "memset, call] minus a graph of the flushes alone, median of 7 replays (no Python launch overhead, weights "
-          "read from HBM)")
-
-
-def _bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40]
+METHOD = GPU_METHOD
 
 
 def _finite(v: Any) -> Any:
@@ -87,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from fxquant.backends import triton_fp6 as T
     from fxquant.fpformats import E3M2, FPQuantSpec, pack_fp6, quantize_fp
 
-    bk = _bench_kernels()
+    bk = benchmark
     t0 = time.time()
     dev = torch.device("cuda")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -205,10 +194,6 @@ def _parse_cfg(s: str | None) -> tuple[int, ...] | None:
         return None
 
 
-def _geo(v: list[float]) -> float:
-    return math.exp(sum(map(math.log, v)) / len(v))
-
-
 def _f(v: float | None, fmt: str = ".1f", unit: str = "") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{fmt}}{unit}"
 
@@ -231,7 +216,7 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out["command"] = list(dict.fromkeys(cmds))
     sp = [x["speedup_new"] for x in out["rows"]]
     if sp:
-        out["geomean_speedup_new"] = _geo(sp)
+        out["geomean_speedup_new"] = geomean(sp)
     return out
 
 
@@ -271,7 +256,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
                        ("FP6, both", lambda x: True)):
         sp = [x["speedup_new"] for x in rows if sel(x)]
         if sp:
-            lines.append(f"* {label}: {_geo(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×) — target ≥ {TARGET:g}×: "
+            lines.append(f"* {label}: {geomean(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×) — target ≥ {TARGET:g}×: "
                          f"**{'met' if min(sp) >= TARGET else 'missed'}** ({sum(s >= TARGET for s in sp)} of "
                          f"{len(sp)} cases)")
     if sweep and rows and all(len(x.get("config_us", [])) == len(sweep) for x in rows):
@@ -303,20 +288,8 @@ def main() -> None:
                     help="re-render the Markdown from existing JSON file(s), merging runs over different shapes, no "
                          "GPU needed; written next to the first file (or into --out when given)")
     args = ap.parse_args()
-    if args.render:
-        md = markdown([json.loads(Path(p).read_text()) for p in args.render])
-        first = Path(args.render[0])
-        dest = (Path(args.out) if args.out else first.parent) / (first.stem + ".md")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(md)
-        print(md)
-        print(f"wrote {dest}")
-        return
-    import torch
-    if not torch.cuda.is_available():
-        sys.exit("bench_fp6_gemv.py needs a CUDA GPU (the Triton FP6 kernels); without one, --render JSON re-renders "
-                 "recorded results")
-    measure(args)
+    example_main(args, script=Path(__file__).name, what="the Triton FP6 kernels", load=lambda paths: [json.loads(Path(p).read_text()) for p in paths], markdown=markdown,
+                 measure=measure)
 
 
 if __name__ == "__main__":

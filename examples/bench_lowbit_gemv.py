@@ -26,7 +26,6 @@ read from HBM as in a real model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -34,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fxquant import benchmark
+from fxquant.benchmark import GPU_METHOD, example_main, geomean, slug
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -44,20 +46,7 @@ FORMATS = [("pq_w1", 1, None), ("pq_w1_58", 1.58, None), ("pq_w2", 2, None), ("p
 #: M = 1 speedup over FP16 torch.matmul: 2-bit >= 5x, ternary >= 6x, and 4-bit held to the int4 target
 TARGET = {("pq_w2", None): 5.0, ("pq_w1_58", None): 6.0, ("pq_w4", None): 3.0}
 SWEEP = ((16, 4), (16, 8), (8, 4), (8, 8), (16, 2), (32, 4))   # (BLOCK_N, num_warps)
-METHOD = ("kernel time from `examples/bench_kernels.bench`: a CUDA graph of 20 x [flush the 50 MB L2 with a 256 MB "
-          "memset, call] minus a graph of the flushes alone, median of 7 replays (no Python launch overhead, weights "
-          "read from HBM)")
-
-
-def _bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40]
+METHOD = GPU_METHOD
 
 
 def weight(n: int, k: int, dev):
@@ -139,7 +128,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from fxquant.backends import triton_lowbit as T
     from fxquant.paretoq import ParetoQSpec, init_alpha, quantize_paretoq
 
-    bk = _bench_kernels()
+    bk = benchmark
     t0 = time.monotonic()
     deadline = math.inf if args.deadline is None else args.deadline
     dev = torch.device("cuda")
@@ -219,10 +208,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 # %%
 # Report
 # ------
-def _geo(v: list[float]) -> float:
-    return math.exp(sum(map(math.log, v)) / len(v))
-
-
 def _scales(g) -> str:
     return "channel" if g in (None, "channel") else f"g{g}"
 
@@ -288,9 +273,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         tgt = sel[0].get("target")
         met = "" if tgt is None else (f" — target ≥ {tgt:g}×: **{'met' if min(sp) >= tgt else 'missed'}** "
                                       f"({sum(s >= tgt for s in sp)} of {len(sp)} shapes)")
-        cmp = "".join(f"; with {c}: {_geo([x['us_fp16'] / other[c][k] for x in sel if (k := (x['format'], str(x['group']), x['N'], x['K'])) in other[c]]):.2f}×"
+        cmp = "".join(f"; with {c}: {geomean([x['us_fp16'] / other[c][k] for x in sel if (k := (x['format'], str(x['group']), x['N'], x['K'])) in other[c]]):.2f}×"
                       for c in extra_cols if any((x["format"], str(x["group"]), x["N"], x["K"]) in other[c] for x in sel))
-        lines.append(f"* {fmt} ({sel[0]['bits']} bit, {_scales(grp)}): {_geo(sp):.2f}× (min {min(sp):.2f}×, "
+        lines.append(f"* {fmt} ({sel[0]['bits']} bit, {_scales(grp)}): {geomean(sp):.2f}× (min {min(sp):.2f}×, "
                      f"max {max(sp):.2f}×){met}{cmp}")
     sweep = head.get("sweep") or []
     if sweep:
@@ -321,20 +306,8 @@ def main() -> None:
                          "another GEMV_CONFIG adds a comparison column; written next to the first file (or into "
                          "--out when given)")
     args = ap.parse_args()
-    if args.render:
-        md = markdown([json.loads(Path(p).read_text()) for p in args.render])
-        first = Path(args.render[0])
-        dest = (Path(args.out) if args.out else first.parent) / (first.stem + ".md")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(md)
-        print(md)
-        print(f"wrote {dest}")
-        return
-    import torch
-    if not torch.cuda.is_available():
-        sys.exit("bench_lowbit_gemv.py needs a CUDA GPU (the Triton low-bit GEMV); without one, --render JSON "
-                 "re-renders recorded results")
-    measure(args)
+    example_main(args, script=Path(__file__).name, what="the Triton low-bit GEMV", load=lambda paths: [json.loads(Path(p).read_text()) for p in paths], markdown=markdown,
+                 measure=measure)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ read from HBM as in a real model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -36,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fxquant import benchmark
+from fxquant.benchmark import GPU_METHOD, example_main, geomean, slug
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,20 +49,7 @@ EXTRA_CONFIGS = [(16, 64, 1, 2), (16, 128, 1, 4), (8, 32, 1, 1), (4, 32, 1, 1), 
                  (2, 128, 1, 1), (8, 256, 1, 8), (4, 128, 1, 4)]
 TARGETS = {"int8": 1.8, "int4": 3.0}   # M = 1 speedup over FP16 torch.matmul
 TOL = 2e-3
-METHOD = ("kernel time from `examples/bench_kernels.bench`: a CUDA graph of 20 x [flush the 50 MB L2 with a 256 MB "
-          "memset, call] minus a graph of the flushes alone, median of 7 replays (no Python launch overhead, weights "
-          "read from HBM)")
-
-
-def _bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40]
+METHOD = GPU_METHOD
 
 
 def cfg_key(i: int, cfg) -> str:
@@ -82,7 +71,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from fxquant.backends import triton_int as ti
     from fxquant.quant import QuantSpec, quantize_weight
 
-    bk = _bench_kernels()
+    bk = benchmark
     dev = torch.device("cuda")
     formats = {"int8 perchan": QuantSpec(8), "int4 g128": QuantSpec(4, group_size=128),
                "int4 g128 asym": QuantSpec(4, symmetric=False, group_size=128)}
@@ -191,10 +180,6 @@ def _auto_label(s: str | None) -> str:
         return s
 
 
-def _geo(v: list[float]) -> float:
-    return math.exp(sum(map(math.log, v)) / len(v))
-
-
 def _target(fmt: str) -> float | None:
     return next((t for prefix, t in TARGETS.items() if fmt.startswith(prefix)), None)
 
@@ -253,8 +238,8 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         tgt = _target(fmt)
         met = "" if tgt is None else (f" — target ≥ {tgt:g}×: **{'met' if min(sp) >= tgt else 'missed'}** "
                                       f"({sum(s >= tgt for s in sp)} of {len(sp)} shapes)")
-        lines.append(f"* {fmt}: {_geo(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×) "
-                     f"[best config: {_geo(sb):.2f}×]{met}")
+        lines.append(f"* {fmt}: {geomean(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×) "
+                     f"[best config: {geomean(sb):.2f}×]{met}")
     if now:
         lines += ["", "Best config within the current `WORD_GEMV_CONFIGS` (from the sweep below: the pick the "
                   "autotuner can make now), speedup over FP16:", ""]
@@ -265,7 +250,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
                 if cand:
                     sp.append(r["fp16_us"] / min(cand))
             if sp:
-                lines.append(f"* {fmt}: {_geo(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×)")
+                lines.append(f"* {fmt}: {geomean(sp):.2f}× (min {min(sp):.2f}×, max {max(sp):.2f}×)")
     # ---- the sweep
     keys = list(dict.fromkeys(k for r in rows for k in r if _cfg_of_key(k)))
     if keys:
@@ -305,7 +290,7 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             for v in versions:
                 a = [r["speedup_auto"] for r in v["rows"] if r["fmt"] == fmt]
                 b = [r["speedup_best"] for r in v["rows"] if r["fmt"] == fmt]
-                cells.append(f"{v['version']} {_geo(a):.2f}× / {_geo(b):.2f}×" if a else f"{v['version']} -")
+                cells.append(f"{v['version']} {geomean(a):.2f}× / {geomean(b):.2f}×" if a else f"{v['version']} -")
             lines.append(f"* {fmt}: " + ", ".join(cells))
     ncu = [n for r in reports for n in r.get("ncu", [])]
     if ncu:
@@ -350,23 +335,14 @@ def main() -> None:
     ap.add_argument("--profile-config", metavar="BN,BW,SK,W",
                     help="only launch this config three times (int4 g128, 4096 x 4096), for ncu")
     args = ap.parse_args()
-    if args.render:
-        md = markdown(load(args.render))
-        first = Path(args.render[0])
-        dest = (Path(args.out) if args.out else first.parent) / (first.stem + ".md")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(md)
-        print(md)
-        print(f"wrote {dest}")
-        return
-    import torch
-    if not torch.cuda.is_available():
-        sys.exit("bench_word_gemv.py needs a CUDA GPU (the Triton word GEMV); without one, --render JSON re-renders "
-                 "recorded results")
     if args.profile_config:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit(f"{Path(__file__).name} --profile-config needs a CUDA GPU")
         profile_one(args.profile_config)
         return
-    measure(args)
+    example_main(args, script=Path(__file__).name, what="the Triton word GEMV", load=load, markdown=markdown,
+                 measure=measure)
 
 
 if __name__ == "__main__":
