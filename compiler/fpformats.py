@@ -30,7 +30,7 @@ from .errors import QuantSpecError, WeightError
 __all__ = [
     "FloatFormat", "E3M2", "E2M3", "E2M2", "E3M1", "E2M1", "FORMATS", "get_format",
     "FPQuantSpec", "FPQuantizedWeight", "encode", "decode", "compute_scales", "quantize_fp", "fp_fake_quantize",
-    "format_label", "container_format", "FP6_K_ALIGN", "FP6PackedWeight", "pack_fp6_planes", "unpack_fp6_planes",
+    "format_label", "round_to_format", "MSE_RATIOS", "container_format", "FP6_K_ALIGN", "FP6PackedWeight", "pack_fp6_planes", "unpack_fp6_planes",
     "pack_fp6",
 ]
 
@@ -212,14 +212,24 @@ def _group_amax(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return a.view(out_f, -1, group_size).amax(dim=2)
 
 
+#: clipping ratios the ``mse`` scale search tries, largest first: ``amax * r / max_value`` for r = 1.00, 0.99, ...,
+#: 0.70 (31 candidates). Ratio 1 is the absmax scale, so the search can only lower the squared error (ties keep the
+#: larger ratio, i.e. absmax). Lower weight error is not lower perplexity: on SmolLM2 (40 windows) E2M3 g64 scored
+#: 28.951 with absmax and 29.302 with this search, which clips the largest weight of a group — the ones that matter
+#: most — so absmax stays the default (examples/results/smollm2_quality.md).
+MSE_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.01 * i, 2) for i in range(31))
+
+
 def compute_scales(w: torch.Tensor, fmt: FloatFormat = E3M2, group_size: int | None = None,
                    scale_search: Literal["absmax", "mse"] = "absmax") -> torch.Tensor:
     """float32 scales, shape [O, 1] (per channel) or [O, ceil(C / group_size)].
 
     ``absmax``: ``amax / max_value`` so the largest weight lands on the format's top value. ``mse``: per row
-    (group), try clipping ``amax`` by ratios 1.00, 0.99, ..., 0.80 and keep the ratio with the lowest squared
-    error (weights above the clip saturate) — the cheap search that helps formats with few exponent bits.
-    Zero rows (groups) get scale 1 (their codes are all zero either way).
+    (group), try the clipping ratios :data:`MSE_RATIOS` (1.00 down to 0.70) of ``amax`` and keep the scale with the
+    lowest squared weight error ``sum((dequant(quant(w)) - w)**2)`` — weights above the clip saturate. The search is
+    data-free and vectorised over rows and groups (one pass over the weight per candidate), it never does worse than
+    absmax on that error (ratio 1 is a candidate; ties keep the larger ratio) and it is deterministic. Zero rows
+    (groups) get scale 1 (their codes are all zero either way).
     """
     _check_group_size(group_size)
     w = w.detach().float()
@@ -229,11 +239,12 @@ def compute_scales(w: torch.Tensor, fmt: FloatFormat = E3M2, group_size: int | N
         return scale
     if scale_search != "mse":
         raise QuantSpecError(f"unknown scale search {scale_search!r}", "use 'absmax' or 'mse'")
+    wg = _grouped(w, group_size)  # [O, G, gs] (zero-padded last group: zeros quantize to zero, no error)
     best = scale
-    best_err = _quant_error(w, best, fmt, group_size)
-    for ratio in torch.arange(0.99, 0.795, -0.01).tolist():
+    best_err = _group_sq_error(wg, best, fmt)
+    for ratio in MSE_RATIOS[1:]:
         cand = _absmax_scale(amax * ratio, fmt)
-        err = _quant_error(w, cand, fmt, group_size)
+        err = _group_sq_error(wg, cand, fmt)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
@@ -247,16 +258,39 @@ def _absmax_scale(amax: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     return scale.float()
 
 
-def _quant_error(w: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat, group_size: int | None) -> torch.Tensor:
-    full = _expand(scale, w.shape[1], group_size)
-    deq = decode(encode(w / full, fmt), fmt) * full
-    sq = (deq - w) ** 2
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """float32 ``[O, C]`` -> ``[O, G, gs]`` (``G = 1, gs = C`` per channel; the last group zero-padded)."""
+    out_f, in_f = w.shape
     if group_size is None:
-        return sq.sum(dim=1, keepdim=True)
-    pad = scale.shape[1] * group_size - w.shape[1]
+        return w.view(out_f, 1, in_f)
+    pad = _num_groups(in_f, group_size) * group_size - in_f
     if pad:
-        sq = torch.nn.functional.pad(sq, (0, pad))
-    return sq.view(w.shape[0], -1, group_size).sum(dim=2)
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(out_f, -1, group_size)
+
+
+def round_to_format(x: torch.Tensor, fmt: FloatFormat = E3M2) -> torch.Tensor:
+    """``decode(encode(x))`` without building codes: the nearest ``fmt`` value (ties to even, saturating), float32.
+
+    The scale search calls it once per candidate, so it is the cheap form of :func:`encode`'s rounding (about 10x
+    faster): with ``quantum`` the spacing of ``fmt``'s values in the binade of ``|x|`` (the subnormal step below the
+    smallest normal), ``c = quantum * 2**23`` is a float32 whose ulp is ``quantum``, so the float32 sum ``|x| + c``
+    rounds ``|x|`` to a multiple of ``quantum``, ties to even, and ``(|x| + c) - c`` is exact. ``quantum`` is built
+    from the exponent bits of ``|x|``. The values equal ``decode(encode(x))`` bit for bit (tested, ties included);
+    NaN is not checked here.
+    """
+    x = x.float()
+    mag = x.abs().clamp_(max=fmt.max_value)
+    e = mag.view(torch.int32) >> 23  # biased float32 exponent of |x| (0 for zero and float32 subnormals)
+    c = ((e.clamp_(min=127 + 1 - fmt.bias).add_(23 - fmt.man_bits)) << 23).view(torch.float32)
+    return torch.copysign(mag.add_(c).sub_(c), x)
+
+
+def _group_sq_error(wg: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Squared error of quantizing ``wg`` ``[O, G, gs]`` with ``scale`` ``[O, G]``, summed per group: ``[O, G]``."""
+    s = scale.unsqueeze(-1)
+    deq = round_to_format(wg / s, fmt).mul_(s)
+    return deq.sub_(wg).square_().sum(dim=-1)
 
 
 # ---- quantized weights -------------------------------------------------------------------------------

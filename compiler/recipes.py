@@ -158,22 +158,30 @@ def named_recipes() -> dict[str, str]:
 EXTRA_RECIPES: dict[str, tuple[str, Callable[[], Recipe]]] = {}
 
 
-def _fp(name: str, fmt: str, group: int | None, description: str) -> Callable[[], Recipe]:
+def _fp(name: str, fmt: str, group: int | None, description: str, search: str = "absmax") -> Callable[[], Recipe]:
     def make() -> Recipe:
         from .fpformats import FPQuantSpec
-        return Recipe(name=name, method="fp", weight=FPQuantSpec(format=fmt, group_size=group), description=description)
+        return Recipe(name=name, method="fp", weight=FPQuantSpec(format=fmt, group_size=group, scale_search=search),
+                      description=description)
     return make
 
 
-for _name, _fmt, _group, _desc in (
-    ("fp6", "e3m2", None, "FP6 E3M2 weights, per-channel scale, stored as 4+2 bit planes (FP6-LLM)"),
-    ("fp6g128", "e3m2", 128, "FP6 E3M2 weights, scales per group of 128 inputs, 4+2 bit planes"),
-    ("fp6g64", "e3m2", 64, "FP6 E3M2 weights, scales per group of 64 inputs, 4+2 bit planes"),
-    ("fp6-e2m3", "e2m3", None, "FP6 E2M3 weights (more mantissa, less range), per-channel scale"),
-    ("fp5", "e2m2", None, "FP5 E2M2 weights, per-channel scale (stored in the 6-bit container)"),
-    ("fp4", "e2m1", None, "FP4 E2M1 weights, per-channel scale (stored in the 6-bit container)"),
+_MSE = "scale per row/group searched over clipping ratios 1.00-0.70 of absmax for the least squared weight error"
+for _name, _fmt, _group, _search, _desc in (
+    ("fp6", "e3m2", None, "absmax", "FP6 E3M2 weights, per-channel scale, stored as 4+2 bit planes (FP6-LLM)"),
+    ("fp6g128", "e3m2", 128, "absmax", "FP6 E3M2 weights, scales per group of 128 inputs, 4+2 bit planes"),
+    ("fp6g64", "e3m2", 64, "absmax", "FP6 E3M2 weights, scales per group of 64 inputs, 4+2 bit planes"),
+    ("fp6-e2m3", "e2m3", None, "absmax", "FP6 E2M3 weights (more mantissa, less range), per-channel scale"),
+    ("fp6-e2m3g128", "e2m3", 128, "absmax", "FP6 E2M3 weights, scales per group of 128 inputs, 4+2 bit planes"),
+    ("fp6-e2m3g64", "e2m3", 64, "absmax", "FP6 E2M3 weights, scales per group of 64 inputs, 4+2 bit planes"),
+    ("fp6-mse", "e3m2", None, "mse", f"FP6 E3M2 weights, per-channel; {_MSE}"),
+    ("fp6-e2m3-mse", "e2m3", None, "mse", f"FP6 E2M3 weights, per-channel; {_MSE}"),
+    ("fp6-e2m3g128-mse", "e2m3", 128, "mse", f"FP6 E2M3 weights, groups of 128; {_MSE}"),
+    ("fp6-e2m3g64-mse", "e2m3", 64, "mse", f"FP6 E2M3 weights, groups of 64; {_MSE}"),
+    ("fp5", "e2m2", None, "absmax", "FP5 E2M2 weights, per-channel scale (stored in the 6-bit container)"),
+    ("fp4", "e2m1", None, "absmax", "FP4 E2M1 weights, per-channel scale (stored in the 6-bit container)"),
 ):
-    EXTRA_RECIPES[_name] = (_desc, _fp(_name, _fmt, _group, _desc))
+    EXTRA_RECIPES[_name] = (_desc, _fp(_name, _fmt, _group, _desc, _search))
 
 
 def register_recipe(name: str, description: str, factory: Callable[[], Recipe]) -> None:
