@@ -1,0 +1,78 @@
+"""examples/bench_qat.py (issue #5): RTN vs ParetoQ QAT vs torchao QAT, on the tiny LLaMA in a few steps.
+
+The torchao part runs only where torchao is installed (it is an optional ``bench`` extra); without it, the script
+must still run the other methods and say that it skipped torchao.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, EVERY = 4, 2
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_qat_example", ROOT / "examples" / "bench_qat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, methods: str) -> tuple[dict, Path]:
+    folder, text = make_tiny_model_folder(tmp_path)
+    out = tmp_path / "results" / "qat_tiny"
+    report = _bench().main(["--model", str(folder), "--calib", str(text), "--data", str(text), "--methods", methods,
+                            "--steps", str(STEPS), "--eval-every", str(EVERY), "--batch-size", "2", "--seq-len", "32",
+                            "--eval-windows", "2", "--eval-seq-len", "64", "--lr", "1e-3", "--threads", "1",
+                            "--no-progress", "--out", str(out)])
+    return report, out
+
+
+def _check(report: dict, out: Path, methods: list[str]) -> None:
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["budget"]["steps"] == STEPS and saved["budget"]["reduced_from_issue"]
+    assert math.isfinite(saved["float_ppl"])
+    assert set(saved["widths"]) == {"2", "1.58"}
+    for label, entry in saved["widths"].items():
+        assert set(entry["methods"]) == set(methods), label
+        for name, m in entry["methods"].items():
+            steps = [c["step"] for c in m["curve"]]
+            assert steps == [0, 2, 4], (label, name)
+            assert all(math.isfinite(c["ppl"]) and c["ppl"] > 1 for c in m["curve"]), (label, name)
+            assert m["trained_steps"] == (0 if name == "rtn" else STEPS)
+            if name != "rtn":
+                assert len(m["losses"]) == STEPS and all(math.isfinite(x) for x in m["losses"])
+        # ParetoQ starts from RTN: the step-0 point of its curve is the RTN model
+        assert entry["methods"]["paretoq"]["curve"][0]["ppl"] == pytest.approx(entry["methods"]["rtn"]["final_ppl"])
+        assert entry["verdict"].startswith("ParetoQ")
+    md = out.with_suffix(".md").read_text()
+    assert "Command: `python examples/bench_qat.py" in md and "Reduced from the issue's 300 steps" in md
+    assert report["widths"].keys() == saved["widths"].keys()
+
+
+def test_bench_qat_without_torchao(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as in CI: torchao not installed
+    report, out = _run(tmp_path, "rtn,paretoq,torchao")
+    assert "torchao QAT: SKIPPED" in capsys.readouterr().out
+    assert report["skipped"] == ["torchao: not installed"]
+    _check(report, out, ["rtn", "paretoq"])
+    assert "Skipped: torchao: not installed" in out.with_suffix(".md").read_text()
+
+
+def test_bench_qat_with_torchao(tmp_path):
+    pytest.importorskip("torchao.quantization.qat")
+    report, out = _run(tmp_path, "rtn,paretoq,torchao")
+    _check(report, out, ["rtn", "paretoq", "torchao"])
+    two, ternary = report["widths"]["2"]["methods"]["torchao"], report["widths"]["1.58"]["methods"]["torchao"]
+    assert "int2" in two["quantizer"] and ternary["reused_from_width"] == "2"
+    assert ternary["curve"] == two["curve"]
+    # torchao and ParetoQ saw the same data: the same number of steps and tokens, and the same quantized linears
+    assert len(two["losses"]) == len(report["widths"]["2"]["methods"]["paretoq"]["losses"])
