@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fxquant.errors import QuantSpecError, WeightError
@@ -149,6 +149,7 @@ def test_changing_one_group_leaves_the_other_groups_alone(w, spec, data):
     a, b = bounds[k]
     w2 = w.clone()
     w2[row, a:b] = w2[row, a:b] * -7.0 + 3.0
+    assume(bool(torch.isfinite(w2).all()))  # a large fp16 weight times -7 overflows: quantize refuses Inf
     qw2 = quantize_weight(w2, spec)
     others = torch.ones_like(qw.scale, dtype=torch.bool)
     others[row, k] = False
