@@ -244,7 +244,7 @@ def _fp6_dequant_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, N, K, KH, stride_sn, strid
 # ---------------------------------------------------------------------------------------------------------------
 # Decode GEMV on 32/64-bit words (M == 1, E3M2 container): the fast path
 # ---------------------------------------------------------------------------------------------------------------
-# Why a second GEMV (see .devrun/GEMV_NOTES.md). In decode the weight bytes bound the time only if the per-weight
+# Why a second GEMV. In decode the weight bytes bound the time only if the per-weight
 # ALU work is small: an H100 SM issues 128 thread-instructions a clock (64 of them integer shift/logic), and the
 # tile GEMV above spends ~27 instructions a weight (byte loads, join/reshape shuffles through shared memory, a
 # cross-thread row sum every K step). This kernel spends ~4:

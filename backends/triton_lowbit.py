@@ -120,6 +120,23 @@ def _x_pair(x_row, idx, KX, XMODE: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _close_tile(acc, part, s_ptr, rows, offs_w, wmask, stride_sn, CODES: tl.constexpr, GROUP: tl.constexpr,
+                GROUP_MODE: tl.constexpr, MASKED: tl.constexpr):
+    """End of a tile: with groups of whole words (``GROUP_MODE == 1``) the per-word partial sum ``part`` times its
+    group's scale is added to ``acc``; otherwise ``part`` already is the accumulator. ``CODES`` codes a word."""
+    if GROUP_MODE == 1:
+        sp = s_ptr + rows[:, None] * stride_sn + (offs_w // (GROUP // CODES))[None, :]
+        if MASKED:
+            sc = tl.load(sp, mask=wmask[None, :], other=0.0)
+        else:
+            sc = tl.load(sp)
+        acc = tl.fma(part, sc, acc)
+    else:
+        acc = part
+    return acc
+
+
+@triton.jit
 def _word_tile(acc, x_row, q_ptr, q2_ptr, s_ptr, rows, offs_w, K, KW, KX, stride_qn, stride_q2n, stride_sn, MAGIC,
                MAGIC1, FMT: tl.constexpr, CPW: tl.constexpr, GROUP: tl.constexpr, GROUP_MODE: tl.constexpr,
                XMODE: tl.constexpr, MASKED: tl.constexpr):
@@ -212,16 +229,7 @@ def _word_tile(acc, x_row, q_ptr, q2_ptr, s_ptr, rows, offs_w, K, KW, KX, stride
                              other=0.0)
                 d = d * sj
             part = tl.fma(d, xj[None, :], part)
-    if GROUP_MODE == 1:
-        sp = s_ptr + rows[:, None] * stride_sn + (offs_w // (GROUP // CPW))[None, :]
-        if MASKED:
-            s = tl.load(sp, mask=wmask[None, :], other=0.0)
-        else:
-            s = tl.load(sp)
-        acc = tl.fma(part, s, acc)
-    else:
-        acc = part
-    return acc
+    return _close_tile(acc, part, s_ptr, rows, offs_w, wmask, stride_sn, CPW, GROUP, GROUP_MODE, MASKED)
 
 
 @triton.jit
@@ -313,16 +321,7 @@ def _ternary_tile(acc, x_row, q_ptr, s_ptr, rows, offs_w, K, KW, KX, stride_qn, 
                                  mask=(col < K)[None, :], other=0.0)
                     s = s * sj
                 part = tl.fma(s, xj[None, :], part)
-    if GROUP_MODE == 1:
-        sp = s_ptr + rows[:, None] * stride_sn + (offs_w // (GROUP // (5 * TUNIT)))[None, :]
-        if MASKED:
-            sc = tl.load(sp, mask=wmask[None, :], other=0.0)
-        else:
-            sc = tl.load(sp)
-        acc = tl.fma(part, sc, acc)
-    else:
-        acc = part
-    return acc
+    return _close_tile(acc, part, s_ptr, rows, offs_w, wmask, stride_sn, 5 * TUNIT, GROUP, GROUP_MODE, MASKED)
 
 
 # no integer argument is specialised: the row strides must not be (see below), and the shape ones need not be, so
