@@ -30,8 +30,8 @@ from .errors import QuantSpecError, WeightError
 __all__ = [
     "FloatFormat", "E3M2", "E2M3", "E2M2", "E3M1", "E2M1", "FORMATS", "get_format",
     "FPQuantSpec", "FPQuantizedWeight", "encode", "decode", "compute_scales", "quantize_fp", "fp_fake_quantize",
-    "format_label", "round_to_format", "MSE_RATIOS", "container_format", "FP6_K_ALIGN", "FP6PackedWeight", "pack_fp6_planes", "unpack_fp6_planes",
-    "pack_fp6",
+    "format_label", "round_to_format", "MSE_RATIOS", "container_format", "FP6_K_ALIGN", "FP6PackedWeight",
+    "pack_fp6_planes", "unpack_fp6_planes", "pack_fp6",
 ]
 
 
