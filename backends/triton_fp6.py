@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_int import autotune
+
 __all__ = ["fp6_linear", "dequantize", "INTERPRET", "TORCH_MATMUL_MIN_M", "GEMV_CONFIGS", "SKINNY_CONFIGS",
            "TILED_CONFIGS", "WORD_GEMV_CONFIGS", "FP6KernelVariant", "aot_variants", "kernel_path",
            "word_gemv_eligible"]
@@ -562,10 +564,10 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
 
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SHIFT"]
-_gemv = triton.autotune(GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
-_skinny = triton.autotune(SKINNY_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
-_tiled = triton.autotune(TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
-_word_gemv = triton.autotune(WORD_GEMV_CONFIGS, key=["N", "K", "GROUP", "X_WORDS", "HAS_BIAS"],
+_gemv = autotune(GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
+_skinny = autotune(SKINNY_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
+_tiled = autotune(TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fp6_linear_kernel)
+_word_gemv = autotune(WORD_GEMV_CONFIGS, key=["N", "K", "GROUP", "X_WORDS", "HAS_BIAS"],
                              prune_configs_by={"early_config_prune": _word_prune})(_fp6_gemv_words_kernel)
 
 

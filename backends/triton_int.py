@@ -44,6 +44,7 @@ asks for it, or the benchmark runs), so ``import fxquant`` stays cheap and works
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -554,12 +555,25 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
     return kept
 
 
+def autotune(configs: list, key: list[str], **kwargs: Any):
+    """``triton.autotune`` that keeps its choice per key on disk (in Triton's cache directory) where this Triton
+    supports it, so each shape is timed once per machine rather than once per process (a decode step of a
+    compiled model otherwise re-times every linear's shape in every new process). ``FXQUANT_AUTOTUNE_CACHE=0``
+    turns the disk cache off; Triton itself never caches under ``TRITON_INTERPRET=1``."""
+    if os.environ.get("FXQUANT_AUTOTUNE_CACHE", "1") != "0" and _AUTOTUNE_CAN_CACHE:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs, key=key, **kwargs)
+
+
+_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "BITS", "HAS_ZERO"]
-_word_gemv = triton.autotune(WORD_GEMV_CONFIGS, key=["N", "KW", "GROUP", "BITS", "HAS_ZERO"],
+_word_gemv = autotune(WORD_GEMV_CONFIGS, key=["N", "KW", "GROUP", "BITS", "HAS_ZERO"],
                              prune_configs_by={"early_config_prune": _word_prune})(_wq_gemv_words_kernel)
-_gemv = triton.autotune(GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
-_skinny = triton.autotune(SKINNY_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
-_tiled = triton.autotune(TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
+_gemv = autotune(GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
+_skinny = autotune(SKINNY_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
+_tiled = autotune(TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_wq_linear_kernel)
 
 
 def _configs_for(m: int) -> tuple[Any, list[triton.Config]]:

@@ -69,7 +69,7 @@ import triton.language as tl
 
 from . import intops as ref
 from .dyadic import constants
-from .triton_int import KernelVariant, m_bucket
+from .triton_int import KernelVariant, autotune, m_bucket
 
 __all__ = ["requantize_rows", "quantize_rows", "dequantize", "di_linear", "di_matmul", "di_clipped_softmax",
            "di_rmsnorm", "di_layernorm", "di_swiglu", "di_gelu", "di_silu", "di_add", "di_mul",
@@ -642,7 +642,7 @@ def _gemm_class(m: int) -> str:
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "A_UNSIGNED", "HAS_BIAS"]
 _heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_gemm_tuned = {(arch, cls): triton.autotune(cfgs, key=_GEMM_KEY)(_heur(_igemm_kernel))
+_gemm_tuned = {(arch, cls): autotune(cfgs, key=_GEMM_KEY)(_heur(_igemm_kernel))
                for arch, classes in GEMM_CONFIGS.items() for cls, cfgs in classes.items()}
 
 
@@ -759,7 +759,7 @@ def _requant_splits(r: int, c: int, br: int, bc: int) -> int:
     return max(1, min(triton.cdiv(c, bc), triton.cdiv(REQUANT_PROGRAMS, triton.cdiv(r, br))))
 
 
-_requant_tuned = triton.autotune(REQUANT_CONFIGS, key=["R_BUCKET", "C", "OP", "BITS", "HAS_BIAS"],
+_requant_tuned = autotune(REQUANT_CONFIGS, key=["R_BUCKET", "C", "OP", "BITS", "HAS_BIAS"],
                                  prune_configs_by={"early_config_prune": _requant_prune})(_ew_requant_kernel)
 
 

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--distill", type=float, default=0.0)
+    ap.add_argument("--init", choices=["ones", "awq"], default="awq", help="TEQ's starting scales")
+    ap.add_argument("--init-grid", type=int, default=20, help="awq init: exponents tried per group")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--fp32", action="store_true", help="also evaluate the float model")
     ap.add_argument("--skip-rtn", action="store_true", help="do not re-measure RTN")
@@ -73,14 +75,23 @@ def main() -> None:
         # ---- TEQ: the same RTN after trained, folded scales ------------------------------------------------
         recipe = get_recipe(f"teq-{g}")
         recipe.options.update(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                              distill=args.distill, progress=False)
+                              distill=args.distill, init=args.init, init_grid=args.init_grid, progress=False)
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
         res = quantize(model, recipe, calibration=calib)
         teq = res.artifacts["teq"]
         k = max(1, len(teq.losses) // 10)
-        note = (f"loss {sum(teq.losses[:k]) / k:.3f} -> {sum(teq.losses[-k:]) / k:.3f}, "
-                f"{len(teq.plan.groups)} groups, max |s-1| {teq.moved():.3f}")
+        note = (f"init {args.init}, {len(teq.losses)} steps, {len(teq.plan.groups)} groups, "
+                f"max |s - init| {teq.moved():.3f}, kept {teq.extra.get('kept')}")
+        if teq.losses:
+            note += f", loss {sum(teq.losses[:k]) / k:.3f} -> {sum(teq.losses[-k:]) / k:.3f}"
+        for key in ("heldout_loss_ones", "heldout_loss_init", "heldout_loss_trained"):
+            if key in teq.extra:
+                note += f", {key.replace('heldout_loss_', 'held-out ')} {teq.extra[key]:.4f}"
+        if "awq" in teq.extra:
+            chosen = list(teq.extra["awq"].values())
+            note += (f", awq: mean alpha {sum(c['alpha'] for c in chosen) / max(1, len(chosen)):.2f}, "
+                     f"{sum(c['form'] == 'duo' for c in chosen)} duo groups")
         evaluate(f"teq-{g}", model, time.perf_counter() - start, note)
         del model
 
@@ -89,7 +100,7 @@ def write(path: str, args: argparse.Namespace, rows: list[tuple[str, float, floa
     lines = ["# TEQ vs RTN on SmolLM2-135M-Instruct (WikiText-2 test perplexity)", "",
              f"Command: `python examples/teq_smollm2.py --bits {' '.join(map(str, args.bits))} --group {args.group} "
              f"--steps {args.steps} --seq-len {args.seq_len} --batch-size {args.batch_size} --lr {args.lr} "
-             f"--distill {args.distill} --windows {args.windows}" + (" --fp32" if args.fp32 else "")
+             f"--distill {args.distill} --init {args.init} --init-grid {args.init_grid} --windows {args.windows}" + (" --fp32" if args.fp32 else "")
              + (" --skip-rtn" if args.skip_rtn else "") + "`", "",
              "| recipe | perplexity | quantize s | training |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {ppl:.3f} | {sec:.1f} | {note} |" for name, ppl, sec, note in rows]

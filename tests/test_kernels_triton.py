@@ -190,3 +190,22 @@ def test_word_gemv_is_skipped_where_it_cannot_read_words() -> None:
     assert ti._LAST_LAUNCH.get("kernel") is not ti._wq_gemv_words_kernel
     with pytest.raises(ValueError, match="word-GEMV config"):
         ti.wq_linear(x, *_tensors(packed), None, bits=4, config=ti.WORD_GEMV_CONFIGS[0], **packed.attrs)
+
+
+def test_autotune_choices_are_kept_on_disk(monkeypatch) -> None:
+    """Every autotuned kernel asks Triton to cache its timings on disk (so a compiled model does not re-time each
+    shape in every process); FXQUANT_AUTOTUNE_CACHE=0 turns that off. The interpreter never caches, so the check
+    builds the autotuners as the compiled mode would."""
+    import triton
+    from fxquant.backends import triton_fp6, triton_int, triton_intops
+    if not triton_int._AUTOTUNE_CAN_CACHE:
+        pytest.skip("this Triton has no autotune cache_results")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    tuned = triton_int.autotune(triton_int.GEMV_CONFIGS, key=["N"])(triton_int._wq_linear_kernel)
+    assert tuned.cache_results is True
+    monkeypatch.setenv("FXQUANT_AUTOTUNE_CACHE", "0")
+    assert triton_int.autotune(triton_int.GEMV_CONFIGS, key=["N"])(triton_int._wq_linear_kernel).cache_results is False
+    # the module-level autotuners all went through the helper (under the interpreter Triton reports False)
+    import inspect
+    for mod in (triton_int, triton_fp6, triton_intops):
+        assert "triton.autotune(" not in inspect.getsource(mod).replace("return triton.autotune(", ""), mod.__name__

@@ -183,7 +183,8 @@ def _train_setup():
 
 def _train(seed: int = 0, steps: int = 30, distill: float = 1.0):
     cg, plan, ids = _train_setup()
-    cfg = TEQConfig(steps=steps, lr=1e-2, seq_len=32, batch_size=2, seed=seed, distill=distill, progress=False)
+    cfg = TEQConfig(steps=steps, lr=1e-2, seq_len=32, batch_size=2, seed=seed, distill=distill, progress=False,
+                    init="ones")   # the training itself, from the paper's identity start
     return train_scales(cg, plan, weight_quantizer(QuantSpec(bits=3, group_size=32)), ids, cfg)
 
 
@@ -263,7 +264,7 @@ def test_calibration_inputs_and_their_errors():
         calibration_windows(torch.arange(10), 16)
     assert calibration_windows(torch.arange(40), 16).shape == (4, 16)  # starts 0, 8, 16, 24
     with pytest.raises(PassError, match="steps"):
-        TEQConfig(steps=0).validate()
+        TEQConfig(steps=-1).validate()
 
 
 def test_held_out_windows_never_overlap_training_windows():
@@ -288,7 +289,8 @@ def test_a_harmful_run_keeps_the_initial_scales(caplog):
     assert record.extra["heldout_loss_trained"] > record.extra["heldout_loss_init"]
     assert "keeping the initial scales" in caplog.text
     unchecked = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, holdout=0))
-    assert unchecked.extra == {"kept": "trained"} and unchecked.moved() > 1.0
+    assert unchecked.extra["kept"] == "trained" and "heldout_loss_init" not in unchecked.extra
+    assert unchecked.moved() > 1.0
 
 
 def test_a_useful_run_keeps_its_scales():
@@ -301,3 +303,92 @@ def test_a_useful_run_keeps_its_scales():
 def test_holdout_option_is_validated(bad):
     with pytest.raises(PassError, match="holdout"):
         TEQConfig(holdout=bad).validate()
+
+
+# ---- the AWQ-style init --------------------------------------------------------------------------------------
+@torch.no_grad()
+def _group_error(cg, plan, q, scales, x_by_group):
+    """Sum over groups of the squared error of the quantized consumer outputs against the float ones."""
+    from fxquant.passes.train_teq_scales import quantized_linears
+    qlin = quantized_linears(cg, ("lm_head*",))
+    base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+    total = 0.0
+    for g in plan.groups:
+        x = x_by_group[g.name]
+        for site in g.sites:
+            if site.power < 0 or site.fqn not in qlin:
+                continue
+            s = scales[g.name].to(x.dtype)
+            divide = torch.ones(x.shape[-1], dtype=x.dtype)
+            divide[site.positions] = s[site.index]
+            w = q(plan.apply_one(site.fqn, base[site.fqn], {g.name: s}))
+            total += float(((x / divide) @ w.t() - x @ base[site.fqn].t()).pow(2).sum())
+    return total
+
+
+def test_awq_init_never_loses_to_the_identity_on_its_own_objective():
+    """On a model with hot input channels the searched scales cut each group's quantized-output error (α = 0,
+    the identity, is one of the candidates, so no group can be worse), and some groups pick α > 0."""
+    from fxquant.passes.train_teq_scales import awq_init, calibration_windows
+    cg, plan, ids = _train_setup()
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    windows = calibration_windows(ids, 32)[:4]
+    scales, chosen = awq_init(cg, plan, q, windows, grid=10)
+    assert set(scales) == {g.name for g in plan.groups} and set(chosen) <= set(scales)
+    assert any(c["alpha"] > 0 or c["form"] == "duo" for c in chosen.values()), chosen
+    assert all(c["gain"] >= 1.0 for c in chosen.values())
+    assert all(bool((s > 0).all()) and s.shape == (g.size,) for g, s in zip(plan.groups, scales.values()))
+    # the search's activations, read again the same way
+    xs: dict[str, list] = {}
+    hooks = []
+    for g in plan.groups:
+        mod = cg.model.get_submodule(g.consumers[0].rsplit(".", 1)[0])
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, a, n=g.name: xs.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        for i in range(4):
+            cg.model(input_ids=windows[i:i + 1])
+    for h in hooks:
+        h.remove()
+    x_by_group = {k: torch.cat(v) for k, v in xs.items()}
+    for g in plan.groups:
+        one = {g.name: torch.ones(g.size)}
+        mine = {g.name: scales[g.name]}
+        sub = dataclasses.replace(plan, groups=[g])
+        assert _group_error(cg, sub, q, mine, x_by_group) <= _group_error(cg, sub, q, one, x_by_group) * (1 + 1e-9)
+    assert _group_error(cg, plan, q, scales, x_by_group) < 0.95 * _group_error(cg, plan, q, plan.init_scales(),
+                                                                               x_by_group)
+
+
+def test_awq_init_with_zero_steps_is_awq_alone_and_training_starts_from_it():
+    cg, plan, ids = _train_setup()
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    cfg = TEQConfig(steps=0, seq_len=32, batch_size=2, init="awq", init_grid=10, progress=False)
+    record = train_scales(cg, plan, q, ids, cfg)
+    assert record.losses == [] and record.moved() == 0.0
+    assert any(not torch.equal(s, torch.ones_like(s)) for s in record.scales.values()), "awq init left s = 1"
+    assert record.extra["kept"] in ("init", "trained") and "awq" in record.extra
+    assert record.extra["heldout_loss_init"] <= record.extra["heldout_loss_ones"]
+    trained = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, steps=5, lr=1e-2))
+    assert all(torch.equal(trained.init[k], record.scales[k]) for k in record.scales)  # the same search, then Adam
+    assert trained.moved() > 0
+
+
+def test_an_init_worse_than_the_identity_is_dropped(caplog):
+    """A (user-given) init far from 1 that training cannot repair in one tiny step: the held-out check keeps s = 1."""
+    cg, plan, ids = _train_setup()
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    g = torch.Generator().manual_seed(0)
+    bad = {grp.name: torch.exp(3 * torch.randn(grp.size, generator=g)) for grp in plan.groups}
+    cfg = TEQConfig(steps=1, lr=1e-6, seq_len=32, batch_size=2, progress=False)
+    with caplog.at_level("WARNING", logger="fxquant"):
+        record = train_scales(cg, plan, q, ids, cfg, init=bad)
+    assert record.extra["kept"] == "ones", record.extra
+    assert all(torch.equal(s, torch.ones_like(s)) for s in record.scales.values())
+    assert "keeping the identity" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [{"init": "smooth"}, {"init_grid": 0}, {"init_windows": True}])
+def test_init_options_are_validated(bad):
+    with pytest.raises(PassError, match="init"):
+        TEQConfig(**bad).validate()
