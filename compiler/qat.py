@@ -108,7 +108,11 @@ def make_optimizer(model: nn.Module, lr: float, steps: int) -> tuple[torch.optim
     params = list(trainable_parameters(model))
     if not params:
         raise RecipeError("the model has no trainable parameter", "do not freeze the model before QAT")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # the fused kernel: one pass over each parameter instead of a dozen elementwise ops (on a 2-core CPU the
+    # unfused step of SmolLM2 took ~14 s); DTensor shards (FSDP2) and other tensor subclasses keep the default
+    fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps)))
     return opt, sched
 
