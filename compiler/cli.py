@@ -130,14 +130,14 @@ def _check_args(args) -> None:
                                ("--seq-len", getattr(args, "seq_len", None), 2),
                                ("--batch-size", getattr(args, "batch_size", None), 1),
                                ("--max-new-tokens", getattr(args, "max_new_tokens", None), 1),
-                               ("--steps", getattr(args, "steps", None), 1)):
+                               ("--steps", getattr(args, "steps", None), 0)):   # 0: TEQ's init alone, FSBR's
         if value is not None and value < least:
             raise FxquantError(f"{flag} must be at least {least}, got {value}",
                                {"--windows": "e.g. --windows 40, or omit it to score every window",
                                 "--seq-len": "e.g. --seq-len 512 (the protocol's window length)",
                                 "--batch-size": "e.g. --batch-size 4",
                                 "--max-new-tokens": "e.g. --max-new-tokens 32",
-                                "--steps": "e.g. --steps 200"}[flag])
+                                "--steps": "e.g. --steps 200 (0: no training where the recipe allows it)"}[flag])
 
 
 def _max_positions(config) -> int | None:

@@ -549,7 +549,7 @@ def test_no_linear_anywhere_is_refused_by_every_weight_pass():
 
 # ---- 22. numeric flags that cannot work ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,needle", [
-    (["eval", "--steps", "0", "--recipe", "teq-w4g128"], "--steps must be at least 1, got 0"),
+    (["eval", "--steps", "-1", "--recipe", "teq-w4g128"], "--steps must be at least 0, got -1"),
     (["eval", "--windows", "0"], "--windows must be at least 1, got 0"),
     (["eval", "--seq-len", "1"], "--seq-len must be at least 2, got 1"),
     (["eval", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
