@@ -342,7 +342,7 @@ def test_illm_integer_config_reads_its_options():
 
 
 @pytest.mark.parametrize("options,needle", [
-    ({"steps": 0}, "TEQ steps must be a positive integer"),
+    ({"steps": -1}, "TEQ steps must be a non-negative integer"),
     ({"steps": 10.5}, "option steps must be an integer"),
     ({"lr": "1e-3"}, "option lr must be a number"),         # YAML's 1e-3 is a string
     ({"distill": 2.0}, "distill weight must lie in [0, 1]"),
