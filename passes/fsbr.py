@@ -17,8 +17,24 @@ and trains them block by block:
 * **training** (:class:`TrainFSBRScales`): one decoder layer at a time; the float model's inputs to the layer
   are cached (memory bounded to one block's activations), the target is the float layer's output on the float
   input, the quantized layer runs on the quantized chain's input (the outputs of already-trained quantized
-  blocks feed the next); MSE; AdamW, lr 5e-3 for scales and 1e-2 for clipping, ``epochs`` epochs, keeping the
-  best epoch;
+  blocks feed the next); MSE; AdamW without weight decay, lr 5e-3 for the scales and 1e-2 for the clipping
+  logits, ``epochs`` epochs. Three details decide whether it helps or harms (measured on SmolLM2,
+  ``examples/results/fsbr_smollm2.md``):
+
+  - the scales are trained as ``log s`` (one parameter per rotary pair for a RoPE-tied group), so a step moves
+    each scale by a relative amount; raw scales with an absolute lr let the smallest SmoothQuant scales (~0.02)
+    hit their ``MIN_SCALE`` clamp in a few steps and wrecked the block (layer 0 of SmolLM2 W8A8: block MSE
+    0.0025 at init, 0.85 after one epoch, and every later block inherited it);
+  - the quantizers' ranges are not detached (per-token ``absmax`` of the activations, per-row ``max|w|`` of the
+    weights), so the gradient sees that stretching one channel coarsens the step of all the others;
+  - "keep the best": the block objective is *evaluated* (no grad, all samples) for the SmoothQuant init without
+    clipping (exactly the untrained baseline), the init with the initial clipping, and after every epoch, and
+    the best of these is kept — a block never ends worse than its init on its objective. The per-layer record
+    is ``record.extra["block_mse"]``.
+
+  Per-channel weight quantization commutes with scaling a weight row, so the q/k scales (rows of ``W_q`` and
+  ``W_k``) only matter where Q and K are quantized — the integer-only lowering, not this fake-quant objective,
+  which quantizes linear inputs only: they get no gradient here and stay at 1;
 * **resumable**: options ``checkpoint_dir``, ``save_every`` (optimizer steps) and ``resume`` (a checkpoint folder,
   or true / "auto") checkpoint the finished layers and the layer in progress (:mod:`fxquant.train_state`); a
   resumed run recomputes the cached block inputs and ends with the uninterrupted run's parameters bit for bit.
@@ -60,6 +76,9 @@ __all__ = ["plan_fsbr", "smoothquant_init", "lwc_fake_quantize", "act_fake_quant
 
 #: initial clipping logit: σ(4) ≈ 0.982 of the group's range (METHODS.md §2)
 CLIP_INIT = 4.0
+#: a clipping logit with σ = 1.0 exactly in float32: no clipping (the untrained SmoothQuant baseline's quantizer)
+NO_CLIP = 30.0
+LOG_MIN_SCALE = math.log(MIN_SCALE)
 
 
 # ---- the plan: TEQ's groups plus q/k ------------------------------------------------------------------------
@@ -133,8 +152,11 @@ def lwc_fake_quantize(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor |
     ``hi_logit`` / ``lo_logit`` are ``[O, n_groups]``; the bounds are ``σ(hi) · max`` and ``σ(lo) · min`` per
     group (symmetric: ``±σ(hi) · absmax``). The weight is clamped to its bounds and quantized with
     :func:`fxquant.quant.quantize_weight`'s formulas (float32, round half to even, the same zero-group rule), with
-    straight-through rounding so both the weight and the bounds get gradients. :class:`ClipWeights` then clamps
-    the folded weight to the same bounds, and the RTN pass reproduces this forward exactly.
+    straight-through rounding so both the weight and the bounds get gradients. The range (``max|w|`` of each
+    group) is *not* detached: the quantization step depends on the weight, and a smoothing scale that stretches a
+    row's largest entry coarsens every other entry of the row — with a detached range the gradient cannot see that
+    (OmniQuant's quantizer does not detach it either). :class:`ClipWeights` then clamps the folded weight to the
+    same bounds, and the RTN pass reproduces this forward exactly.
     """
     rows, cols = w.shape
     g = spec.effective_group_size(cols)
@@ -142,14 +164,14 @@ def lwc_fake_quantize(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor |
     pad = n * g - cols
     w32 = F.pad(w.float(), (0, pad)).reshape(rows, n, g)
     if spec.symmetric:
-        c = (torch.sigmoid(hi_logit) * w32.abs().amax(dim=2).detach()).unsqueeze(-1)
+        c = (torch.sigmoid(hi_logit) * w32.abs().amax(dim=2)).unsqueeze(-1)
         wc = torch.maximum(torch.minimum(w32, c), -c)
         scale = c / float(spec.qmax)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(_round_ste(wc / scale), spec.qmin, spec.qmax) * scale
     else:
-        hi = (torch.sigmoid(hi_logit) * w32.amax(dim=2).clamp(min=0).detach()).unsqueeze(-1)
-        lo = (torch.sigmoid(lo_logit) * w32.amin(dim=2).clamp(max=0).detach()).unsqueeze(-1)
+        hi = (torch.sigmoid(hi_logit) * w32.amax(dim=2).clamp(min=0)).unsqueeze(-1)
+        lo = (torch.sigmoid(lo_logit) * w32.amin(dim=2).clamp(max=0)).unsqueeze(-1)
         wc = torch.maximum(torch.minimum(w32, hi), lo)
         scale = (hi - lo) / float(spec.qmax)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -175,13 +197,20 @@ def clip_bounds(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor | None,
     return wc.reshape(rows, n * g)[:, :cols].to(w.dtype)
 
 
-def act_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+def act_fake_quantize(x: torch.Tensor, bits: int, *, range_grad: bool = False) -> torch.Tensor:
     """Dynamic per-token symmetric fake quantization of activations (scale ``absmax(token) / (2^(b-1) - 1)``),
-    straight-through in the backward. 16 bits or more is the identity."""
+    straight-through rounding in the backward. 16 bits or more is the identity.
+
+    ``range_grad``: let the gradient reach the per-token range too (the LSQ-style term
+    ``(round(x/Δ) - x/Δ) · ∂Δ/∂x`` at each token's largest entry). FSBR trains with it: a smoothing scale that
+    blows one channel up coarsens the quantization step of every other channel of the token, and a detached range
+    hides exactly that cost from the scales (with it detached, SmolLM2's norm scales ran into their lower clamp).
+    The forward is the same either way."""
     if bits >= 16:
         return x
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = ((amax if range_grad else amax.detach()) / qmax).clamp(min=1e-8)
     return torch.clamp(_round_ste(x / scale), -qmax - 1, qmax) * scale
 
 
@@ -254,8 +283,9 @@ class FSBRConfig:
     samples: int = 128
     seq_len: int = 512
     batch_size: int = 1
-    lr_scale: float = 5e-3
-    lr_clip: float = 1e-2
+    lr_scale: float = 5e-3             # AdamW lr of the log-scales (a relative step: 5e-3 moves s by ~0.5%)
+    lr_clip: float = 1e-2              # AdamW lr of the clipping logits
+    clip_init: float = CLIP_INIT       # initial clipping logit (σ(4) ≈ 0.982)
     alpha: float = 0.5
     seed: int = 0
     progress: bool = True
@@ -336,7 +366,9 @@ class _Block:
 
     def __enter__(self) -> "_Block":
         def act_hook(mod, args):
-            return (act_fake_quantize(args[0], self.act_bits),) + tuple(args[1:]) if self.act_on else None
+            if not self.act_on:
+                return None
+            return (act_fake_quantize(args[0], self.act_bits, range_grad=True),) + tuple(args[1:])
         self.hooks = [_module_of(self.model, f).register_forward_pre_hook(act_hook) for f in self.clipped]
         return self
 
@@ -345,13 +377,14 @@ class _Block:
             h.remove()
         self.hooks = []
 
-    def initial_clips(self) -> dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]]:
+    def initial_clips(self, logit: float = CLIP_INIT) -> dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]]:
+        """Clipping logits, all ``logit`` (:data:`NO_CLIP`: σ = 1 exactly, i.e. plain RTN)."""
         out = {}
         for fqn in self.clipped:
             rows, cols = self.base[fqn].shape
             n = -(-cols // self.spec.effective_group_size(cols))
-            hi = torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
-            lo = None if self.spec.symmetric else torch.nn.Parameter(torch.full((rows, n), CLIP_INIT))
+            hi = torch.nn.Parameter(torch.full((rows, n), float(logit)))
+            lo = None if self.spec.symmetric else torch.nn.Parameter(torch.full((rows, n), float(logit)))
             out[fqn] = (lo, hi)
         return out
 
@@ -371,6 +404,32 @@ class _Block:
     def quantized(self, params: Mapping[str, torch.Tensor], h: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
         self.act_on = True
         return torch.func.functional_call(self.layer, dict(params), args=(h,), kwargs=dict(kw), strict=False)
+
+    def free(self, group: ScaleGroup, full: torch.Tensor) -> torch.Tensor:
+        """The trainable part of a group's vector: all of it, or one entry per rotary pair of a tied group."""
+        if group.tie_half:
+            return full.view(-1, 2, group.tie_half)[:, 0, :].reshape(-1).clone()
+        return full.clone()
+
+    def scales(self, log_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scale vectors from the trained log-parameters (tied groups expanded to both halves of each pair)."""
+        out = {}
+        for g in self.groups:
+            t = log_params[g.name]
+            if g.tie_half:
+                t = t.view(-1, 1, g.tie_half).expand(-1, 2, g.tie_half).reshape(-1)
+            out[g.name] = t.exp()
+        return out
+
+    @torch.no_grad()
+    def loss(self, scales: Mapping[str, torch.Tensor], clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
+             inputs: list[tuple[torch.Tensor, dict]], targets: list[torch.Tensor]) -> float:
+        """The block objective (mean MSE over the samples) of fixed parameters — what "keep the best" compares."""
+        params = self.effective(scales, clips)
+        total = 0.0
+        for (h, kw), t in zip(inputs, targets):
+            total += float(F.mse_loss(self.quantized(params, h, kw).float(), t.float()))
+        return total / max(1, len(inputs))
 
     @torch.no_grad()
     def float_outputs(self, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
@@ -467,6 +526,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         init=None if init is None else train_state.tensor_digest({k: v.detach().float() for k, v in init.items()}))
     step = 0
     losses: list[float] = []
+    block_mse: list[dict[str, Any]] = []   # per layer: the block objective at init, after each epoch, and the pick
     scales: dict[str, torch.Tensor] = {}
     clips: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     state = None
@@ -483,6 +543,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         if set(start) != {g.name for g in plan.groups}:
             raise TrainingError(f"{where} lacks initial scales", "resume from another checkpoint, or start again")
         losses = [float(v) for v in state.extras["losses"]]
+        block_mse = [dict(r) for r in state.extras.get("block_mse", [])][: step // per_layer]
         for block in blocks[: step // per_layer]:
             s, c = _unflatten("done", state.tensors, block.groups, block.clipped, where)
             scales.update(s)
@@ -496,13 +557,18 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         """Checkpoint after ``at`` steps; ``live``: the layer in progress (None at a layer boundary)."""
         tensors = {**{f"start.{k}": v for k, v in start.items()}, **_flatten("done", scales, clips)}
         extras: dict[str, Any] = {"losses": losses, "layer": at // per_layer, "epoch": at % per_layer // n,
-                                  "sample": at % n, "layers": len(layers), "epochs": cfg.epochs, "samples": n}
+                                  "sample": at % n, "layers": len(layers), "epochs": cfg.epochs, "samples": n,
+                                  "block_mse": block_mse}
         opt = None
         if live is not None:
-            tensors.update(_flatten("cur", live["s"], live["c"]))
+            # the trained parameters are log-scales; "cur.scale" holds the scales for readers, "cur.logscale" the
+            # parameters a resume restores (exp/log would not round-trip bit for bit)
+            tensors.update(_flatten("cur", live["scales"](live["s"]), live["c"]))
+            tensors.update({f"cur.logscale.{k}": v for k, v in live["s"].items()})
             if live["best"] is not None:
                 tensors.update(_flatten("best", *live["best"]))
-            extras.update(epoch_total=live["running"], best_loss=None if live["best"] is None else live["best_loss"])
+            extras.update(epoch_total=live["running"], best_loss=None if live["best"] is None else live["best_loss"],
+                          block_mse=block_mse + [live["mse"]])
             opt = live["opt"]
         train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, at), kind="fsbr", step=at,
                                      tensors=tensors, optimizer=opt, generators={"data": gen}, extras=extras,
@@ -534,18 +600,32 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                 float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
         for i in range(first, len(layers)):
             block = blocks[i]
-            s_params = {g.name: torch.nn.Parameter(start[g.name].clone()) for g in block.groups}
-            c_params = block.initial_clips()
+            # scales are trained in log space (s = exp(θ)): an AdamW step then moves every scale by about the same
+            # *relative* amount, whatever its size (SmoothQuant's scales span 0.02 ... 10 on SmolLM2; an absolute step
+            # of 5e-3 is a 25% jump for the smallest, which ran them into MIN_SCALE and wrecked the block)
+            # a RoPE-tied group trains one parameter per rotary pair (the pair's gradients add up): projecting an
+            # AdamW step back onto the tie instead averages two sign-normalised steps that, for q/k, point in
+            # opposite directions (the untied gradient is dominated by the RoPE-breaking part) and cancel, so the
+            # q/k scales never moved
+            log_s = {g.name: torch.nn.Parameter(block.free(g, start[g.name].clamp(min=MIN_SCALE).log()))
+                     for g in block.groups}
+            c_params = block.initial_clips(cfg.clip_init)
             clip_list = [p for pair in c_params.values() for p in pair if p is not None]
-            opt = torch.optim.AdamW([{"params": list(s_params.values()), "lr": cfg.lr_scale},
+            opt = torch.optim.AdamW([{"params": list(log_s.values()), "lr": cfg.lr_scale},
                                      {"params": clip_list, "lr": cfg.lr_clip}], weight_decay=0.0)
-            live: dict[str, Any] = {"s": s_params, "c": c_params, "opt": opt, "best": None, "best_loss": math.inf,
-                                    "running": 0.0}
+            live: dict[str, Any] = {"s": log_s, "c": c_params, "opt": opt, "best": None, "best_loss": math.inf,
+                                    "running": 0.0, "mse": None, "scales": block.scales}
             e0 = b0 = 0
-            if state is not None and i == first and step % per_layer:  # resumed in the middle of this layer
+            resumed = state is not None and i == first and step % per_layer
+            if resumed:  # resumed in the middle of this layer
                 where = f"FSBR checkpoint {state.path}"
-                cur_s, cur_c = _unflatten("cur", state.tensors, block.groups, block.clipped, where)
-                train_state.copy_tensors({**s_params, **{f"{k}.hi": v[1] for k, v in c_params.items()},
+                _, cur_c = _unflatten("cur", state.tensors, block.groups, block.clipped, where)
+                try:
+                    cur_s = {k: state.tensors[f"cur.logscale.{k}"] for k in log_s}
+                except KeyError as exc:
+                    raise TrainingError(f"{where} lacks the tensor {exc.args[0]}",
+                                        "resume from another checkpoint, or start again") from None
+                train_state.copy_tensors({**log_s, **{f"{k}.hi": v[1] for k, v in c_params.items()},
                                           **{f"{k}.lo": v[0] for k, v in c_params.items() if v[0] is not None}},
                                          {**cur_s, **{f"{k}.hi": v[1] for k, v in cur_c.items()},
                                           **{f"{k}.lo": v[0] for k, v in cur_c.items() if v[0] is not None}}, where)
@@ -554,37 +634,56 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                     live["best"] = _unflatten("best", state.tensors, block.groups, block.clipped, where)
                     live["best_loss"] = float(state.extras["best_loss"])
                 live["running"] = float(state.extras["epoch_total"])
+                records = state.extras.get("block_mse", [])
+                if len(records) != i + 1:
+                    raise TrainingError(f"{where} holds {len(records)} block records for layer {i}",
+                                        "resume from a checkpoint of this run, or start again")
+                live["mse"] = dict(records[i])
                 e0, b0 = divmod(step % per_layer, n)
             with block:
                 targets = block.float_outputs(float_in)
+                if not resumed:
+                    # the candidates before any step: SmoothQuant scales with no clipping (exactly the untrained
+                    # baseline) and with the initial clipping (where training starts). Keeping the best of these and
+                    # of every epoch means a block never ends worse than its init on the block objective.
+                    s0 = {g.name: start[g.name].clone() for g in block.groups}
+                    none = {k: (None if lo is None else torch.full_like(lo, NO_CLIP), torch.full_like(hi, NO_CLIP))
+                            for k, (lo, hi) in c_params.items()}
+                    init_clip = _snapshot({}, c_params)[1]
+                    l_none = block.loss(s0, none, quant_in, targets)
+                    l_clip = block.loss(s0, init_clip, quant_in, targets)
+                    live["mse"] = {"layer": i, "init": l_none, "init_clipped": l_clip, "epochs": [], "best": "init"}
+                    live["best_loss"], live["best"] = l_none, (s0, none)
+                    if l_clip < l_none:
+                        live["best_loss"], live["best"] = l_clip, (s0, init_clip)
+                        live["mse"]["best"] = "init_clipped"
                 last = None
                 for epoch in range(e0, cfg.epochs):
                     for b in range(b0 if epoch == e0 else 0, n):
                         h, kw = quant_in[b]
-                        out = block.quantized(block.effective(s_params, c_params), h, kw)
+                        out = block.quantized(block.effective(block.scales(log_s), c_params), h, kw)
                         loss = F.mse_loss(out.float(), targets[b].float())
                         value = check_finite_loss(loss, epoch * n + b + 1, f"FSBR layer {i}")
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
                         with torch.no_grad():
-                            for g in block.groups:
-                                s = s_params[g.name]
-                                s.clamp_(min=MIN_SCALE)
-                                if g.tie_half:
-                                    tied = s.view(-1, 2, g.tie_half)
-                                    tied.copy_(tied.mean(dim=1, keepdim=True).expand_as(tied))
+                            for t in log_s.values():
+                                t.clamp_(min=LOG_MIN_SCALE)
                         live["running"] += value
                         step += 1
-                        if b == n - 1:  # end of an epoch: keep the best one
-                            mean = live["running"] / n
+                        if b == n - 1:  # end of an epoch: score it on the block objective, keep the best
+                            losses.append(live["running"] / n)
                             live["running"] = 0.0
-                            losses.append(mean)
-                            if mean < live["best_loss"]:
-                                live["best_loss"], live["best"] = mean, _snapshot(s_params, c_params)
+                            now = block.scales(log_s)
+                            score = block.loss(now, c_params, quant_in, targets)
+                            live["mse"]["epochs"].append(score)
+                            if score < live["best_loss"]:
+                                live["best_loss"], live["best"] = score, _snapshot(now, c_params)
+                                live["mse"]["best"] = f"epoch {epoch + 1}"
                             if bar is not None:
                                 bar.update(1)
-                                bar.set_postfix(layer=i, mse=f"{mean:.3g}")
+                                bar.set_postfix(layer=i, mse=f"{score:.3g}", init=f"{live['mse']['init']:.3g}")
                         if step % per_layer == 0:  # the layer's last step: saved below, once the layer is final
                             last = value
                             continue
@@ -592,17 +691,11 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                             save(step, live)
                         if on_step is not None:
                             on_step(step, value)
-                assert live["best"] is not None
                 best_s, best_c = live["best"]
-                with torch.no_grad():
-                    for k, v in best_s.items():
-                        s_params[k].copy_(v)
-                    for k, (lo, hi) in best_c.items():
-                        c_params[k][1].copy_(hi)
-                        if lo is not None:
-                            c_params[k][0].copy_(lo)
-                # the next block's inputs: the float chain and the quantized chain
-                quant_in = block.quantized_outputs(quant_in, s_params, c_params)
+                live["mse"]["trained"] = live["best_loss"]
+                block_mse.append(live["mse"])
+                # the next block's inputs: the float chain and the quantized chain (through the kept parameters)
+                quant_in = block.quantized_outputs(quant_in, best_s, best_c)
                 float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
             scales.update(best_s)
             clips.update(best_c)
@@ -619,7 +712,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
         scales.setdefault(g.name, start[g.name])
     return EquivalentScales(plan=plan, scales=scales, losses=losses, method="fsbr", init=start,
-                            extra={"clip": clips, "spec": spec, "act_bits": cfg.act_bits})
+                            extra={"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse})
 
 
 class TrainFSBRScales(Pass):

@@ -202,7 +202,8 @@ def test_fsbr_killed_and_resumed_ends_with_the_same_parameters(tmp_path):
     early = run_fsbr(resume=ckpt / "step-000005")
     _assert_equal(_fsbr_params(early), _fsbr_params(want))
     mid = load_train_state(ckpt / "step-000010", kind="fsbr").tensors
-    layer1 = [k for k in want.scales if ".layers.1." in k]
+    # q/k scales get no gradient in the fake-quant objective (Q and K are not quantized there): they stay at 1
+    layer1 = [k for k in want.scales if ".layers.1." in k and not k.endswith(".q_k")]
     assert layer1 and all(not torch.equal(mid[f"cur.scale.{k}"], want.scales[k]) for k in layer1)
 
 
