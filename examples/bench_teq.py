@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=4, help="windows per step (default 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="data-order seed of both training loops (default 0)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the distillation loss KL(float logits || quantized logits) in both loops, the "
+                        "rest is causal-LM cross-entropy (default 0: cross-entropy only; 1: distillation only)")
     p.add_argument("--init", choices=["awq", "ones"], default=None,
                    help="fxquant TEQ's initial scales (default: the recipe's, awq); INC always starts at ones")
     p.add_argument("--windows", type=_positive, default=40, help="512-token WikiText-2 test windows scored (default 40)")
@@ -185,6 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if not args.lr > 0:
         build_parser().error(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.distill <= 1:
+        build_parser().error(f"--distill is a weight in [0, 1], got {args.distill}")
     if args.worker and (args.worker_setting is None or args.worker_result is None):
         build_parser().error("--worker needs --worker-setting and --worker-result")
     return args
@@ -210,6 +215,26 @@ def teq_batch_indices(n_windows: int, steps: int, batch_size: int, seed: int) ->
     ``seed``, then one ``torch.randint(0, n_windows, (batch_size,))`` per step (``train_scales``'s draw)."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, n_windows, (batch_size,), generator=gen).tolist() for _ in range(steps)]
+
+
+def distill_loss(logits: torch.Tensor, batch: torch.Tensor, teacher: torch.nn.Module | None,
+                 distill: float) -> torch.Tensor:
+    """fxquant TEQ's training loss (``train_teq_scales._loss``) on INC's model: ``(1 - distill) · CE(next token)
+    + distill · KL(teacher ‖ student)``, ``logits`` already cut to the predicting positions."""
+    import torch.nn.functional as F
+    vocab = logits.shape[-1]
+    loss = torch.zeros((), device=logits.device)
+    if distill < 1:
+        loss = loss + (1 - distill) * F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+    if distill > 0:
+        if teacher is None:
+            raise BenchError("a distillation weight needs the float teacher model")
+        with torch.no_grad():
+            target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        loss = loss + distill * F.kl_div(F.log_softmax(logits, -1).reshape(-1, vocab),
+                                         F.log_softmax(target, -1).reshape(-1, vocab), log_target=True,
+                                         reduction="batchmean")
+    return loss
 
 
 def teq_defaults() -> dict[str, Any]:
@@ -317,6 +342,14 @@ def _fmt(x: float | None, spec: str) -> str:
     return format(x, ".3f" if spec == "ppl" else spec)
 
 
+def _loss_words(distill: float) -> str:
+    if distill <= 0:
+        return "causal-LM loss"
+    if distill >= 1:
+        return "distillation loss (KL to the float model's logits)"
+    return f"{1 - distill:g} x causal-LM + {distill:g} x distillation loss"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     b = report["budget"]
     lines = ["# TEQ on SmolLM2-135M-Instruct: RTN vs fxquant vs Intel Neural Compressor", "",
@@ -325,7 +358,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".", "",
              f"Training (both TEQs): {b['steps']} steps x {b['batch_size']} windows x {b['seq_len']} tokens of "
              f"WikiText-2 validation, Adam lr {b['lr']:g}, linear warm-up over {b['warmup']:.0%} of the steps then "
-             f"linear decay to 0, causal-LM loss, seed {b['seed']}; {b.get('train_windows', '?')} training windows "
+             f"linear decay to 0, {_loss_words(b.get('distill', 0.0))}, seed {b['seed']}; {b.get('train_windows', '?')} training windows "
              f"({b['holdout']} held out). Evaluation: WikiText-2 test, the first {b['windows']} windows of "
              f"{EVAL_SEQ_LEN} tokens (fxquant's protocol).", ""]
     if report.get("same_data") is not None:
@@ -460,7 +493,7 @@ def run_fxquant_teq(base: torch.nn.Module, setting: str, calib: torch.Tensor, ar
     from fxquant.recipes import get_recipe
     recipe = get_recipe(f"teq-{setting}")
     recipe.options.update(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
-                          seed=args.seed, progress=not args.no_progress)
+                          seed=args.seed, distill=args.distill, progress=not args.no_progress)
     if args.init is not None:
         recipe.options["init"] = args.init
     model = copy.deepcopy(base)
@@ -498,7 +531,7 @@ def run_inc_worker(args: argparse.Namespace, setting: str, defaults: dict[str, A
         cmd = [str(args.inc_python), str(Path(__file__).resolve()), "--worker", "inc", "--worker-setting", setting,
                "--worker-result", str(result), "--model", args.model, "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
-               "--seed", str(args.seed), "--windows", str(args.windows), "--threads", str(args.threads),
+               "--seed", str(args.seed), "--distill", repr(args.distill), "--windows", str(args.windows), "--threads", str(args.threads),
                "--warmup", repr(defaults["warmup"]), "--holdout", str(defaults["holdout"])]
         if args.no_progress:
             cmd.append("--no-progress")
@@ -605,6 +638,8 @@ def inc_worker(args: argparse.Namespace) -> dict[str, Any]:
                           progress=not args.no_progress).ppl
 
     model = lm.model
+    # the teacher of the distillation term: the float model as loaded (prepare rewrites `model` in place)
+    teacher = copy.deepcopy(model).eval() if args.distill > 0 else None
     example = train_windows[:1, : min(16, args.seq_len)]
     absorb = _inc_absorb_layers(model, example)
     if not absorb:
@@ -632,7 +667,7 @@ def inc_worker(args: argparse.Namespace) -> dict[str, Any]:
         s0 = time.perf_counter()
         batch = train_windows[torch.tensor(pick)]
         logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = distill_loss(logits, batch, teacher, args.distill)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise BenchError(f"INC TEQ training loss is {value} at step {len(losses) + 1}")
@@ -790,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                      "transformers": _version("transformers"), "fxquant": _version("fxquant"),
                      "neural-compressor-pt": None},
         "budget": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
-                   "seed": args.seed, "windows": args.windows, "eval_seq_len": EVAL_SEQ_LEN, **defaults},
+                   "seed": args.seed, "distill": args.distill, "windows": args.windows, "eval_seq_len": EVAL_SEQ_LEN, **defaults},
         "methods": args.methods, "fp32": None, "settings": {}, "rows": [], "same_data": None, "errors": [],
         "deviations": [
             "Initial scales: fxquant starts from its recipe's init (" + (args.init or "awq") + ": AWQ's activation-"

@@ -50,8 +50,18 @@ def run_one(name: str, options: dict, ids: torch.Tensor, cal: torch.Tensor, wind
     cfg = FSBRConfig.from_options({k: v for k, v in recipe.options.items() if k not in ("resume", "checkpoint_dir")})
     return {"recipe": name, "options": {k: getattr(cfg, k) for k in
                                         ("act_bits", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
-                                         "clip_init", "seed")},
-            "ppl": ppl, "quantize_s": seconds, "block_mse": blocks}
+                                         "clip_init", "seed", "holdout")},
+            "ppl": ppl, "quantize_s": seconds, "block_mse": blocks,
+            "guard": {k: record.extra[k] for k in ("kept", "heldout_windows", "heldout_loss_init",
+                                                   "heldout_loss_trained") if record is not None and k in record.extra}}
+
+
+def _guard(row: dict) -> str:
+    g = row.get("guard") or {}
+    if "heldout_loss_trained" not in g:
+        return "off"
+    return (f"{g['heldout_loss_init']:.4f} → {g['heldout_loss_trained']:.4f} on {g['heldout_windows']} windows, "
+            f"kept {g['kept']}")
 
 
 def main() -> None:
@@ -65,6 +75,8 @@ def main() -> None:
                     help="SmoothQuant α for every recipe, or per recipe (fsbr-w8a8=0.7); default: the recipe's")
     ap.add_argument("--lr-scale", type=float, default=None, help="lr of the log-scales (default: the recipe's)")
     ap.add_argument("--lr-clip", type=float, default=None, help="lr of the clipping logits (default: the recipe's)")
+    ap.add_argument("--holdout", type=int, default=None,
+                    help="held-out calibration windows of FSBR's model-level guard (default: the recipe's; 0: off)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only, write no result files")
     args = ap.parse_args()
@@ -79,7 +91,7 @@ def main() -> None:
     del lm
 
     common = {"samples": args.samples, "seq_len": args.seq_len, "progress": False}
-    for key in ("lr_scale", "lr_clip"):
+    for key in ("lr_scale", "lr_clip", "holdout"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     alphas = {}
@@ -95,7 +107,7 @@ def main() -> None:
         base = run_one(name, {**common, "epochs": 0}, ids, cal, args.windows)
         print(f"{name} untrained: {base['ppl']:.3f} ({base['quantize_s']:.0f} s)", flush=True)
         trained = run_one(name, {**common, "epochs": args.epochs}, ids, cal, args.windows)
-        print(f"{name} FSBR: {trained['ppl']:.3f} ({trained['quantize_s']:.0f} s)", flush=True)
+        print(f"{name} FSBR: {trained['ppl']:.3f} ({trained['quantize_s']:.0f} s) {trained['guard']}", flush=True)
         for b in trained["block_mse"]:
             print(f"  layer {b['layer']:2d}: init {b['init']:.4g}  trained {b['trained']:.4g}  ({b['best']})")
         rows.append({"recipe": name, "untrained": base, "fsbr": trained})
@@ -112,13 +124,13 @@ def main() -> None:
              f"in all. FSBR budget: {args.epochs} epochs x {args.samples} sequences x {args.seq_len} tokens "
              f"(WikiText-2 validation), per decoder layer.\n",
              "| recipe | FP32 ppl | SmoothQuant init, untrained (epochs 0) | FSBR trained | FSBR vs untrained | "
-             "FSBR vs FP32 | α | quantize s (untrained / FSBR) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "FSBR vs FP32 | α | quantize s (untrained / FSBR) | guard: held-out CE untrained → trained, kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, t = r["untrained"], r["fsbr"]
         lines.append(f"| {r['recipe']} | {fp32:.3f} | {b['ppl']:.3f} | {t['ppl']:.3f} | "
                      f"{(t['ppl'] / b['ppl'] - 1) * 100:+.1f}% | {(t['ppl'] / fp32 - 1) * 100:+.2f}% | "
-                     f"{t['options']['alpha']} | {b['quantize_s']:.0f} / {t['quantize_s']:.0f} |")
+                     f"{t['options']['alpha']} | {b['quantize_s']:.0f} / {t['quantize_s']:.0f} | {_guard(t)} |")
     lines += ["", "Per-layer block MSE (float block on float inputs vs quantized block on the quantized chain's "
                   "inputs, mean over the calibration sequences): at the SmoothQuant init (no clipping) and for the "
                   "parameters FSBR kept (the best of: init, init with clipping, each epoch).", ""]

@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--skip-rtn", action="store_true", help="do not re-measure RTN")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--progress", action="store_true", help="show TEQ's training progress bar (stderr)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -75,7 +76,7 @@ def main() -> None:
         # ---- TEQ: the same RTN after trained, folded scales ------------------------------------------------
         recipe = get_recipe(f"teq-{g}")
         recipe.options.update(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                              distill=args.distill, init=args.init, init_grid=args.init_grid, progress=False)
+                              distill=args.distill, init=args.init, init_grid=args.init_grid, progress=args.progress)
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
         res = quantize(model, recipe, calibration=calib)

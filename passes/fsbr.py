@@ -30,7 +30,12 @@ and trains them block by block:
   - "keep the best": the block objective is *evaluated* (no grad, all samples) for the SmoothQuant init without
     clipping (exactly the untrained baseline), the init with the initial clipping, and after every epoch, and
     the best of these is kept — a block never ends worse than its init on its objective. The per-layer record
-    is ``record.extra["block_mse"]``.
+    is ``record.extra["block_mse"]``;
+  - a model-level guard: the block objective on SmolLM2 is dominated by a few massive-activation tokens, so a
+    better block MSE does not promise a better model. After the last layer, the whole quantized model's
+    next-token loss on ``holdout`` calibration windows that share no token with the trained ones is compared
+    for the trained parameters and the untrained SmoothQuant baseline; the better is kept
+    (``record.extra["kept"]``, ``heldout_loss_init`` / ``heldout_loss_trained``).
 
   Per-channel weight quantization commutes with scaling a weight row, so the q/k scales (rows of ``W_q`` and
   ``W_k``) only matter where Q and K are quantized — the integer-only lowering, not this fake-quant objective,
@@ -288,6 +293,7 @@ class FSBRConfig:
     clip_init: float = CLIP_INIT       # initial clipping logit (σ(4) ≈ 0.982)
     alpha: float = 0.5
     seed: int = 0
+    holdout: int = 4                   # calibration windows (never trained on) for the model-level guard; 0: none
     progress: bool = True
     save_every: int = 0                 # checkpoint every N steps (0: only at the end, when checkpoint_dir is set)
     checkpoint_dir: str | None = None   # where step-<N>/ checkpoints go (None: no checkpoints)
@@ -296,6 +302,9 @@ class FSBRConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "FSBRConfig":
         cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
+        if not isinstance(cfg.holdout, int) or isinstance(cfg.holdout, bool) or cfg.holdout < 0:
+            raise PassError(f"FSBR holdout is a number of calibration windows >= 0, got {cfg.holdout!r}",
+                            "e.g. options: {holdout: 4}; 0 turns the held-out guard off")
         if cfg.epochs < 0 or cfg.samples < 1 or cfg.seq_len < 2 or cfg.batch_size < 1:
             raise PassError(f"FSBR needs epochs >= 0 (0: SmoothQuant scales, no training, no clipping), samples and "
                             f"batch_size >= 1 and seq_len >= 2, got {cfg}")
@@ -494,8 +503,10 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     ids = calibration_ids(calibration, model, tokenizer)
     windows = calibration_windows(ids, cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
-    pick = torch.randperm(windows.shape[0], generator=gen)[: cfg.samples]
+    perm = torch.randperm(windows.shape[0], generator=gen)
+    pick = perm[: cfg.samples]
     batches = windows[pick]
+    held = heldout_windows(windows, perm, cfg.samples, cfg.holdout)
     dtype = next(t.dtype for t in base.values() if t.is_floating_point())
 
     def initial_scales() -> dict[str, torch.Tensor]:
@@ -711,8 +722,77 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         model.train(was_training)
     for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
         scales.setdefault(g.name, start[g.name])
-    return EquivalentScales(plan=plan, scales=scales, losses=losses, method="fsbr", init=start,
-                            extra={"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse})
+    extra: dict[str, Any] = {"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse,
+                             "kept": "trained"}
+    if held is not None:
+        # the model-level guard: each block kept its best parameters on its own objective (MSE to the float block,
+        # which on SmolLM2 is dominated by a few massive-activation tokens), but that does not promise a better
+        # *model*; on held-out calibration windows the trained parameters must beat the untrained SmoothQuant
+        # baseline (init scales, no clipping) in next-token loss, else the baseline is kept
+        untrained = ({g.name: start[g.name].clone() for g in plan.groups},
+                     {k: (None if lo is None else torch.full_like(lo, NO_CLIP), torch.full_like(hi, NO_CLIP))
+                      for k, (lo, hi) in clips.items()})
+        was_training = model.training
+        model.eval()
+        try:
+            before = _model_loss(model, blocks, *untrained, held)
+            after = _model_loss(model, blocks, scales, clips, held)
+        finally:
+            model.train(was_training)
+        extra.update(heldout_windows=int(held.shape[0]), heldout_loss_init=before, heldout_loss_trained=after)
+        if not after <= before:
+            log.warning("fsbr: the trained parameters raise the next-token loss on %d held-out calibration windows "
+                        "(%.4f -> %.4f); keeping the SmoothQuant init without clipping", held.shape[0], before, after)
+            scales, clips = untrained
+            extra.update(kept="init", clip=clips)
+    return EquivalentScales(plan=plan, scales=scales, losses=losses, method="fsbr", init=start, extra=extra)
+
+
+def heldout_windows(windows: torch.Tensor, perm: torch.Tensor, samples: int, holdout: int) -> torch.Tensor | None:
+    """Up to ``holdout`` calibration windows that share no token with the ``samples`` trained ones (``perm[:samples]``)
+    nor with each other: windows overlap by half (:func:`calibration_windows`), so a window's neighbours are out.
+    None when ``holdout`` is 0 or no window is left."""
+    if holdout <= 0:
+        return None
+    taken = {int(j) for j in perm[:samples]}
+    out: list[int] = []
+    for j in perm[samples:].tolist():
+        if len(out) == holdout:
+            break
+        if not ({j - 1, j, j + 1} & taken):
+            out.append(j)
+            taken.add(j)
+    return windows[sorted(out)] if out else None
+
+
+@torch.no_grad()
+def _model_loss(model: torch.nn.Module, blocks: Sequence["_Block"], scales: Mapping[str, torch.Tensor],
+                clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]], windows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of the whole model with every decoder layer quantized as trained (``scales``
+    folded, ``clips`` applied to its weights, its linears' inputs fake-quantized per token), on ``windows``."""
+    params: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        eff = block.effective({g.name: scales[g.name] for g in block.groups},
+                              {f: clips[f] for f in block.clipped if f in clips})
+        params.update({block.local + k: v for k, v in eff.items()})
+    entered: list[_Block] = []
+    try:
+        for block in blocks:
+            block.__enter__()
+            entered.append(block)
+            block.act_on = True
+        total = 0.0
+        for b in range(windows.shape[0]):
+            ids = windows[b:b + 1]
+            out = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": ids, "use_cache": False},
+                                             strict=False)
+            logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+        return total / max(1, windows.shape[0])
+    finally:
+        for block in entered:
+            block.act_on = False
+            block.__exit__(None, None, None)
 
 
 class TrainFSBRScales(Pass):

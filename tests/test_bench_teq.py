@@ -296,3 +296,37 @@ def test_setup_inc_is_idempotent(bench, tmp_path, monkeypatch, capsys):
     states = iter([False, True])
     with pytest.raises(bench.BenchError, match="INC setup step failed"):
         bench.setup_inc(venv / "bin" / "python")
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.3, 1.0])
+def test_inc_loop_loss_is_fxquant_teqs(bench, distill):
+    """The INC worker's loss (its model's logits, the float teacher) is fxquant TEQ's ``_loss`` to float rounding,
+    at every distillation weight: both TEQs optimise the same objective."""
+    import copy
+
+    from conftest import make_tiny_llama
+    from fxquant.passes.train_teq_scales import _loss
+    teacher = make_tiny_llama(layers=1, hidden=32, heads=4, kv_heads=2, inter=64).eval()
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = torch.randint(0, 128, (2, 12), generator=g)
+    with torch.no_grad():
+        logits = student(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        theirs = bench.distill_loss(logits, batch, teacher if distill else None, distill)
+        ours = _loss(teacher, dict(student.named_parameters()), batch, distill)
+    assert float(theirs) == pytest.approx(float(ours), rel=1e-5)
+    if distill:
+        assert float(theirs) > 0
+        with pytest.raises(bench.BenchError, match="teacher"):
+            bench.distill_loss(logits, batch, None, distill)
+
+
+def test_distill_option(bench):
+    assert bench.parse_args([]).distill == 0.0
+    assert bench.parse_args(["--distill", "1"]).distill == 1.0
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--distill", bad])

@@ -129,6 +129,9 @@ def _setup():
 
 
 def _train(seed=0, epochs=4, samples=3, **options):
+    """Block training on the tiny random model; the model-level guard is off unless asked (on random weights and
+    random tokens the next-token loss says nothing, so it would often keep the init and hide the training)."""
+    options.setdefault("holdout", 0)
     cg, plan, ids = _setup()
     cfg = FSBRConfig(act_bits=8, epochs=epochs, samples=samples, seq_len=16, seed=seed, progress=False, **options)
     return train_fsbr(cg, plan, QuantSpec(bits=4), ids, cfg)
@@ -283,3 +286,86 @@ def test_fsbr_refuses_minifloat_weights():
     from fxquant.passes.fsbr import TrainFSBRScales
     with pytest.raises(PassError, match="integer QuantSpec"):
         TrainFSBRScales(FPQuantSpec())
+
+
+# ---- the model-level guard ------------------------------------------------------------------------------------
+@settings(deadline=None)
+@given(n=st.integers(1, 60), samples=st.integers(1, 40), holdout=st.integers(0, 10), seed=st.integers(0, 99))
+def test_heldout_windows_share_no_token_with_the_trained_ones(n, samples, holdout, seed):
+    from fxquant.passes.fsbr import heldout_windows
+    from fxquant.passes.train_teq_scales import calibration_windows
+    seq = 8
+    ids = torch.arange(seq // 2 * (n + 1))            # n windows of 8 tokens at stride 4: token ids are positions
+    windows = calibration_windows(ids, seq)
+    assert windows.shape[0] == n
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = heldout_windows(windows, perm, samples, holdout)
+    trained = {int(t) for t in windows[perm[:samples]].reshape(-1)}
+    if held is None:
+        assert holdout == 0 or n <= samples or all(
+            {j - 1, j + 1} & set(perm[:samples].tolist()) for j in perm[samples:].tolist())
+        return
+    assert 1 <= held.shape[0] <= holdout
+    seen = [int(t) for t in held.reshape(-1)]
+    assert not set(seen) & trained
+    assert len(seen) == len(set(seen))                  # and no two held-out windows overlap
+
+
+def _heldout_of(ids, seq_len, samples, holdout, seed):
+    from fxquant.passes.fsbr import heldout_windows
+    from fxquant.passes.train_teq_scales import calibration_windows
+    windows = calibration_windows(ids, seq_len)
+    perm = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return heldout_windows(windows, perm, samples, holdout)
+
+
+def test_guard_measures_the_model_that_ships():
+    """The held-out loss the guard compares is the next-token loss of the model the recipe returns (scales folded,
+    clipping applied, RTN weights, per-token activation fake-quant) — for the parameters it kept."""
+    import torch.nn.functional as F
+    from fxquant.api import quantize
+    model = make_tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, inter=64)
+    randomize(model, 5, outliers=2, outlier_gain=8.0)
+    ids = torch.randint(0, 128, (800,), generator=torch.Generator().manual_seed(4))
+    recipe = get_recipe("fsbr-w4a8")
+    recipe.options.update(epochs=2, samples=3, seq_len=16, holdout=3, seed=2, progress=False)
+    result = quantize(model, recipe, calibration=ids)
+    extra = result.artifacts["fsbr"].extra
+    assert extra["heldout_windows"] == 3 and extra["kept"] in ("trained", "init")
+    held = _heldout_of(ids, 16, 3, 3, 2)
+    with torch.no_grad():
+        ce = sum(float(F.cross_entropy(model(input_ids=held[b:b + 1]).logits[0, :-1], held[b, 1:]))
+                 for b in range(held.shape[0])) / held.shape[0]
+    assert ce == pytest.approx(extra[f"heldout_loss_{extra['kept']}"], rel=1e-4, abs=1e-5)
+    assert ce <= max(extra["heldout_loss_init"], extra["heldout_loss_trained"])
+
+
+def test_guard_keeps_the_untrained_baseline_when_the_model_gets_worse(monkeypatch):
+    """When the trained parameters lose on the held-out windows, FSBR returns the SmoothQuant init without
+    clipping (the untrained baseline) — whatever the block objectives said."""
+    import fxquant.passes.fsbr as fsbr
+    from fxquant.passes.fsbr import NO_CLIP
+    real = fsbr._model_loss
+    calls = []
+
+    def rigged(model, blocks, scales, clips, windows):
+        value = real(model, blocks, scales, clips, windows)
+        calls.append(value)
+        return value + (10.0 if len(calls) == 2 else 0.0)   # the second call scores the trained parameters
+
+    monkeypatch.setattr(fsbr, "_model_loss", rigged)
+    record = _train(epochs=2, samples=3, holdout=4)
+    assert len(calls) == 2 and record.extra["kept"] == "init"
+    assert record.extra["heldout_loss_trained"] == pytest.approx(calls[1] + 10.0)
+    assert all(torch.equal(record.scales[k], record.init[k]) for k in record.scales)
+    assert all(lo is None and torch.equal(hi, torch.full_like(hi, NO_CLIP)) for lo, hi in record.extra["clip"].values())
+    monkeypatch.setattr(fsbr, "_model_loss", real)
+    honest = _train(epochs=2, samples=3, holdout=4)
+    assert honest.extra["heldout_loss_trained"] == pytest.approx(calls[1])
+
+
+def test_holdout_option_is_validated_and_zero_turns_the_guard_off():
+    with pytest.raises(PassError, match="holdout"):
+        FSBRConfig.from_options({"holdout": -1})
+    record = _train(epochs=1, samples=2, holdout=0)
+    assert "heldout_loss_trained" not in record.extra and record.extra["kept"] == "trained"
