@@ -219,22 +219,13 @@ def teq_batch_indices(n_windows: int, steps: int, batch_size: int, seed: int) ->
 
 def distill_loss(logits: torch.Tensor, batch: torch.Tensor, teacher: torch.nn.Module | None,
                  distill: float) -> torch.Tensor:
-    """fxquant TEQ's training loss (``train_teq_scales._loss``) on INC's model: ``(1 - distill) · CE(next token)
-    + distill · KL(teacher ‖ student)``, ``logits`` already cut to the predicting positions."""
-    import torch.nn.functional as F
-    vocab = logits.shape[-1]
-    loss = torch.zeros((), device=logits.device)
-    if distill < 1:
-        loss = loss + (1 - distill) * F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
-    if distill > 0:
-        if teacher is None:
-            raise BenchError("a distillation weight needs the float teacher model")
-        with torch.no_grad():
-            target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = loss + distill * F.kl_div(F.log_softmax(logits, -1).reshape(-1, vocab),
-                                         F.log_softmax(target, -1).reshape(-1, vocab), log_target=True,
-                                         reduction="batchmean")
-    return loss
+    """fxquant TEQ's training loss (:func:`~fxquant.passes.train_teq_scales.teq_objective`) on INC's model:
+    ``logits`` already cut to the predicting positions, ``teacher`` the float model (used when ``distill > 0``)."""
+    from fxquant.passes.train_teq_scales import teq_objective
+    if distill > 0 and teacher is None:
+        raise BenchError("a distillation weight needs the float teacher model")
+    return teq_objective(logits, batch, distill,
+                         lambda: teacher(input_ids=batch, use_cache=False).logits[:, :-1])
 
 
 def teq_defaults() -> dict[str, Any]:
@@ -358,7 +349,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".", "",
              f"Training (both TEQs): {b['steps']} steps x {b['batch_size']} windows x {b['seq_len']} tokens of "
              f"WikiText-2 validation, Adam lr {b['lr']:g}, linear warm-up over {b['warmup']:.0%} of the steps then "
-             f"linear decay to 0, {_loss_words(b.get('distill', 0.0))}, seed {b['seed']}; {b.get('train_windows', '?')} training windows "
+             f"linear decay to 0, {_loss_words(b.get('distill', 0.0))}, seed {b['seed']}; "
+             f"{b.get('train_windows', '?')} training windows "
              f"({b['holdout']} held out). Evaluation: WikiText-2 test, the first {b['windows']} windows of "
              f"{EVAL_SEQ_LEN} tokens (fxquant's protocol).", ""]
     if report.get("same_data") is not None:
@@ -531,7 +523,8 @@ def run_inc_worker(args: argparse.Namespace, setting: str, defaults: dict[str, A
         cmd = [str(args.inc_python), str(Path(__file__).resolve()), "--worker", "inc", "--worker-setting", setting,
                "--worker-result", str(result), "--model", args.model, "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
-               "--seed", str(args.seed), "--distill", repr(args.distill), "--windows", str(args.windows), "--threads", str(args.threads),
+               "--seed", str(args.seed), "--distill", repr(args.distill), "--windows", str(args.windows),
+               "--threads", str(args.threads),
                "--warmup", repr(defaults["warmup"]), "--holdout", str(defaults["holdout"])]
         if args.no_progress:
             cmd.append("--no-progress")
@@ -606,7 +599,6 @@ def inc_worker(args: argparse.Namespace) -> dict[str, Any]:
     convert, measure. Returns a JSON-able dict."""
     import importlib.metadata as md
 
-    import torch.nn.functional as F
     import transformers  # noqa: F401 - before INC: its teq module binds `transformers` only if already imported
     from neural_compressor.torch.algorithms.weight_only.teq import TrainableEquivalentTransformation
     from neural_compressor.torch.algorithms.weight_only.utility import quant_tensor
@@ -825,7 +817,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                      "transformers": _version("transformers"), "fxquant": _version("fxquant"),
                      "neural-compressor-pt": None},
         "budget": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
-                   "seed": args.seed, "distill": args.distill, "windows": args.windows, "eval_seq_len": EVAL_SEQ_LEN, **defaults},
+                   "seed": args.seed, "distill": args.distill, "windows": args.windows, "eval_seq_len": EVAL_SEQ_LEN,
+                   **defaults},
         "methods": args.methods, "fp32": None, "settings": {}, "rows": [], "same_data": None, "errors": [],
         "deviations": [
             "Initial scales: fxquant starts from its recipe's init (" + (args.init or "awq") + ": AWQ's activation-"

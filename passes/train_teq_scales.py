@@ -63,7 +63,7 @@ from fxquant.pipeline import Pass, PassContext, PassResult
 
 log = logging.getLogger("fxquant")
 
-__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "awq_init", "quantized_loss", "weight_quantizer", "calibration_ids",
+__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "awq_init", "quantized_loss", "teq_objective", "weight_quantizer", "calibration_ids",
            "calibration_windows", "linear_warmup_decay"]
 
 #: a weight fake-quantizer with a straight-through estimator: [out, in] float -> same shape, same dtype
@@ -223,20 +223,32 @@ def _logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: 
     return logits
 
 
-def _loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: torch.Tensor, distill: float) -> torch.Tensor:
-    """``(1 - distill) · CE(next token) + distill · KL(float ‖ quantized)`` of one batch."""
-    logits = _logits(model, params, batch)[:, :-1].float()
+def teq_objective(logits: torch.Tensor, batch: torch.Tensor, distill: float,
+                  teacher: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """TEQ's training loss ``(1 - distill) · CE(next token) + distill · KL(float ‖ quantized)`` of one batch.
+
+    ``logits``: the quantized model's, cut to the predicting positions (``[:, :-1]``); ``teacher()``: the float
+    model's logits cut the same way, called (under no_grad) only when ``distill > 0``. Also the loss the
+    ``examples/bench_teq.py`` loop gives Neural Compressor's model, so both TEQs optimise the same objective."""
     vocab = logits.shape[-1]
     loss = torch.zeros((), device=logits.device)
     if distill < 1:
         loss = loss + (1 - distill) * F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
     if distill > 0:
+        if teacher is None:
+            raise PassError("a distillation weight needs the float model's logits", "pass teacher=, or distill: 0")
         with torch.no_grad():
-            teacher = _logits(model, {}, batch)[:, :-1].float()
-        kl = F.kl_div(F.log_softmax(logits, -1).reshape(-1, vocab), F.log_softmax(teacher, -1).reshape(-1, vocab),
+            target = teacher().float()
+        kl = F.kl_div(F.log_softmax(logits, -1).reshape(-1, vocab), F.log_softmax(target, -1).reshape(-1, vocab),
                       log_target=True, reduction="batchmean")
         loss = loss + distill * kl
     return loss
+
+
+def _loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: torch.Tensor, distill: float) -> torch.Tensor:
+    """:func:`teq_objective` of ``model`` with ``params`` (the float model itself, no params, is the teacher)."""
+    return teq_objective(_logits(model, params, batch)[:, :-1].float(), batch, distill,
+                         lambda: _logits(model, {}, batch)[:, :-1])
 
 
 def _quantized_params(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, scales: Mapping[str, torch.Tensor],
