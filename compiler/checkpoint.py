@@ -124,7 +124,8 @@ def encode_weight(name: str, q: Any) -> tuple[dict[str, Any], dict[str, torch.Te
         # the 4+2 planes are rebuilt on load
         tensors.update({f"{name}.planes": pack_bitplanes(q.codes, q.format.bits), f"{name}.scale": q.scale})
         entry = {"kind": "fp", "format": format_label(q.format), "bits": q.format.bits, "in_features": int(q.shape[1]),
-                 "group_size": q.group_size, "dtype": str(q.dtype).removeprefix("torch.")}
+                 "group_size": q.group_size, "dtype": str(q.dtype).removeprefix("torch."),
+                 "scale_search": q.scale_search}
     elif isinstance(q, ParetoQWeight):
         from fxquant.backends.lowbit import pack_codes
         for i, plane in enumerate(pack_codes(q.spec.bits, q.codes)):
@@ -163,7 +164,8 @@ def decode_weight(name: str, entry: dict[str, Any], tensors: dict[str, torch.Ten
             fmt = get_format(entry["format"])
             codes = unpack_bitplanes(get["planes"], cols).to(torch.uint8)
             return pack_fp6(FPQuantizedWeight(codes, get["scale"], fmt, entry["group_size"],
-                                              getattr(torch, entry.get("dtype", "float32"))))
+                                              getattr(torch, entry.get("dtype", "float32")),
+                                              entry.get("scale_search", "absmax")))
         if kind == "paretoq":
             from fxquant.backends.lowbit import unpack_codes
             spec = ParetoQSpec(entry["bits"], entry["spec_group_size"])

@@ -339,6 +339,8 @@ class FPQuantizedWeight:
     format: FloatFormat
     group_size: int | None
     dtype: torch.dtype = torch.float32
+    #: how the scales were chosen (``absmax`` or ``mse``): kept so that :attr:`spec` is the spec that made them
+    scale_search: Literal["absmax", "mse"] = "absmax"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -346,7 +348,7 @@ class FPQuantizedWeight:
 
     @property
     def spec(self) -> FPQuantSpec:
-        return FPQuantSpec(format=self.format, group_size=self.group_size)
+        return FPQuantSpec(format=self.format, group_size=self.group_size, scale_search=self.scale_search)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The one numerics: ``(decode(codes) * scale_expanded).to(dtype)``, the product in float32.
@@ -380,7 +382,8 @@ def quantize_fp(w: torch.Tensor, spec: FPQuantSpec | FloatFormat | str = E3M2, g
     w32 = w.detach().float()
     scale = compute_scales(w32, spec.format, spec.group_size, spec.scale_search)
     codes = encode(w32 / _expand(scale, w32.shape[1], spec.group_size), spec.format)
-    return FPQuantizedWeight(codes=codes, scale=scale, format=spec.format, group_size=spec.group_size, dtype=w.dtype)
+    return FPQuantizedWeight(codes=codes, scale=scale, format=spec.format, group_size=spec.group_size, dtype=w.dtype,
+                             scale_search=spec.scale_search)
 
 
 class _FPFakeQuantSTE(torch.autograd.Function):
@@ -455,6 +458,7 @@ class FP6PackedWeight:
     in_features: int
     group_size: int | None
     dtype: torch.dtype = torch.float32
+    scale_search: Literal["absmax", "mse"] = "absmax"  # as in FPQuantizedWeight
 
     @property
     def out_features(self) -> int:
@@ -478,7 +482,7 @@ class FP6PackedWeight:
 
     @property
     def spec(self) -> FPQuantSpec:
-        return FPQuantSpec(format=self.format, group_size=self.group_size)
+        return FPQuantSpec(format=self.format, group_size=self.group_size, scale_search=self.scale_search)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -489,7 +493,8 @@ class FP6PackedWeight:
         return unpack_fp6_planes(self.hi2, self.lo4, self.in_features) >> (6 - self.format.bits)
 
     def to_quantized(self) -> FPQuantizedWeight:
-        return FPQuantizedWeight(self.codes, self.scale, self.format, self.group_size, self.dtype)
+        return FPQuantizedWeight(self.codes, self.scale, self.format, self.group_size, self.dtype,
+                                 self.scale_search)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Same numerics as :meth:`FPQuantizedWeight.dequantize` (and the kernel), bit for bit."""
@@ -497,7 +502,7 @@ class FP6PackedWeight:
 
     def to(self, device: torch.device | str) -> "FP6PackedWeight":
         return FP6PackedWeight(self.hi2.to(device), self.lo4.to(device), self.scale.to(device), self.format,
-                               self.in_features, self.group_size, self.dtype)
+                               self.in_features, self.group_size, self.dtype, self.scale_search)
 
     def nbytes(self) -> int:
         return self.hi2.numel() + self.lo4.numel() + self.scale.numel() * self.scale.element_size()
@@ -544,4 +549,5 @@ def pack_fp6(q: FPQuantizedWeight) -> FP6PackedWeight:
     """Pack a quantized weight into the 4+2 planes (narrower formats ride in a 6-bit container)."""
     container_format(q.format)  # raises for formats that do not fit
     hi2, lo4 = pack_fp6_planes(q.codes << (6 - q.format.bits))
-    return FP6PackedWeight(hi2, lo4, q.scale, q.format, int(q.codes.shape[1]), q.group_size, q.dtype)
+    return FP6PackedWeight(hi2, lo4, q.scale, q.format, int(q.codes.shape[1]), q.group_size, q.dtype,
+                          q.scale_search)

@@ -206,9 +206,14 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
     _check_global_batch(config.batch_size, world)
     local = config.batch_size // world
     fsdp = world > 1 and config.sharding == "fsdp"
-    if bits is None:
+    if bits is None and config.lr is None:
         mods = qat_modules(model)
-        bits = next(iter(mods.values())).spec.bits if mods else 4
+        if not mods:
+            raise TrainingError("train_qat: the model has no ParetoQ layers, so there is no bit width to take the "
+                                "paper's learning rate from",
+                                "call fxquant.paretoq.prepare_qat(model, recipe) first, or pass bits= or "
+                                "QATConfig(lr=...) for a model quantized some other way")
+        bits = next(iter(mods.values())).spec.bits
     lr = config.lr if config.lr is not None else default_lr(bits)
     device = next(model.parameters()).device
     optimizer, scheduler = make_optimizer(model, lr, config.steps)

@@ -158,6 +158,7 @@ def test_mse_recipe_end_to_end_on_a_tiny_model(tmp_path, name):
     for fqn, packed in result.quantized.items():
         w = floats[fqn]
         assert packed.format == spec.format and packed.group_size == spec.group_size
+        assert packed.spec == spec and packed.to_quantized().spec == spec  # scale_search included
         assert torch.equal(packed.scale, compute_scales(w, spec.format, spec.group_size, "mse"))
         assert torch.equal(dict(model.named_parameters())[fqn].detach(), packed.dequantize(torch.float32))
         err_ms += float(((packed.dequantize() - w) ** 2).sum())
@@ -173,6 +174,7 @@ def test_mse_recipe_end_to_end_on_a_tiny_model(tmp_path, name):
     ckpt = fxquant.load(saved)
     with torch.no_grad():
         assert torch.equal(ckpt.eval_model(ids).logits, out)
+    assert {q.spec for q in ckpt.quantized.values()} == {spec}, "the reloaded weights must say how scales were made"
 
 
 def test_mse_recipe_lowers_to_the_fp6_op():

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_llama
 
 from fxquant.capture import capture
-from fxquant.errors import RecipeError
+from fxquant.errors import RecipeError, TrainingError
 from fxquant.paretoq import (PackedLinear, ParetoQSpec, QATLinear, convert, init_alpha, paretoq_weights, prepare_qat,
                              qat_modules, scales)
 from fxquant.pipeline import PassContext, Pipeline
@@ -72,6 +72,16 @@ def test_train_loss_drops_scales_move_and_resume_is_identical(tmp_path):
     assert hist2.start_step == 4 and hist2.losses == hist.losses[4:]
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_train_qat_without_paretoq_layers_needs_a_width_or_lr():
+    model = make_tiny_llama(seed=1)
+    no_lr = {k: v for k, v in CFG.items() if k != "lr"}
+    with pytest.raises(TrainingError, match="prepare_qat"):
+        train_qat(model, _ids(), QATConfig(steps=1, **no_lr))
+    # a model quantized some other way (the benchmark's torchao linears) trains once the lr or width is given
+    hist = train_qat(model, _ids(), QATConfig(steps=1, **CFG))
+    assert len(hist.losses) == 1
 
 
 def test_convert_packed_logits_equal_fake_quant_and_generate_works():
