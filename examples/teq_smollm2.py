@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.0)
     ap.add_argument("--init", choices=["ones", "awq"], default="awq", help="TEQ's starting scales")
     ap.add_argument("--init-grid", type=int, default=20, help="awq init: exponents tried per group")
+    ap.add_argument("--check-every", type=int, default=None,
+                    help="held-out loss every N steps, the best scales kept (default: the recipe's, 100; 0: end only)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--fp32", action="store_true", help="also evaluate the float model")
     ap.add_argument("--skip-rtn", action="store_true", help="do not re-measure RTN")
@@ -76,7 +78,8 @@ def main() -> None:
         # ---- TEQ: the same RTN after trained, folded scales ------------------------------------------------
         recipe = get_recipe(f"teq-{g}")
         recipe.options.update(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                              distill=args.distill, init=args.init, init_grid=args.init_grid, progress=args.progress)
+                              distill=args.distill, init=args.init, init_grid=args.init_grid, progress=args.progress,
+                              **({} if args.check_every is None else {"check_every": args.check_every}))
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
         res = quantize(model, recipe, calibration=calib)
@@ -89,6 +92,10 @@ def main() -> None:
         for key in ("heldout_loss_ones", "heldout_loss_init", "heldout_loss_trained"):
             if key in teq.extra:
                 note += f", {key.replace('heldout_loss_', 'held-out ')} {teq.extra[key]:.4f}"
+        if "heldout_checks" in teq.extra:
+            note += ", checks " + " ".join(f"{int(a)}:{b:.4f}" for a, b in teq.extra["heldout_checks"])
+        if "kept_step" in teq.extra:
+            note += f", kept the scales of step {teq.extra['kept_step']}"
         if "awq" in teq.extra:
             chosen = list(teq.extra["awq"].values())
             note += (f", awq: mean alpha {sum(c['alpha'] for c in chosen) / max(1, len(chosen)):.2f}, "
@@ -101,7 +108,8 @@ def write(path: str, args: argparse.Namespace, rows: list[tuple[str, float, floa
     lines = ["# TEQ vs RTN on SmolLM2-135M-Instruct (WikiText-2 test perplexity)", "",
              f"Command: `python examples/teq_smollm2.py --bits {' '.join(map(str, args.bits))} --group {args.group} "
              f"--steps {args.steps} --seq-len {args.seq_len} --batch-size {args.batch_size} --lr {args.lr} "
-             f"--distill {args.distill} --init {args.init} --init-grid {args.init_grid} --windows {args.windows}" + (" --fp32" if args.fp32 else "")
+             f"--distill {args.distill} --init {args.init} --init-grid {args.init_grid} --windows {args.windows}"
+             + ("" if args.check_every is None else f" --check-every {args.check_every}") + (" --fp32" if args.fp32 else "")
              + (" --skip-rtn" if args.skip_rtn else "") + "`", "",
              "| recipe | perplexity | quantize s | training |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {ppl:.3f} | {sec:.1f} | {note} |" for name, ppl, sec, note in rows]

@@ -39,7 +39,9 @@ intermediate checkpoints), ``checkpoint_dir`` (None: no checkpoints; ``step-<N>/
 scales, the initial scales are kept and a warning says so; 0 turns the check off), ``init`` ("awq", the
 default: :func:`awq_init`'s activation-aware search with ``init_grid`` (20) exponents per family on
 ``init_windows`` (8) calibration windows, or "ones": the paper's identity start; a searched init must also beat
-the identity on the held-out windows).
+the identity on the held-out windows), ``check_every`` (100: the held-out loss is also measured every N steps and
+the best scales seen are returned when they beat both the end of training and the init — a long schedule that
+drifts keeps its best point, not only its start; 0: the end only; checks and the best scales are in checkpoints).
 ``steps: 0`` trains nothing: with ``init: awq`` that is AWQ's scales alone.
 """
 from __future__ import annotations
@@ -92,6 +94,7 @@ class TEQConfig:
     init: str = "awq"                   # "awq": searched activation-aware scales | "ones" (the paper's identity)
     init_grid: int = 20                 # "awq": exponents alpha = 0, 1/grid, ..., (grid - 1)/grid tried per group
     init_windows: int = 8               # "awq": calibration windows whose activations the search uses
+    check_every: int = 100              # held-out loss every N steps; the best scales seen are kept (0: end only)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "TEQConfig":
@@ -119,6 +122,9 @@ class TEQConfig:
         if self.init not in INITS:
             raise PassError(f"TEQ init must be one of {', '.join(INITS)}, got {self.init!r}",
                             "ones: start from the identity (the paper); awq: searched activation-aware scales")
+        if not isinstance(self.check_every, int) or isinstance(self.check_every, bool) or self.check_every < 0:
+            raise PassError(f"TEQ check_every is a number of steps (>= 0), got {self.check_every!r}",
+                            "e.g. options: {check_every: 20}; 0 checks the held-out loss at the end only")
         for key in ("init_grid", "init_windows"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -470,6 +476,9 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     scales = {g.name: torch.nn.Parameter(start.get(g.name, torch.ones(g.size, device=device)).clone())
               for g in plan.groups}
     init_copy = {k: v.detach().clone() for k, v in scales.items()}
+    # the best scales of the periodic held-out checks (``check_every``): step 0 = none yet
+    best = {k: v.detach().clone() for k, v in scales.items()}
+    checks: list[list[float]] = []            # [step, held-out loss] of every periodic check
 
     def build(sc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's linear weights with scales ``sc`` folded in and the quantized ones fake-quantized."""
@@ -490,12 +499,13 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
         calibration=train_state.tensor_digest(windows), init=train_state.tensor_digest(start) if start else None)
 
     def state_tensors() -> dict[str, torch.Tensor]:
-        return {**{f"scale.{k}": v for k, v in scales.items()}, **{f"init.{k}": v for k, v in init_copy.items()}}
+        return {**{f"scale.{k}": v for k, v in scales.items()}, **{f"init.{k}": v for k, v in init_copy.items()},
+                **{f"best.{k}": v for k, v in best.items()}}
 
     def save(step: int) -> None:
         train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, step), kind="teq", step=step,
                                      tensors=state_tensors(), optimizer=opt, scheduler=sched, generators={"data": gen},
-                                     extras={"losses": losses}, fingerprint=fp)
+                                     extras={"losses": losses, "checks": checks}, fingerprint=fp)
 
     first = 0
     resume_from = train_state.resolve_resume(cfg.resume, cfg.checkpoint_dir, "TEQ")
@@ -508,6 +518,7 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
         train_state.copy_tensors(state_tensors(), state.tensors, f"TEQ checkpoint {resume_from}")
         state.restore(optimizer=opt, scheduler=sched, generators={"data": gen})
         losses = [float(v) for v in state.extras["losses"]]
+        checks = [[int(a), float(b)] for a, b in state.extras.get("checks", [])]
         first = state.step
         log.info("teq: resumed from %s at step %d of %d", resume_from, first, cfg.steps)
 
@@ -539,6 +550,15 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
                         blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
             losses.append(value)
             done = step + 1
+            if held is not None and cfg.check_every and done % cfg.check_every == 0 and done < cfg.steps:
+                with torch.no_grad():
+                    check = _heldout_loss(model, build(scales), held, cfg, device)
+                if not checks or check < min(c[1] for c in checks):
+                    with torch.no_grad():
+                        for k, v in scales.items():
+                            best[k].copy_(v)
+                checks.append([done, check])
+                log.info("teq: step %d: held-out loss %.4f", done, check)
             if cfg.checkpoint_dir is not None and (
                     (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
                 save(done)
@@ -575,6 +595,15 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
         extra.update(heldout_windows=int(held.shape[0]), heldout_loss_init=before, heldout_loss_trained=after)
         if searched:
             extra["heldout_loss_ones"] = identity
+        if checks:
+            extra["heldout_checks"] = [list(c) for c in checks]
+            step_best, loss_best = min(checks, key=lambda c: (c[1], c[0]))
+            if loss_best < after and loss_best <= before:
+                log.info("teq: keeping the scales of step %d (held-out loss %.4f; at the end %.4f)",
+                         step_best, loss_best, after)
+                result = {k: v.detach().clone() for k, v in best.items()}
+                after = loss_best
+                extra.update(kept_step=int(step_best), heldout_loss_kept=loss_best)
         if not after <= before:
             log.warning("teq: the trained scales raise the loss on %d held-out calibration windows (%.4f -> %.4f); "
                         "keeping the initial scales (try a lower lr or more steps)", held.shape[0], before, after)

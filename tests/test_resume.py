@@ -119,7 +119,7 @@ def run_teq(checkpoint_dir=None, save_every=0, resume=None, on_step=None, lr=1e-
     spec = QuantSpec(bits=3, group_size=16)
     cfg = TEQConfig(steps=TEQ_STEPS, lr=lr, seq_len=16, batch_size=2, distill=0.5, seed=seed, progress=False,
                     save_every=save_every, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-                    resume=resume)
+                    resume=resume, check_every=3)   # a held-out check (step 3) falls before the resumed step 4
     return train_scales(cg, plan_scales(cg, structure), weight_quantizer(spec), ids, cfg, quantizer_name=repr(spec),
                         on_step=on_step)
 
@@ -179,6 +179,7 @@ def test_teq_killed_and_resumed_ends_with_the_same_scales(tmp_path):
     got = run_teq(checkpoint_dir=ckpt, save_every=2, resume=True)
     _assert_equal(got.scales, want.scales)
     assert got.losses == want.losses and len(got.losses) == TEQ_STEPS  # the first 4 come from the checkpoint
+    assert len(want.extra["heldout_checks"]) == 2 and got.extra == want.extra  # checks at 3 and 6, best carried over
     mid = load_train_state(ckpt / "step-000004", kind="teq").tensors
     assert all(not torch.equal(mid[f"scale.{k}"], v) for k, v in want.scales.items())
     # resuming from the final checkpoint trains nothing and returns the same result

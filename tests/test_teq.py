@@ -392,3 +392,45 @@ def test_an_init_worse_than_the_identity_is_dropped(caplog):
 def test_init_options_are_validated(bad):
     with pytest.raises(PassError, match="init"):
         TEQConfig(**bad).validate()
+
+
+def test_periodic_held_out_checks_keep_the_best_scales(tmp_path, monkeypatch):
+    """``check_every``: the held-out loss is measured every N steps and the best scales seen are what TEQ returns
+    when they beat both the end of training and the init (rigged losses pick step 4 of 8; the checkpoint of step
+    4 holds the scales it must return)."""
+    import fxquant.passes.train_teq_scales as teq
+    from fxquant.train_state import load_train_state
+    cg, plan, ids = _train_setup()
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    cfg = TEQConfig(steps=8, lr=1e-2, seq_len=32, batch_size=2, seed=0, progress=False, init="ones",
+                    check_every=2, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
+    # calls: the checks at steps 2, 4, 6 (none at 8, the end), then the init's and the trained scales' losses
+    script = iter([5.0, 1.0, 3.0, 4.0, 2.0])
+    monkeypatch.setattr(teq, "_heldout_loss", lambda *a, **k: next(script))
+    record = train_scales(cg, plan, q, ids, cfg)
+    assert record.extra["heldout_checks"] == [[2, 5.0], [4, 1.0], [6, 3.0]]
+    assert record.extra["kept_step"] == 4 and record.extra["heldout_loss_kept"] == 1.0
+    assert record.extra["heldout_loss_trained"] == 2.0 and record.extra["kept"] == "trained"
+    at4 = load_train_state(tmp_path / "ck" / "step-000004", kind="teq").tensors
+    at8 = load_train_state(tmp_path / "ck" / "step-000008", kind="teq").tensors
+    for name, s in record.scales.items():
+        assert torch.equal(s, at4[f"scale.{name}"]) and torch.equal(at8[f"best.{name}"], s)
+    assert any(not torch.equal(s, at8[f"scale.{n}"]) for n, s in record.scales.items()), "step 4 != the end"
+
+    # the end of training beats every check: the trained scales are kept, no kept_step
+    script = iter([5.0, 1.0, 3.0, 4.0, 0.5])
+    end = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, checkpoint_dir=None, save_every=0))
+    assert "kept_step" not in end.extra and end.extra["kept"] == "trained"
+    for name, s in end.scales.items():
+        assert torch.equal(s, at8[f"scale.{name}"])
+    # a check better than the end but worse than the init: the init is kept
+    script = iter([5.0, 4.5, 6.0, 4.0, 4.2])
+    worse = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, checkpoint_dir=None, save_every=0))
+    assert worse.extra["kept"] == "init" and worse.moved() == 0.0
+    # 0: the held-out loss is measured at the end only
+    monkeypatch.undo()
+    plain = train_scales(cg, plan, q, ids, dataclasses.replace(cfg, check_every=0, checkpoint_dir=None, save_every=0))
+    assert "heldout_checks" not in plain.extra
+    for bad in (-1, 1.5, True):
+        with pytest.raises(PassError, match="check_every"):
+            TEQConfig(check_every=bad).validate()
