@@ -476,7 +476,7 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     scales = {g.name: torch.nn.Parameter(start.get(g.name, torch.ones(g.size, device=device)).clone())
               for g in plan.groups}
     init_copy = {k: v.detach().clone() for k, v in scales.items()}
-    # the best scales of the periodic held-out checks (``check_every``): step 0 = none yet
+    # the best scales of the periodic held-out checks (``check_every``; meaningful once ``checks`` holds one)
     best = {k: v.detach().clone() for k, v in scales.items()}
     checks: list[list[float]] = []            # [step, held-out loss] of every periodic check
 
