@@ -512,8 +512,9 @@ def _fields(cls) -> dict[str, Any]:
 
 
 def _teq_option_defaults() -> dict[str, Any]:
+    from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
-    return {**_fields(TEQConfig), "tokenizer": None}   # the pass reads tokenizer itself
+    return {**_fields(TEQConfig), **_fields(ClipConfig), "tokenizer": None}   # the passes read tokenizer themselves
 
 
 def _fsbr_option_defaults() -> dict[str, Any]:
@@ -604,8 +605,10 @@ def _check_type(who: str, key: str, value: Any, default: Any) -> None:
 
 
 def _teq_values(o: dict) -> None:
+    from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
     TEQConfig.from_options(o)
+    ClipConfig.from_options(o)
 
 
 def _fsbr_values(o: dict) -> None:
@@ -646,11 +649,15 @@ _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
 def _teq_passes(recipe: Recipe) -> list:
     from fxquant.fpformats import FPQuantSpec
     from fxquant.passes.fold_equivalent_scales import FoldEquivalentScales
+    from fxquant.passes.search_weight_clipping import ClipConfig, SearchWeightClipping
     from fxquant.passes.train_teq_scales import TrainTEQScales
     # scales are trained against the recipe's own weight quantizer, folded, and only then quantized for real:
-    # the quantization pass sees the folded weights, so TEQ + RTN / FP6 is one recipe
+    # the quantization pass sees the folded weights, so TEQ + RTN / FP6 is one recipe. The clip search (AWQ's
+    # other half) scores clip ratios on the folded weights, before the quantizer takes its ranges from them.
     passes = [TrainTEQScales(recipe.weight, exclude=recipe.exclude, options=recipe.options),
               FoldEquivalentScales(source="teq")]
+    if ClipConfig.from_options(recipe.options).clip:
+        passes.append(SearchWeightClipping(recipe.weight, exclude=recipe.exclude, options=recipe.options))
     return passes + (_fp_passes(recipe) if isinstance(recipe.weight, FPQuantSpec) else _rtn_passes(recipe))
 
 

@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--init-grid", type=int, default=20, help="awq init: exponents tried per group")
     ap.add_argument("--check-every", type=int, default=None,
                     help="held-out loss every N steps, the best scales kept (default: the recipe's, 100; 0: end only)")
+    ap.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="activation-aware clip search after the fold (the recipe's default; --no-clip: plain RTN)")
+    ap.add_argument("--clip-qk", action=argparse.BooleanOptionalAction, default=True,
+                    help="the clip search also clips q/k projections (AWQ does not)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--fp32", action="store_true", help="also evaluate the float model")
     ap.add_argument("--skip-rtn", action="store_true", help="do not re-measure RTN")
@@ -79,6 +83,7 @@ def main() -> None:
         recipe = get_recipe(f"teq-{g}")
         recipe.options.update(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                               distill=args.distill, init=args.init, init_grid=args.init_grid, progress=args.progress,
+                              clip=args.clip, clip_qk=args.clip_qk,
                               **({} if args.check_every is None else {"check_every": args.check_every}))
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
@@ -100,6 +105,12 @@ def main() -> None:
             chosen = list(teq.extra["awq"].values())
             note += (f", awq: mean alpha {sum(c['alpha'] for c in chosen) / max(1, len(chosen)):.2f}, "
                      f"{sum(c['form'] == 'duo' for c in chosen)} duo groups")
+        clip = next((r.stats for r in res.records if r.name == "search_weight_clipping"), None)
+        if clip:
+            note += (f", clip search{'' if args.clip_qk else ' (not q/k)'}: {clip['clipped']} weights, mean ratio "
+                     f"{clip['mean_ratio']:.3f}, output error x{clip['output_error_ratio']:.3f}")
+        else:
+            note += ", no clip search"
         evaluate(f"teq-{g}", model, time.perf_counter() - start, note)
         del model
 
@@ -110,6 +121,7 @@ def write(path: str, args: argparse.Namespace, rows: list[tuple[str, float, floa
              f"--steps {args.steps} --seq-len {args.seq_len} --batch-size {args.batch_size} --lr {args.lr} "
              f"--distill {args.distill} --init {args.init} --init-grid {args.init_grid} --windows {args.windows}"
              + ("" if args.check_every is None else f" --check-every {args.check_every}") + (" --fp32" if args.fp32 else "")
+             + ("" if args.clip else " --no-clip") + ("" if args.clip_qk else " --no-clip-qk")
              + (" --skip-rtn" if args.skip_rtn else "") + "`", "",
              "| recipe | perplexity | quantize s | training |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {ppl:.3f} | {sec:.1f} | {note} |" for name, ppl, sec, note in rows]
