@@ -26,8 +26,8 @@ Contract
   SmolLM2 clipping them too is better (W4g128, 40 windows: 38.171 with, 40.442 without, from RTN's 44.248). A weight it cannot clip
   (its module's input was never seen) is logged and listed in ``ctx.artifacts["clip_search_skipped"]``.
 * **ensures** every clipped weight lies inside its original groups' ranges and every chosen ratio inside
-  ``[1 − shrink, 1]``; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the output
-  error before and after (on the calibration activations).
+  ``[1 − shrink, 1]``; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the
+  per-group output error (as :func:`clip_search` sums it) before and after, on the calibration activations.
 
 Options (recipe ``options:``, method ``teq``): ``clip`` (true/false), ``clip_grid`` (20), ``clip_shrink`` (0.5),
 ``clip_windows`` (8), ``clip_qk`` (true).
@@ -98,7 +98,8 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, quantizer: Any, group: in
     ``w``: ``[out, in]`` float weight; ``blocks``: ``[groups, group, group]``, the diagonal blocks of ``XᵀX`` over
     the calibration inputs (the input zero-padded to ``groups · group`` channels); ``quantizer``: ``[out, in] ->
     [out, in]`` fake quantizer. Returns ``(clipped weight, ratios [out, groups], error before, error after)``,
-    the errors being ``Σ ‖X (Q(·) − W)ᵀ‖²`` over the groups.
+    the errors being ``Σ_g ‖X_g (Q(·)_g − W_g)ᵀ‖²``: each group's own share of the output error, summed (the
+    cross terms between groups of a row are what a per-group choice cannot see, and are left out, as in AWQ).
     """
     out, k = w.shape
     ng = blocks.shape[0]

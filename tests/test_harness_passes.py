@@ -21,6 +21,7 @@ from fxquant.passes.fsbr import ClipWeights, QuantizeActivations, TrainFSBRScale
 from fxquant.passes.insert_paretoq_fake_quant import InsertParetoQFakeQuant, fake_quant_nodes
 from fxquant.passes.quantize_weights_rtn import QuantizeWeightsRTN
 from fxquant.passes.train_paretoq import TrainParetoQ
+from fxquant.passes.search_weight_clipping import SearchWeightClipping
 from fxquant.passes.train_teq_scales import TrainTEQScales
 from fxquant.pipeline import PassContext
 from fxquant.quant import QuantSpec, fake_quantize
@@ -106,6 +107,45 @@ def test_teq_training_records_finite_scales_and_leaves_the_graph_alone(llama, bi
     torch.testing.assert_close(run_graph(cg, llama.inputs), before, rtol=0, atol=0)
     # and the trained scales fold exactly
     assert_fold_exact(FoldEquivalentScales(), cg, llama.inputs, tol=1e-4, ctx=ctx)
+
+
+# ---- search_weight_clipping -------------------------------------------------------------------------------------
+@TRAIN
+@given(llama=LLAMAS, bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([None, 8]), seed=st.integers(0, 999))
+def test_clip_search_only_narrows_weights_and_never_raises_a_groups_output_error(llama, bits, group, seed):
+    spec = QuantSpec(bits=bits, group_size=group)
+    calib = _calibration(llama.model.config.vocab_size, seed, n=96)
+    ctx = PassContext(calibration=calib, verify=True)
+    _structure(llama.cg, ctx)
+    cg = copy_captured(llama.cg, model=llama.model)
+    options = dict(seq_len=8, holdout=0, clip_windows=64)   # every window of the calibration ids
+    record = run_pass(SearchWeightClipping(spec, options=options), cg, ctx)
+    assert record.modified and record.name == "search_weight_clipping"
+    assert _graph_signature(cg) == _graph_signature(llama.cg)   # weights change, the graph does not
+    # the linears' inputs on the same windows, from the float model (clipping happens after they are read)
+    names = {fqn: ph for ph, fqn in cg.fqn.items()}
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [llama.model.get_submodule(f.rsplit(".", 1)[0]).register_forward_pre_hook(
+        lambda m, a, f=f: seen.setdefault(f, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for f in ctx.artifacts["clip_search"]]
+    with torch.no_grad():
+        for start in range(0, calib.numel() - 8 + 1, 4):
+            llama.model(calib[start:start + 8][None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    for fqn, rec in ctx.artifacts["clip_search"].items():
+        w, c = llama.cg.tensors[names[fqn]].double(), cg.tensors[names[fqn]].double()
+        assert bool((c.abs() <= w.abs() + 1e-12).all()) and bool((c * w >= 0).all()), fqn   # toward zero only
+        x = torch.cat(seen[fqn]).double()
+        size = group or w.shape[1]
+        cols = [slice(i, i + size) for i in range(0, w.shape[1], size)]
+
+        def errors(q: torch.Tensor) -> torch.Tensor:   # [rows, groups]: each group's share of the output error
+            return torch.stack([((x[:, j] @ (q[:, j] - w[:, j]).t()) ** 2).sum(dim=0) for j in cols], dim=1)
+        plain, clipped = errors(fake_quantize(w, spec)), errors(fake_quantize(c, spec))
+        assert bool((clipped <= plain * (1 + 1e-6) + 1e-9).all()), fqn
+        assert abs(float(clipped.sum()) - rec["error_after"]) <= 1e-3 * max(1.0, float(clipped.sum())), fqn
+        assert abs(float(plain.sum()) - rec["error_before"]) <= 1e-3 * max(1.0, float(plain.sum())), fqn
 
 
 # ---- fsbr: train_fsbr_scales, clip_weights, quantize_activations ----------------------------------------------

@@ -291,10 +291,11 @@ def test_a_misspelt_option_suggests_the_right_one(method, data):
 def test_the_option_sets_come_from_the_config_dataclasses():
     from fxquant.passes.fsbr import FSBRConfig
     from fxquant.passes.lower_integer_only import IntegerOnlyConfig
+    from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
     from fxquant.qat import QATConfig
     fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
-    assert method_options("teq") == fields(TEQConfig) | {"tokenizer"}
+    assert method_options("teq") == fields(TEQConfig) | fields(ClipConfig) | {"tokenizer"}
     assert method_options("fsbr") == fields(FSBRConfig) | {"tokenizer"}
     illm_lowering = method_options("illm") - method_options("fsbr") - {"fsbr"}
     assert illm_lowering <= fields(IntegerOnlyConfig)
