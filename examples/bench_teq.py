@@ -6,7 +6,8 @@ quantizer of fxquant's ``rtn-w4g128`` / ``teq-w4g128`` recipes and of INC's ``TE
 1. **RTN** — ``fxquant.api.quantize(model, "rtn-<setting>")``: the end of the gap that TEQ should close;
 2. **TEQ (fxquant)** — ``fxquant.api.quantize(model, "teq-<setting>", calibration=...)`` with the recipe's
    ``steps`` / ``lr`` / ``seq_len`` / ``batch_size`` / ``seed`` set from the command line; everything else is the
-   recipe's default (AWQ-searched initial scales, scales on all four group kinds, the held-out guard);
+   recipe's default (AWQ-searched initial scales, scales on all four group kinds, the held-out guard, and the
+   activation-aware clip search after the fold — ``--no-clip`` leaves it out, for TEQ against TEQ alone);
 3. **TEQ (INC)** — Intel Neural Compressor 3.x (``neural_compressor.torch.quantization``: ``TEQConfig`` ->
    ``prepare`` -> training -> ``convert``), run by this same script in a second virtual environment
    (``--inc-python``) as a worker subprocess, results exchanged as a JSON file. INC ships no training loop for
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rest is causal-LM cross-entropy (default 0: cross-entropy only; 1: distillation only)")
     p.add_argument("--init", choices=["awq", "ones"], default=None,
                    help="fxquant TEQ's initial scales (default: the recipe's, awq); INC always starts at ones")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="fxquant TEQ's activation-aware clip search after the fold (the recipe's default); "
+                        "--no-clip compares the two TEQs alone (INC has no clip search)")
     p.add_argument("--windows", type=_positive, default=40, help="512-token WikiText-2 test windows scored (default 40)")
     p.add_argument("--threads", type=_positive, default=2, help="torch threads, here and in the INC worker (default 2)")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"where {STEM}.json/.md go (default examples/results)")
@@ -488,6 +492,7 @@ def run_fxquant_teq(base: torch.nn.Module, setting: str, calib: torch.Tensor, ar
                           seed=args.seed, distill=args.distill, progress=not args.no_progress)
     if args.init is not None:
         recipe.options["init"] = args.init
+    recipe.options["clip"] = args.clip
     model = copy.deepcopy(base)
     with _StepClock() as clock:
         res = quantize(model, recipe, calibration=calib)
@@ -834,6 +839,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "inside the forward (fxquant clamps after each step; the INC loop here does both).",
             "INC's convert stores fp16 scales (use_optimum_format); fxquant's RTN and the corrected INC number use "
             "fp32 scales.",
+            ("Clip search: fxquant's TEQ clips each folded weight per row and group to the range with the least "
+             "quantized output error on calibration activations before RTN (its recipe's default); INC has none."
+             if args.clip else "Clip search: off (--no-clip): both TEQs end in plain RTN."),
         ]}
     out_dir = args.out_dir
 

@@ -48,6 +48,9 @@ def main() -> None:
                     help="activation-aware clip search after the fold (the recipe's default; --no-clip: plain RTN)")
     ap.add_argument("--clip-qk", action=argparse.BooleanOptionalAction, default=True,
                     help="the clip search also clips q/k projections (AWQ does not)")
+    ap.add_argument("--clip-grid", type=int, default=None, help="clip ratios tried per group (default: the recipe's, 40)")
+    ap.add_argument("--clip-windows", type=int, default=None,
+                    help="calibration windows the clip search scores on (default: the recipe's, 32)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--fp32", action="store_true", help="also evaluate the float model")
     ap.add_argument("--skip-rtn", action="store_true", help="do not re-measure RTN")
@@ -84,6 +87,8 @@ def main() -> None:
         recipe.options.update(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                               distill=args.distill, init=args.init, init_grid=args.init_grid, progress=args.progress,
                               clip=args.clip, clip_qk=args.clip_qk,
+                              **({} if args.clip_grid is None else {"clip_grid": args.clip_grid}),
+                              **({} if args.clip_windows is None else {"clip_windows": args.clip_windows}),
                               **({} if args.check_every is None else {"check_every": args.check_every}))
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
@@ -122,6 +127,8 @@ def write(path: str, args: argparse.Namespace, rows: list[tuple[str, float, floa
              f"--distill {args.distill} --init {args.init} --init-grid {args.init_grid} --windows {args.windows}"
              + ("" if args.check_every is None else f" --check-every {args.check_every}") + (" --fp32" if args.fp32 else "")
              + ("" if args.clip else " --no-clip") + ("" if args.clip_qk else " --no-clip-qk")
+             + ("" if args.clip_grid is None else f" --clip-grid {args.clip_grid}")
+             + ("" if args.clip_windows is None else f" --clip-windows {args.clip_windows}")
              + (" --skip-rtn" if args.skip_rtn else "") + "`", "",
              "| recipe | perplexity | quantize s | training |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {ppl:.3f} | {sec:.1f} | {note} |" for name, ppl, sec, note in rows]
