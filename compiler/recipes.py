@@ -678,11 +678,11 @@ def _teq(name: str, bits: int | None, group: int | None, fmt: str | None = None)
 
 
 for _name, _bits, _group, _fmt, _desc in (
-    ("teq-w4g128", 4, 128, None, "TEQ: trained equivalent scales folded, then symmetric 4-bit RTN, groups of 128"),
-    ("teq-w4", 4, None, None, "TEQ: trained equivalent scales folded, then symmetric 4-bit RTN per output channel"),
-    ("teq-w3g128", 3, 128, None, "TEQ: trained equivalent scales folded, then symmetric 3-bit RTN, groups of 128"),
-    ("teq-w2g64", 2, 64, None, "TEQ: trained equivalent scales folded, then symmetric 2-bit RTN, groups of 64"),
-    ("teq-fp6", None, None, "e3m2", "TEQ trained against FP6 E3M2 fake-quant, folded, then FP6 4+2 split"),
+    ("teq-w4g128", 4, 128, None, "TEQ: trained equivalent scales folded, clip search, then symmetric 4-bit RTN, groups of 128"),
+    ("teq-w4", 4, None, None, "TEQ: trained equivalent scales folded, clip search, then symmetric 4-bit RTN per output channel"),
+    ("teq-w3g128", 3, 128, None, "TEQ: trained equivalent scales folded, clip search, then symmetric 3-bit RTN, groups of 128"),
+    ("teq-w2g64", 2, 64, None, "TEQ: trained equivalent scales folded, clip search, then symmetric 2-bit RTN, groups of 64"),
+    ("teq-fp6", None, None, "e3m2", "TEQ trained against FP6 E3M2 fake-quant, folded, clip search, then FP6 4+2 split"),
 ):
     register_recipe(_name, _desc, _teq(_name, _bits, _group, _fmt))
 

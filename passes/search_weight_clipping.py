@@ -29,6 +29,9 @@ Contract
   ``[1 − shrink, 1]``; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the
   per-group output error (as :func:`clip_search` sums it) before and after, on the calibration activations.
 
+Memory: the search keeps, per linear, the diagonal blocks of its input's Gram matrix until the windows have run —
+``in × group`` floats with groups, ``in × in`` per channel (SmolLM2: ≈ 0.5 GB per channel, 80 MB with groups of 128).
+
 Options (recipe ``options:``, method ``teq``): ``clip`` (true/false), ``clip_grid`` (40), ``clip_shrink`` (0.5),
 ``clip_windows`` (32), ``clip_qk`` (true). On SmolLM2 W4g128 from the searched TEQ init (40 test windows), grid
 20 / 8 windows gave 38.124, grid 40 37.546, 32 windows 37.507, both 37.150 (RTN 44.248, FP32 28.738).
