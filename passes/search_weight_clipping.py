@@ -1,4 +1,6 @@
-"""``search_weight_clipping``: activation-aware weight clipping before quantization (AWQ's clip search, Lin et al. 2024).
+"""``search_weight_clipping``: activation-aware weight clipping before quantization.
+
+AWQ's clip search (Lin et al. 2024), run on the graph's weights after any folded equivalent scales.
 
 Round-to-nearest takes each group's range from its largest weight, so one outlier weight stretches the step of
 every other weight in its group. Clipping the group to a fraction ``r`` of its range trades a larger error on the
@@ -23,14 +25,16 @@ Contract
   folded equivalent scales), hooks the input of every linear the quantization pass will quantize, searches each
   weight's clip ratios and replaces the weight by its clamped copy. With ``clip_qk: false`` the attention's
   q/k projections are left alone, as AWQ does (their output error ignores what the softmax does with it); on
-  SmolLM2 clipping them too is better (W4g128, 40 windows: 38.171 with, 40.442 without, from RTN's 44.248). A weight it cannot clip
-  (its module's input was never seen) is logged and listed in ``ctx.artifacts["clip_search_skipped"]``.
+  SmolLM2 clipping them too is better (W4g128, 40 windows: 38.171 with, 40.442 without, from RTN's 44.248).
+  A weight it cannot clip (its module's input was never seen) is logged and listed in
+  ``ctx.artifacts["clip_search_skipped"]``.
 * **ensures** every clipped weight lies inside its original groups' ranges and every chosen ratio inside
   ``[1 − shrink, 1]``; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the
   per-group output error (as :func:`clip_search` sums it) before and after, on the calibration activations.
 
-Memory: the search keeps, per linear, the diagonal blocks of its input's Gram matrix until the windows have run —
-``in × group`` floats with groups, ``in × in`` per channel (SmolLM2: ≈ 0.5 GB per channel, 80 MB with groups of 128).
+Memory: the search keeps, per linear, the diagonal blocks of its input's Gram matrix until the windows have
+run — ``in × group`` floats with groups, ``in × in`` per channel (SmolLM2: ≈ 0.5 GB per channel, 80 MB with
+groups of 128).
 
 Options (recipe ``options:``, method ``teq``): ``clip`` (true/false), ``clip_grid`` (40), ``clip_shrink`` (0.5),
 ``clip_windows`` (32), ``clip_qk`` (true). On SmolLM2 W4g128 from the searched TEQ init (40 test windows), grid
@@ -154,7 +158,8 @@ class SearchWeightClipping(Pass):
             raise PassError("search_weight_clipping runs the eager model, but the captured graph has none",
                             "capture with fxquant.capture(model) (which keeps the model)")
         if getattr(self.spec, "per_tensor", False):
-            raise PassError("search_weight_clipping clips per row and group, but the weight spec has one scale per tensor",
+            raise PassError("search_weight_clipping clips per row and group, "
+                            "but the weight spec has one scale per tensor",
                             "use per-channel or group scales, or options: {clip: false}")
 
     def _skip_qk(self, ctx: PassContext) -> set[str]:
@@ -257,7 +262,8 @@ class SearchWeightClipping(Pass):
         for fqn, rec in ctx.artifacts.get("clip_search", {}).items():
             r = rec["ratios"]
             if not bool(((r >= low) & (r <= 1)).all()):
-                raise PassError(f"search_weight_clipping chose a ratio outside [{low:.3f}, 1] for {fqn}", "report a bug")
+                raise PassError(f"search_weight_clipping chose a ratio outside [{low:.3f}, 1] for {fqn}",
+                                "report a bug")
             w = tensors[fqn]
             w = (w.t() if layouts.get(fqn) == "in_out" else w).float()
             lo, hi = rec["range"]
