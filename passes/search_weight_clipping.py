@@ -170,19 +170,20 @@ class SearchWeightClipping(Pass):
 
     @torch.no_grad()
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
-        from fxquant.passes.train_teq_scales import (_logits, calibration_ids, calibration_windows, quantized_linears,
-                                                     split_holdout)
+        from fxquant.passes.train_teq_scales import (TEQConfig, calibration_ids, calibration_windows,
+                                                     quantized_linears, run_windows, split_holdout, spread_windows)
         cfg = self.config
         model = cg.model
         qlin = quantized_linears(cg, self.exclude)
         skipped: dict[str, str] = {fqn: "attention q/k (clip_qk: false)" for fqn in self._skip_qk(ctx) if fqn in qlin}
         todo = {fqn: layout for fqn, layout in qlin.items() if fqn not in skipped}
         params = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
-        seq_len = int(self.options.get("seq_len", 512))
+        # TEQ's windows (its seq_len, its held-out windows left out), so the search never scores on held-out text
+        seq_len = int(self.options.get("seq_len", TEQConfig.seq_len))
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
         windows, _ = split_holdout(calibration_windows(calibration_ids(ctx.calibration, model, tokenizer), seq_len),
-                                   int(self.options.get("holdout", 8)))
-        picked = windows[torch.linspace(0, windows.shape[0] - 1, min(cfg.clip_windows, windows.shape[0])).long()]
+                                   int(self.options.get("holdout", TEQConfig.holdout)))
+        picked = spread_windows(windows, cfg.clip_windows)
         device = next(iter(params.values())).device
 
         blocks: dict[str, torch.Tensor] = {}
@@ -205,15 +206,7 @@ class SearchWeightClipping(Pass):
                 h = xb.transpose(1, 2) @ xb
                 blocks[fqn] = blocks[fqn] + h if fqn in blocks else h
             hooks.append(module.register_forward_pre_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(picked.shape[0]):
-                _logits(model, params, picked[i:i + 1].to(device))
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(was_training)
+        run_windows(model, params, picked.to(device), hooks)
 
         names_of: dict[str, list[str]] = {}
         for ph, fqn in cg.fqn.items():

@@ -65,8 +65,9 @@ from fxquant.pipeline import Pass, PassContext, PassResult
 
 log = logging.getLogger("fxquant")
 
-__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "awq_init", "quantized_loss", "teq_objective", "weight_quantizer", "calibration_ids",
-           "calibration_windows", "linear_warmup_decay"]
+__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "awq_init", "quantized_loss", "teq_objective",
+           "weight_quantizer", "calibration_ids", "calibration_windows", "spread_windows", "run_windows",
+           "linear_warmup_decay"]
 
 #: a weight fake-quantizer with a straight-through estimator: [out, in] float -> same shape, same dtype
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
@@ -302,6 +303,27 @@ def quantized_linears(cg: CapturedGraph, exclude: Sequence[str]) -> dict[str, st
     return out
 
 
+def spread_windows(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` of ``windows`` (all when there are fewer), evenly spread from the first to the last."""
+    return windows[torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0])).long()]
+
+
+@torch.no_grad()
+def run_windows(model: torch.nn.Module, params: dict[str, torch.Tensor], windows: torch.Tensor,
+                hooks: Sequence[Any] = ()) -> None:
+    """Run ``model`` with ``params`` on each window in eval mode, for what its forward ``hooks`` collect; the hooks
+    are removed and the model's training mode restored afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(windows.shape[0]):
+            _logits(model, params, windows[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def awq_init(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, windows: torch.Tensor, *,
              exclude: Sequence[str] = ("lm_head*",), grid: int = 20) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -344,15 +366,7 @@ def awq_init(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, windows: 
                     gram[name], absum[name] = h, a
             hooks.append(module.register_forward_pre_hook(hook))
             break
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(windows.shape[0]):
-            _logits(model, base, windows[i:i + 1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_windows(model, base, windows, hooks)
 
     def out_in(fqn: str, w: torch.Tensor) -> torch.Tensor:   # [out, in] whatever the stored layout
         return w.t() if qlin[fqn] == "in_out" else w
@@ -453,8 +467,7 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     gen = torch.Generator().manual_seed(cfg.seed)
     alphas: dict[str, dict] = {}
     if init is None and cfg.init == "awq":
-        picked = train_windows[torch.linspace(0, train_windows.shape[0] - 1, min(cfg.init_windows,
-                                                                              train_windows.shape[0])).long()]
+        picked = spread_windows(train_windows, cfg.init_windows)
         init, alphas = awq_init(cg, plan, quantizer, picked.to(device), exclude=exclude, grid=cfg.init_grid)
         moved = [v for v in alphas.values() if v["form"] == "duo" or v["alpha"] > 0]
         log.info("teq: awq init on %d windows: %d of %d groups moved (%d in the duo form); output error / RTN's: "
