@@ -523,7 +523,8 @@ def _fsbr_option_defaults() -> dict[str, Any]:
 
 
 def _illm_option_defaults() -> dict[str, Any]:
-    return {**_fsbr_option_defaults(), "fsbr": True, **{k: d for k, (_, d) in _ILLM_INTEGER_OPTIONS.items()}}
+    fsbr = {k: v for k, v in _fsbr_option_defaults().items() if k not in _ILLM_FIXED_FSBR}
+    return {**fsbr, "fsbr": True, **{k: d for k, (_, d) in _ILLM_INTEGER_OPTIONS.items()}}
 
 
 def _paretoq_option_defaults() -> dict[str, Any]:
@@ -617,7 +618,7 @@ def _fsbr_values(o: dict) -> None:
 
 
 def _illm_values(o: dict) -> None:
-    _fsbr_values(o)
+    _fsbr_values(_illm_fsbr_options(o))
     illm_integer_config(o)
     if o.get("fsbr", True) is False:
         # the other FSBR settings (alpha, samples, ...) may stay at the recipe's values; asking for training is a
@@ -715,15 +716,32 @@ for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary S
 
 # ---- FSBR (passes/fsbr.py) ----------------------------------------------------------------------------------------
 
-def _fsbr_passes(recipe: Recipe) -> list:
+def _fsbr_passes(recipe: Recipe, options: dict[str, Any] | None = None) -> list:
     from fxquant.passes.fold_equivalent_scales import FoldEquivalentScales
     from fxquant.passes.fsbr import ClipWeights, QuantizeActivations, TrainFSBRScales
-    act_bits = int(recipe.options.get("act_bits", 8))
-    return [TrainFSBRScales(recipe.weight, act_bits=act_bits, exclude=recipe.exclude, options=recipe.options),
+    options = recipe.options if options is None else options
+    act_bits = int(options.get("act_bits", 8))
+    train = TrainFSBRScales(recipe.weight, act_bits=act_bits, exclude=recipe.exclude, options=options)
+    return [train,
             FoldEquivalentScales(source="fsbr"),  # scales first: the clipping bounds were learned on folded weights
             ClipWeights(source="fsbr"),           # then the learned clipping, so that RTN reproduces the trained quantizer
             *_rtn_passes(recipe),
-            QuantizeActivations(act_bits)]        # dynamic per-token activation fake-quant on the quantized linears
+            # the activation quantizers FSBR trained with (I-LLM's allocation unless the options change it)
+            QuantizeActivations(act_bits, allocation=train.config.allocation())]
+
+
+#: FSBR options an ``illm`` recipe does not take: the integer-only lowering fixes them (``_illm_fsbr_options``)
+_ILLM_FIXED_FSBR = ("norm_bits", "swiglu_bits", "softmax_bits", "act_smooth")
+
+
+def _illm_fsbr_options(o: dict[str, Any]) -> dict[str, Any]:
+    """FSBR trains against the quantizers the integer-only graph will have: norm and SwiGLU inputs at
+    ``inner_bits``, Q/K/V and the softmax output at ``attn_bits``; no act-smooth (the lowering has no rule for
+    the SiLU's ``σ(g ⊘ s)``, and with 16-bit SwiGLU inputs it would change nothing)."""
+    inner = int(o.get("inner_bits", _ILLM_INTEGER_OPTIONS["inner_bits"][1]))
+    attn = int(o.get("attn_bits", _ILLM_INTEGER_OPTIONS["attn_bits"][1]))
+    return {**o, "norm_bits": inner, "swiglu_bits": inner, "attn_bits": attn, "softmax_bits": attn,
+            "act_smooth": False}
 
 
 PIPELINE_BUILDERS["fsbr"] = _fsbr_passes
@@ -756,8 +774,8 @@ def _illm_passes(recipe: Recipe) -> list:
     from fxquant.passes.lower_integer_only import LowerIntegerOnly
     o = recipe.options
     cfg = illm_integer_config(o)
-    if o.get("fsbr", True):
-        return [*_fsbr_passes(recipe)[:-1], LowerIntegerOnly(cfg)]   # FSBR minus its fake-quant: the lowering quantizes
+    if o.get("fsbr", True):   # FSBR minus its fake-quant: the lowering quantizes
+        return [*_fsbr_passes(recipe, _illm_fsbr_options(o))[:-1], LowerIntegerOnly(cfg)]
     return [*_rtn_passes(recipe), LowerIntegerOnly(cfg)]
 
 

@@ -105,6 +105,7 @@ class SwiGLU:
     gate_channels: Range
     up_channels: Range
     layer: int | None = None
+    act_node: str | None = None     # the activation node (``act`` is its kind)
 
 
 @dataclass
@@ -1091,7 +1092,7 @@ class _Analysis:
                              if p.producer_node == ulin.node.name and p.channels == urng), None)
                 sw = SwiGLU(self.wfqn(glin), self.wfqn(ulin), down and self.wfqn(down), glin.node.name,
                             ulin.node.name, down and down.node.name, node.name, act[0], grng, urng,
-                            _layer_of(self.fqn(glin.weight)))
+                            _layer_of(self.fqn(glin.weight)), act_node.name)
                 index = len(self.s.swiglus)
                 self.s.swiglus.append(sw)
                 fused = glin is ulin

@@ -86,6 +86,8 @@ class ScaleGroup:
     tie_half: int | None = None
     #: FX node whose output carries the producer's channels (the norm output, or the producing linear)
     producer_node: str | None = None
+    #: FSBR's SwiGLU act-smooth (kind "swiglu"): the SiLU node that must read ``gate' ⊘ s`` at run time
+    act_node: str | None = None
 
 
 @dataclass
@@ -421,12 +423,41 @@ class FoldEquivalentScales(Pass):
         for node in cg.gm.graph.nodes:
             if node.op == "placeholder" and cg.fqn.get(node.name) in touched:
                 fxmeta(node)["folded"] = record.method
+        smoothed = self._smooth_swiglus(cg, ctx, plan, scales)
         ctx.artifacts.setdefault("folded_scales", {})[record.method] = {k: v.detach().clone()
                                                                         for k, v in scales.items()}
         log.info("fold_equivalent_scales: %d groups folded into %d tensors", len(plan.groups), rewritten)
-        # the topology is unchanged: only tensors behind placeholders moved, so the graph needs no recompile
-        return PassResult(modified=False, stats={"groups": len(plan.groups), "tensors": rewritten,
-                                                 "skipped": len(plan.skipped)})
+        # without act-smooth groups the topology is unchanged: only tensors behind placeholders moved
+        stats = {"groups": len(plan.groups), "tensors": rewritten, "skipped": len(plan.skipped)}
+        if smoothed:
+            stats["swiglu_smoothed"] = smoothed
+        return PassResult(modified=bool(smoothed), stats=stats)
+
+    @staticmethod
+    def _smooth_swiglus(cg: CapturedGraph, ctx: PassContext, plan: ScalePlan, scales: Mapping[str, torch.Tensor]) -> int:
+        """FSBR's act-smooth groups: the weights took ``s``; the SiLU must now read ``gate' ⊘ s`` (graph and eager
+        model). A group whose scale is exactly 1 changes nothing and is left out."""
+        from fxquant.actquant import SwiGLUSmooth, module_path, smooth_swiglu_in_graph
+        n = 0
+        for k, g in enumerate(plan.groups):
+            if g.kind != "swiglu":
+                continue
+            s = scales[g.name].detach()
+            if bool((s == 1).all()):
+                continue
+            act = next((x for x in cg.gm.graph.nodes if x.name == g.act_node), None)
+            path = module_path(cg, act) if act is not None and cg.model is not None else None
+            if cg.model is not None and path is None:
+                raise PassError(f"act-smooth group {g.name}: the SiLU {g.act_node} has no module in the eager model",
+                                "train FSBR with act_smooth: false")
+            smooth_swiglu_in_graph(cg, g.act_node, s, f"fsbr_swiglu_scale_{k}")
+            if cg.model is not None:
+                dtype = next(cg.model.parameters()).dtype
+                hook = SwiGLUSmooth(cg.model, path, s.to(dtype).clone())
+                ctx.artifacts.setdefault("activation_hooks", []).append(hook)
+                ctx.artifacts.setdefault("swiglu_smooth", {})[path] = hook.scale
+            n += 1
+        return n
 
     def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
         if self._reference is None:

@@ -64,7 +64,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fxquant.capture import CapturedGraph, fxmeta
+from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, find_sites,
+                              insert_graph_quantizers, module_path, round_ste as _round_ste)
+from fxquant.capture import CapturedGraph
 from fxquant import train_state
 from fxquant.errors import PassError, TrainingError
 from fxquant.guards import check_finite_loss
@@ -77,7 +79,7 @@ from fxquant.quant import QuantSpec
 log = logging.getLogger("fxquant")
 
 __all__ = ["plan_fsbr", "smoothquant_init", "lwc_fake_quantize", "act_fake_quantize", "FSBRConfig",
-           "TrainFSBRScales", "ClipWeights", "QuantizeActivations", "train_fsbr"]
+           "TrainFSBRScales", "ClipWeights", "QuantizeActivations", "train_fsbr", "ActAllocation"]
 
 #: initial clipping logit: σ(4) ≈ 0.982 of the group's range (METHODS.md §2)
 CLIP_INIT = 4.0
@@ -87,10 +89,14 @@ LOG_MIN_SCALE = math.log(MIN_SCALE)
 
 
 # ---- the plan: TEQ's groups plus q/k ------------------------------------------------------------------------
-def plan_fsbr(cg: CapturedGraph, structure: Any, *, exclude: Sequence[str] = ("lm_head*",)) -> ScalePlan:
-    """TEQ's groups plus one q/k group per attention (RoPE-tied where the attention is rotary)."""
+def plan_fsbr(cg: CapturedGraph, structure: Any, *, exclude: Sequence[str] = ("lm_head*",),
+              act_smooth: bool = True) -> ScalePlan:
+    """TEQ's groups plus one q/k group per attention (RoPE-tied where the attention is rotary) and, with
+    ``act_smooth``, one SwiGLU act-smooth group per gated MLP."""
     plan = plan_scales(cg, structure, exclude=exclude)
     linears = _linears_by_name(cg)
+    if act_smooth:
+        _plan_swiglu(cg, structure, plan, linears, exclude)
     ropes = {r.attention: r for r in structure.ropes}
     for a in structure.attentions:
         what = f"q/k of {a.q}"
@@ -133,23 +139,56 @@ def plan_fsbr(cg: CapturedGraph, structure: Any, *, exclude: Sequence[str] = ("l
     return plan
 
 
+def _plan_swiglu(cg: CapturedGraph, structure: Any, plan: ScalePlan, linears: Mapping[str, Any],
+                 exclude: Sequence[str]) -> None:
+    """One act-smooth group per SwiGLU: ``gate' = s ⊙ gate`` (rows of ``W_gate`` times ``s``), ``up' = up ⊘ s``
+    (rows of ``W_up`` over ``s``); the SiLU then reads ``gate' ⊘ s`` (``fxquant.actquant``)."""
+    import fnmatch
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
+    for sw in structure.swiglus:
+        what = f"SwiGLU act-smooth of {sw.gate}"
+        act = nodes.get(sw.act_node or "")
+        gate, up = linears.get(sw.gate_node), linears.get(sw.up_node)
+        if act is None or act.target not in (torch.ops.aten.silu.default, torch.ops.aten.silu_.default):
+            plan.skipped.append((what, f"the activation is {getattr(act, 'target', None)}, not SiLU: "
+                                       "g·σ(g ⊘ s) is exact only for SiLU"))
+            continue
+        if gate is None or up is None or gate.node is up.node:
+            plan.skipped.append((what, "gate and up are not two separate linears"))
+            continue
+        if any(fnmatch.fnmatch(f, pat) for f in (sw.gate, sw.up) for pat in exclude):
+            plan.skipped.append((what, "gate or up is excluded from quantization"))
+            continue
+        if gate.layout != "out_in" or up.layout != "out_in" or gate.out_features != up.out_features:
+            plan.skipped.append((what, "the act-smooth needs nn.Linear ([out, in]) gate and up of one width"))
+            continue
+        if tuple(sw.gate_channels) != (0, gate.out_features) or tuple(sw.up_channels) != (0, up.out_features):
+            plan.skipped.append((what, "gate and up are slices of wider outputs"))
+            continue
+        if cg.model is not None and module_path(cg, act) is None:
+            plan.skipped.append((what, "the SiLU is not a module of its own in the eager model (a hook applies "
+                                       "σ(g ⊘ s) there)"))
+            continue
+        size = gate.out_features
+        idx = torch.arange(size)
+        sites = [ScaleSite(sw.gate, 0, idx, idx, +1), ScaleSite(sw.up, 0, idx, idx, -1)]
+        ok = True
+        for lin, power in ((gate, +1), (up, -1)):
+            if lin.bias is not None:
+                bias = cg.fqn_of(lin.bias)
+                if bias is None:
+                    ok = False
+                    break
+                sites.append(ScaleSite(bias, 0, idx, idx, power))
+        if not ok:
+            plan.skipped.append((what, "a gate/up bias is computed in the graph, not a parameter"))
+            continue
+        name = f"{sw.gate.rsplit('.', 2)[0]}.act_smooth"
+        plan.groups.append(ScaleGroup(name, "swiglu", size, sw.gate, [sw.gate, sw.up], sites, sw.layer, (0, size),
+                                      act_node=sw.act_node))
+
+
 # ---- quantizers --------------------------------------------------------------------------------------------
-class _RoundSTE(torch.autograd.Function):
-    """``torch.round`` in the forward (bit-exact: ``(round(x) - x).detach() + x`` is not), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)
-
-
 def lwc_fake_quantize(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor | None,
                       hi_logit: torch.Tensor) -> torch.Tensor:
     """Fake-quantize ``w[O, C]`` with learnable clipping, equal in the forward to RTN of the clamped weight.
@@ -202,23 +241,6 @@ def clip_bounds(w: torch.Tensor, spec: QuantSpec, lo_logit: torch.Tensor | None,
     return wc.reshape(rows, n * g)[:, :cols].to(w.dtype)
 
 
-def act_fake_quantize(x: torch.Tensor, bits: int, *, range_grad: bool = False) -> torch.Tensor:
-    """Dynamic per-token symmetric fake quantization of activations (scale ``absmax(token) / (2^(b-1) - 1)``),
-    straight-through rounding in the backward. 16 bits or more is the identity.
-
-    ``range_grad``: let the gradient reach the per-token range too (the LSQ-style term
-    ``(round(x/Δ) - x/Δ) · ∂Δ/∂x`` at each token's largest entry). FSBR trains with it: a smoothing scale that
-    blows one channel up coarsens the quantization step of every other channel of the token, and a detached range
-    hides exactly that cost from the scales (with it detached, SmolLM2's norm scales ran into their lower clamp).
-    The forward is the same either way."""
-    if bits >= 16:
-        return x
-    qmax = 2 ** (bits - 1) - 1
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = ((amax if range_grad else amax.detach()) / qmax).clamp(min=1e-8)
-    return torch.clamp(_round_ste(x / scale), -qmax - 1, qmax) * scale
-
-
 # ---- SmoothQuant initialisation ------------------------------------------------------------------------------
 def _module_of(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
     return model.get_submodule(fqn.rsplit(".", 1)[0])
@@ -236,7 +258,7 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
     hooks = []
     consumer_of: dict[str, list[tuple[str, ScaleSite]]] = {}
     for g in plan.groups:
-        if g.kind == "qk":
+        if g.kind in ("qk", "swiglu"):
             continue
         for site in g.sites:
             if site.power > 0:
@@ -263,7 +285,7 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
             h.remove()
     out = {}
     for g in plan.groups:
-        if g.kind == "qk" or g.name not in stats:
+        if g.kind in ("qk", "swiglu") or g.name not in stats:
             out[g.name] = torch.ones(g.size)
             continue
         wmax = torch.zeros(g.size)
@@ -283,7 +305,12 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
 class FSBRConfig:
     """FSBR's settings (METHODS.md §2); ``samples`` sequences of ``seq_len`` tokens, ``epochs`` over them."""
 
-    act_bits: int = 8
+    act_bits: int = 8                  # linear inputs
+    norm_bits: int = 8                 # norm inputs (I-LLM: 8; 16 keeps them float)
+    swiglu_bits: int = 8               # the SwiGLU product's operands gate' and up'
+    attn_bits: int = 8                 # Q, K (after RoPE), V per token and head
+    softmax_bits: int = 8              # the softmax output (unsigned, step 1/(2^b - 1))
+    act_smooth: bool = True            # the SwiGLU act-smooth group (gate' = s ⊙ gate, up' = up ⊘ s)
     epochs: int = 10
     samples: int = 128
     seq_len: int = 512
@@ -310,8 +337,16 @@ class FSBRConfig:
                             f"batch_size >= 1 and seq_len >= 2, got {cfg}")
         if not 2 <= cfg.act_bits <= 16:
             raise PassError(f"FSBR activation bits must lie in 2..16, got {cfg.act_bits}", "e.g. act_bits: 8")
+        if not isinstance(cfg.act_smooth, bool):
+            raise PassError(f"FSBR act_smooth is true or false, got {cfg.act_smooth!r}", "e.g. act_smooth: true")
+        cfg.allocation()
         train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
         return cfg
+
+    def allocation(self) -> ActAllocation:
+        """The activation quantizers' widths (``fxquant.actquant``): I-LLM's allocation by default."""
+        return ActAllocation(linear=self.act_bits, norm=self.norm_bits, swiglu=self.swiglu_bits, attn=self.attn_bits,
+                             softmax=self.softmax_bits)
 
 
 def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch.nn.ModuleList]:
@@ -330,6 +365,24 @@ def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch
 
 class _Stop(Exception):
     pass
+
+
+def _structure_of(cg: CapturedGraph) -> Any:
+    """The structure analysis of ``cg`` (for callers of :func:`train_fsbr` that did not run it)."""
+    from fxquant.passes.analyze_structure import AnalyzeStructure
+    from fxquant.pipeline import PassContext
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    return ctx.artifacts["structure"]
+
+
+def _act_path(cg: CapturedGraph, group: ScaleGroup) -> str:
+    node = next((n for n in cg.gm.graph.nodes if n.name == group.act_node), None)
+    path = module_path(cg, node) if node is not None else None
+    if path is None:
+        raise PassError(f"the SwiGLU act-smooth group {group.name} has no activation module in the eager model",
+                        "set act_smooth: false")
+    return path
 
 
 def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Module, batches: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
@@ -356,12 +409,15 @@ def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Module, batches: torch
 
 
 class _Block:
-    """One decoder layer under reconstruction: its scale groups, the weights it owns, the linears it clips, and
-    (inside ``with``) the activation fake-quant hooks on those linears, off unless :meth:`quantized` runs."""
+    """One decoder layer under reconstruction: its scale groups, the weights it owns and the linears it clips.
+
+    The model-wide activation quantizers ``aq`` are switched on by :meth:`quantized` and off by
+    :meth:`float_outputs` (and on leaving ``with``); :meth:`effective` hands this block's SwiGLU act-smooth
+    scales to their ``smoothers`` (the SiLU then reads ``gate' ⊘ s``), :meth:`float_outputs` takes them back."""
 
     def __init__(self, plan: ScalePlan, prefix: str, index: int, layer: torch.nn.Module, model: torch.nn.Module,
                  qlin: Mapping[str, str], base: Mapping[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype,
-                 act_bits: int):
+                 aq: EagerActQuant | None = None, smoothers: Mapping[str, SwiGLUSmooth] | None = None):
         self.plan, self.layer, self.model, self.base, self.spec, self.dtype = plan, layer, model, base, spec, dtype
         self.local = local = f"{prefix}.{index}."
         self.groups = [g for g in plan.groups if g.producer.startswith(local)]
@@ -369,22 +425,22 @@ class _Block:
         # built in is the order autograd sums each scale's gradient contributions, so it must not change on resume
         self.mine = sorted({s.fqn for g in self.groups for s in g.sites} | {f for f in qlin if f.startswith(local)})
         self.clipped = sorted(f for f in qlin if f.startswith(local))
-        self.act_bits = act_bits
-        self.act_on = False  # activation fake-quant only in the quantized block, never in the float target
-        self.hooks: list[Any] = []
+        self.aq = aq
+        self.smoothers = {g.name: smoothers[g.name] for g in self.groups
+                          if g.kind == "swiglu" and smoothers and g.name in smoothers}
+
+    def set_quantized(self, on: bool) -> None:
+        """Activation fake-quant on (the quantized block) or off (the float target)."""
+        if self.aq is not None:
+            self.aq.enabled = on
 
     def __enter__(self) -> "_Block":
-        def act_hook(mod, args):
-            if not self.act_on:
-                return None
-            return (act_fake_quantize(args[0], self.act_bits, range_grad=True),) + tuple(args[1:])
-        self.hooks = [_module_of(self.model, f).register_forward_pre_hook(act_hook) for f in self.clipped]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
+        self.set_quantized(False)
+        for sm in self.smoothers.values():
+            sm.scale = None
 
     def initial_clips(self, logit: float = CLIP_INIT) -> dict[str, tuple[torch.nn.Parameter | None, torch.nn.Parameter]]:
         """Clipping logits, all ``logit`` (:data:`NO_CLIP`: σ = 1 exactly, i.e. plain RTN)."""
@@ -401,6 +457,8 @@ class _Block:
                   clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The block's weights with ``scales`` folded and clipped fake-quant applied, keyed relative to the layer."""
         typed = {k: v.to(self.dtype) for k, v in scales.items()}
+        for name, sm in self.smoothers.items():
+            sm.scale = typed[name]
         out = {}
         for fqn in self.mine:
             w = self.plan.apply_one(fqn, self.base[fqn], typed)
@@ -411,7 +469,7 @@ class _Block:
         return out
 
     def quantized(self, params: Mapping[str, torch.Tensor], h: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
-        self.act_on = True
+        self.set_quantized(True)
         return torch.func.functional_call(self.layer, dict(params), args=(h,), kwargs=dict(kw), strict=False)
 
     def free(self, group: ScaleGroup, full: torch.Tensor) -> torch.Tensor:
@@ -442,7 +500,9 @@ class _Block:
 
     @torch.no_grad()
     def float_outputs(self, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-        self.act_on = False
+        self.set_quantized(False)
+        for sm in self.smoothers.values():
+            sm.scale = None
         return [self.layer(h, **kw) for h, kw in inputs]
 
     @torch.no_grad()
@@ -483,7 +543,7 @@ def _unflatten(prefix: str, tensors: Mapping[str, torch.Tensor], groups: Sequenc
 def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration: Any, cfg: FSBRConfig, *,
                exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
                init: Mapping[str, torch.Tensor] | None = None,
-               on_step: Callable[[int, float], None] | None = None) -> EquivalentScales:
+               on_step: Callable[[int, float], None] | None = None, structure: Any = None) -> EquivalentScales:
     """Train FSBR's scales and clipping block by block (see the module docstring). ``init`` replaces the
     SmoothQuant initialisation (tests use it).
 
@@ -523,8 +583,29 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         return EquivalentScales(plan=plan, scales=start, losses=[], method="fsbr", init=start,
                                 extra={"clip": {}, "spec": spec, "act_bits": cfg.act_bits})
     prefix, layers = _decoder_layers(model, plan)
-    blocks = [_Block(plan, prefix, i, layer, model, qlin, base, spec, dtype, cfg.act_bits)
+    if structure is None:
+        structure = _structure_of(cg)
+    # the activation quantizers of the whole model (off outside the quantized forwards) and the act-smooth hooks
+    aq = EagerActQuant(model, find_sites(cg, structure, qlin), cfg.allocation(), range_grad=True, enabled=False)
+    smoothers: dict[str, SwiGLUSmooth] = {}
+    try:
+        for g in plan.groups:
+            if g.kind == "swiglu":
+                smoothers[g.name] = SwiGLUSmooth(model, _act_path(cg, g))
+    except BaseException:
+        aq.remove()
+        for sm in smoothers.values():
+            sm.remove()
+        raise
+    blocks = [_Block(plan, prefix, i, layer, model, qlin, base, spec, dtype, aq, smoothers)
               for i, layer in enumerate(layers)]
+
+    def release() -> None:  # the training hooks come off the model (idempotent)
+        aq.remove()
+        for sm in smoothers.values():
+            sm.remove()
+        smoothers.clear()
+
     n = batches.shape[0]
     per_layer = cfg.epochs * n
     total_steps = len(layers) * per_layer
@@ -598,6 +679,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     if cfg.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(layers) * cfg.epochs, initial=step // n, desc="fsbr", unit="epoch", leave=False)
+    finished = False
     try:
         first = step // per_layer
         if first < len(layers):
@@ -714,12 +796,15 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                 save(step, None)
             if on_step is not None and last is not None:
                 on_step(step, last)
+        finished = True
     finally:
         if bar is not None:
             bar.close()
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
+        if held is None or not finished:
+            release()
     for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
         scales.setdefault(g.name, start[g.name])
     extra: dict[str, Any] = {"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse,
@@ -739,6 +824,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
             after = _model_loss(model, blocks, scales, clips, held)
         finally:
             model.train(was_training)
+            release()
         extra.update(heldout_windows=int(held.shape[0]), heldout_loss_init=before, heldout_loss_trained=after)
         if not after <= before:
             log.warning("fsbr: the trained parameters raise the next-token loss on %d held-out calibration windows "
@@ -780,14 +866,13 @@ def _model_loss(model: torch.nn.Module, blocks: Sequence["_Block"], scales: Mapp
         for block in blocks:
             block.__enter__()
             entered.append(block)
-            block.act_on = True
+            block.set_quantized(True)
         # one window at a time (the logits of a 512-token window are 100 MB on a 49k vocabulary); equal lengths,
         # so the mean of the windows' means is the mean over all tokens
         return sum(float(_loss(model, params, windows[b:b + 1], 0.0)) for b in range(windows.shape[0])) \
             / max(1, windows.shape[0])
     finally:
         for block in entered:
-            block.act_on = False
             block.__exit__(None, None, None)
 
 
@@ -813,13 +898,16 @@ class TrainFSBRScales(Pass):
             raise PassError("train_fsbr_scales needs calibration data", "pass calibration=<text or token ids>")
 
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
-        plan = plan_fsbr(cg, ctx.artifacts["structure"], exclude=self.exclude)
+        structure = ctx.artifacts["structure"]
+        plan = plan_fsbr(cg, structure, exclude=self.exclude, act_smooth=self.config.act_smooth)
         if not plan.groups:
             raise PassError("FSBR found no place to put a scale", "check ctx.artifacts['structure'].render()")
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
-        record = train_fsbr(cg, plan, self.spec, ctx.calibration, self.config, exclude=self.exclude, tokenizer=tokenizer)
+        record = train_fsbr(cg, plan, self.spec, ctx.calibration, self.config, exclude=self.exclude, tokenizer=tokenizer,
+                            structure=structure)
         ctx.artifacts["fsbr"] = record
         stats = {"groups": len(plan.groups), "qk_groups": sum(g.kind == "qk" for g in plan.groups),
+                 "swiglu_groups": sum(g.kind == "swiglu" for g in plan.groups),
                  "skipped": len(plan.skipped), "epochs": len(record.losses),
                  "max_scale_change": round(record.moved(), 5)}
         return PassResult(modified=False, stats=stats)
@@ -857,46 +945,41 @@ class ClipWeights(Pass):
 
 
 class QuantizeActivations(Pass):
-    """Dynamic per-token activation fake-quant on every quantized linear's input: graph nodes + eager hooks."""
+    """Dynamic activation fake-quant at the allocation's positions (``fxquant.actquant``): graph nodes + eager hooks.
+
+    ``QuantizeActivations(bits)`` quantizes the quantized linears' inputs only; ``allocation=`` adds I-LLM's
+    8-bit positions (norm inputs, the SwiGLU operands, Q/K/V, the softmax output), which need the structure
+    analysis. On a captured Hugging Face model the eager model gets the same quantizers as hooks (and the
+    fake-quant attention), so ``model(...)`` and ``generate()`` run what the graph computes."""
 
     name = "quantize_activations"
-    description = "dynamic per-token symmetric activation fake-quant before every quantized linear"
+    description = "dynamic per-token activation fake-quant (linear inputs; with an allocation also norm, SwiGLU, Q/K/V, softmax)"
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, allocation: ActAllocation | None = None):
         if not 2 <= bits <= 16:
             raise PassError(f"activation bits must lie in 2..16, got {bits}")
+        if allocation is not None and allocation.linear != bits:
+            raise PassError(f"quantize_activations: bits {bits} and the allocation's linear width {allocation.linear} "
+                            "disagree", "pass one of them")
         self.bits = bits
+        self.allocation = allocation or ActAllocation.linear_only(bits)
 
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
-        aten = torch.ops.aten
         quantized = dict(ctx.artifacts.get("quantized_weights", {}))
         if not quantized:
             raise PassError("quantize_activations found no quantized weights", "run quantize_weights_rtn before it")
-        linears = _linears_by_name(cg)
-        graph = cg.gm.graph
-        qmax = float(2 ** (self.bits - 1) - 1)
-        n = 0
-        for name, lin in linears.items():
-            fqn = cg.fqn_of(lin.weight)
-            if fqn not in quantized:
-                continue
-            x = lin.input
-            # x_q = clamp(round(x / s), -qmax-1, qmax) * s with s = absmax(token) / qmax (clamped away from 0)
-            with graph.inserting_before(lin.node):
-                amax = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)), [-1], True))
-                s = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (amax, qmax)), 1e-8))
-                r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (x, s)),))
-                c = graph.call_function(aten.clamp.default, (r, -qmax - 1, qmax))
-                xq = graph.call_function(aten.mul.Tensor, (c, s))
-            xq.meta["val"] = x.meta.get("val")
-            fxmeta(xq)["act_quant"] = {"bits": self.bits, "granularity": "per-token", "dynamic": True}
-            lin.node.replace_input_with(x, xq)
-            n += 1
-            if cg.model is not None:
-                mod = _module_of(cg.model, fqn)
-                bits = self.bits
-                handle = mod.register_forward_pre_hook(
-                    lambda m, args, bits=bits: (act_fake_quantize(args[0], bits),) + tuple(args[1:]))
-                ctx.artifacts.setdefault("activation_hooks", []).append(handle)
-        graph.lint()
-        return PassResult(modified=True, stats={"act_quantized": n, "bits": self.bits})
+        structure = ctx.artifacts.get("structure")
+        beyond = {k: v for k, v in self.allocation.active().items() if k != "linear"}
+        if beyond and structure is None:
+            raise PassError(f"quantize_activations needs the structure analysis to find {', '.join(beyond)} inputs",
+                            "run analyze_structure first (every fsbr recipe does)")
+        sites = find_sites(cg, structure if beyond else None, quantized)
+        counts = insert_graph_quantizers(cg, sites, self.allocation)
+        if cg.model is not None:
+            hooks = EagerActQuant(cg.model, sites, self.allocation)
+            ctx.artifacts.setdefault("activation_hooks", []).append(hooks)
+        for what, why in sites.skipped:
+            log.warning("quantize_activations: %s left float: %s", what, why)
+        return PassResult(modified=True, stats={"act_quantized": counts["linear"], "bits": self.bits,
+                                                **{f"{k}_quantized": v for k, v in counts.items() if k != "linear"},
+                                                "skipped": len(sites.skipped)})

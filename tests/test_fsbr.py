@@ -19,6 +19,7 @@ from fxquant.passes.fsbr import (FSBRConfig, act_fake_quantize, clip_bounds, lwc
                                  smoothquant_init, train_fsbr)
 from fxquant.quant import QuantSpec, quantize_weight
 from fxquant.recipes import get_recipe
+from fxquant.testing.strategies import copy_captured
 from test_teq import ARCHS, _fresh, randomize
 
 FEW = max(3, settings().max_examples // 8)
@@ -35,7 +36,11 @@ def test_plan_has_a_rope_tied_qk_group_per_attention():
     qk = [g for g in plan.groups if g.kind == "qk"]
     assert len(qk) == 1 and qk[0].tie_half == 4  # head_dim 8, full rotary
     assert qk[0].size == 16  # k width: 2 kv heads x 8
-    assert sorted(g.kind for g in plan.groups) == ["attention", "gated", "norm", "norm", "qk"]
+    assert sorted(g.kind for g in plan.groups) == ["attention", "gated", "norm", "norm", "qk", "swiglu"]
+    sw = next(g for g in plan.groups if g.kind == "swiglu")
+    assert {(s.fqn.split(".")[-2], s.power) for s in sw.sites} == {("gate_proj", 1), ("up_proj", -1)}
+    assert sorted(g.kind for g in plan_fsbr(cg, structure, act_smooth=False).groups) == [
+        "attention", "gated", "norm", "norm", "qk"]
     _, cg, structure = _fresh(ARCHS[2], 0)  # multi-query, two layers: one q/k group per layer
     assert [g.size for g in plan_fsbr(cg, structure).groups if g.kind == "qk"] == [16, 16]
 
@@ -44,8 +49,11 @@ def test_plan_has_a_rope_tied_qk_group_per_attention():
 @given(arch=st.sampled_from(ARCHS), seed=st.integers(0, 2**16), spread=st.floats(0.1, 1.5),
        outliers=st.integers(0, 3))
 def test_fold_with_tied_qk_keeps_the_float_function(arch, seed, spread, outliers):
+    """Every FSBR group, the SwiGLU act-smooth included (its fold rewrites the SiLU into g·σ(g ⊘ s))."""
     _, cg, structure = _fresh(arch, seed, outliers)
+    cg = copy_captured(cg, clone_tensors=False)   # the act-smooth rewrites the graph: not the shared one
     plan = plan_fsbr(cg, structure)
+    assert any(g.kind == "swiglu" for g in plan.groups)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
     before = cg(ids).detach().clone()
     scales = random_scales(plan, spread=spread, generator=torch.Generator().manual_seed(seed))
@@ -130,8 +138,11 @@ def _setup():
 
 def _train(seed=0, epochs=4, samples=3, **options):
     """Block training on the tiny random model; the model-level guard is off unless asked (on random weights and
-    random tokens the next-token loss says nothing, so it would often keep the init and hide the training)."""
+    random tokens the next-token loss says nothing, so it would often keep the init and hide the training).
+    Linear inputs only are quantized unless asked (I-LLM's 8-bit positions: tests/test_actquant.py)."""
     options.setdefault("holdout", 0)
+    for k in ("norm_bits", "swiglu_bits", "attn_bits", "softmax_bits"):
+        options.setdefault(k, 16)
     cg, plan, ids = _setup()
     cfg = FSBRConfig(act_bits=8, epochs=epochs, samples=samples, seq_len=16, seed=seed, progress=False, **options)
     return train_fsbr(cg, plan, QuantSpec(bits=4), ids, cfg)
@@ -212,7 +223,7 @@ def test_tied_groups_train_one_parameter_per_rotary_pair():
     prefix, layers = _decoder_layers(cg.model, plan)
     base = {f: cg.tensors[p] for p, f in cg.fqn.items() if p in cg.tensors}
     block = _Block(plan, prefix, 0, layers[0], cg.model, quantized_linears(cg, ("lm_head*",)), base,
-                   QuantSpec(bits=4), torch.float32, 8)
+                   QuantSpec(bits=4), torch.float32)
     qk = next(g for g in block.groups if g.kind == "qk")
     g = torch.Generator().manual_seed(0)
     full = torch.randn(qk.size // 2, generator=g).view(-1, 1, qk.tie_half).expand(-1, 2, -1).reshape(-1)

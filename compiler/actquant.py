@@ -1,0 +1,525 @@
+"""Activation fake-quantization at I-LLM's positions, and FSBR's SwiGLU act-smooth, on both forms of a model.
+
+I-LLM (METHODS.md §2) quantizes more than the linear inputs: every operand of a non-linear op is an 8-bit integer.
+:class:`ActAllocation` names the widths, one per kind of position (16 or more: that position stays float):
+
+==============  ==========================================================  ==================================
+field           position                                                    quantizer
+==============  ==========================================================  ==================================
+``linear``      input of every quantized linear                             per token, symmetric
+``norm``        input of every norm read by a linear (RMSNorm, LayerNorm)   per token, symmetric
+``swiglu``      the SwiGLU product's operands: ``gate'`` (into the SiLU)    per token, symmetric
+                and ``up'``
+``attn``        Q and K (after RoPE) and V                                  per token and head, symmetric
+``softmax``     the softmax output P ∈ [0, 1]                               fixed step ``1 / (2^b − 1)``
+==============  ==========================================================  ==================================
+
+The residual stream stays float here: I-LLM carries it in 16 bits, which the integer-only lowering does
+(``fxquant.passes.lower_integer_only``, ``inner_bits``), and this module's convention is that 16 bits is float.
+
+Every position exists twice, and both compute the same function (a test checks it):
+
+* on the **eager model** (:class:`EagerActQuant`): forward hooks on the norm, linear and gate/up modules, and an
+  attention function registered with Hugging Face's ``AttentionInterface`` under :data:`ATTENTION_NAME` that
+  quantizes Q, K, V and P and otherwise delegates to the model's own attention implementation; so ``model(...)``,
+  ``model.generate()`` and FSBR's block training see the quantizers (training switches them on and off, with the
+  straight-through estimator and a gradient to the per-token ranges);
+* in the **captured ATen graph** (:func:`insert_graph_quantizers`): explicit ``abs/amax/div/round/clamp/mul`` nodes,
+  and each ``scaled_dot_product_attention`` decomposed into ``matmul → softmax → fake-quant → matmul``.
+
+**The SwiGLU act-smooth** (:class:`SwiGLUSmooth`, :func:`smooth_swiglu_in_graph`): with ``gate' = s ⊙ gate`` and
+``up' = up ⊘ s`` (folded into the rows of ``W_gate`` and ``W_up``), ``silu(gate) · up = gate' · σ(gate' ⊘ s) · up'``
+exactly. The weights absorb ``s``, but the sigmoid must read the unscaled gate, so the SiLU becomes
+``g · σ(g ⊘ s)`` at run time — a forward hook on the eager activation module, ``mul(g, sigmoid(div(g, s)))`` in the
+graph. It moves magnitude between the product's two 8-bit operands; with float operands it changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+from .capture import CapturedGraph, fxmeta
+from .errors import PassError
+
+__all__ = ["ActAllocation", "ActSites", "EagerActQuant", "SwiGLUSmooth", "ATTENTION_NAME", "act_fake_quantize",
+           "unit_fake_quantize", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path"]
+
+#: the name of fxquant's fake-quant attention in Hugging Face's attention registry
+ATTENTION_NAME = "fxquant_fakequant"
+_ATTR = "_fxquant_act"            # on an attention module: the EagerActQuant that quantizes it
+_ORIG = "_fxquant_attn_orig"      # on an attention module: the attention implementation to delegate to
+aten = torch.ops.aten
+
+
+# ---- the quantizers --------------------------------------------------------------------------------------------
+class _RoundSTE(torch.autograd.Function):
+    """``torch.round`` in the forward (bit-exact: ``(round(x) - x).detach() + x`` is not), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def act_fake_quantize(x: torch.Tensor, bits: int, *, range_grad: bool = False) -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization of activations (scale ``absmax(token) / (2^(b-1) - 1)``,
+    over the last dimension), straight-through rounding in the backward. 16 bits or more is the identity.
+
+    ``range_grad``: let the gradient reach the per-token range too (the LSQ-style term
+    ``(round(x/Δ) - x/Δ) · ∂Δ/∂x`` at each token's largest entry). FSBR trains with it: a smoothing scale that
+    blows one channel up coarsens the quantization step of every other channel of the token, and a detached range
+    hides exactly that cost from the scales (with it detached, SmolLM2's norm scales ran into their lower clamp).
+    The forward is the same either way."""
+    if bits >= 16:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = ((amax if range_grad else amax.detach()) / qmax).clamp(min=1e-8)
+    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+def unit_fake_quantize(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake quantization of a probability (softmax output) to ``bits`` unsigned: ``round(p · (2^b − 1)) / (2^b − 1)``,
+    the fixed output scale of I-LLM's DI-ClippedSoftmax; straight-through. 16 bits or more is the identity."""
+    if bits >= 16:
+        return p
+    levels = float(2 ** bits - 1)
+    return torch.clamp(round_ste(p * levels), 0, levels) / levels
+
+
+# ---- the allocation --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActAllocation:
+    """Bit widths per kind of activation position (module docstring); 16 or more keeps that position float."""
+
+    linear: int = 8
+    norm: int = 8
+    swiglu: int = 8
+    attn: int = 8
+    softmax: int = 8
+
+    def __post_init__(self) -> None:
+        for name, bits in asdict(self).items():
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+                raise PassError(f"activation width {name}={bits!r} must be an integer in 2..32 (16 or more: float)",
+                                f"e.g. {name}: 8")
+
+    @classmethod
+    def linear_only(cls, bits: int) -> "ActAllocation":
+        """Only the linear inputs quantized (the allocation of fxquant before I-LLM's 8-bit positions)."""
+        return cls(linear=bits, norm=16, swiglu=16, attn=16, softmax=16)
+
+    def active(self) -> dict[str, int]:
+        """The quantized positions and their widths."""
+        return {k: v for k, v in asdict(self).items() if v < 16}
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class ActSites:
+    """Where the positions are, in the graph (node names) and in the eager model (module paths)."""
+
+    #: (linear node, module path) of every quantized linear
+    linears: list[tuple[str, str | None]] = field(default_factory=list)
+    #: (node whose output the norm reads, norm module path)
+    norms: list[tuple[str, str | None]] = field(default_factory=list)
+    #: (gate linear node, up linear node, gate module path, up module path, act module path)
+    swiglus: list[tuple[str, str, str | None, str | None, str | None]] = field(default_factory=list)
+    #: (sdpa node, attention module path)
+    attentions: list[tuple[str, str | None]] = field(default_factory=list)
+    #: positions left out, and why
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def module_path(cg: CapturedGraph, node: fx.Node) -> str | None:
+    """The eager model's path of the innermost module that produced ``node`` (None when it cannot be resolved)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack or cg.model is None:
+        return None
+    path = list(stack.values())[-1][0]
+    # torch.export names modules from the exported wrapper (fxquant's HF wrapper holds the model as ``model``)
+    candidates = [path] + ([path.split(".", 1)[1]] if "." in path else [])
+    for cand in candidates:
+        try:
+            cg.model.get_submodule(cand)
+            return cand
+        except AttributeError:
+            continue
+    return None
+
+
+def _module_input(cg: CapturedGraph, path: str, any_node: fx.Node) -> fx.Node | None:
+    """The one activation that flows into module ``path`` in the graph (None unless exactly one)."""
+    inside = [n for n in cg.gm.graph.nodes if n.op == "call_function" and module_path(cg, n) == path]
+    if not inside:
+        return None
+    members = set(inside)
+    outside = {a for n in inside for a in n.all_input_nodes
+               if a not in members and not (a.op == "placeholder" and a.name in cg.tensors)}
+    return next(iter(outside)) if len(outside) == 1 else None
+
+
+def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str]) -> ActSites:
+    """The positions of :class:`ActAllocation` in ``cg``, from the structure analysis."""
+    from fxquant.passes.fold_equivalent_scales import _linears_by_name
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
+    linears = _linears_by_name(cg)
+    wanted = set(quantized_fqns)
+    sites = ActSites()
+    for name, lin in linears.items():
+        fqn = cg.fqn_of(lin.weight)
+        if fqn in wanted:
+            sites.linears.append((name, fqn.rsplit(".", 1)[0] if cg.model is not None else None))
+    if structure is None:
+        return sites
+    seen: set[str] = set()
+    for g in structure.norm_groups:
+        out = nodes.get(g.norm)
+        path = g.weight.rsplit(".", 1)[0] if g.weight else (module_path(cg, out) if out is not None else None)
+        if path is None or path in seen:
+            if path is None:
+                sites.skipped.append((f"norm {g.norm}", "no norm module found for it"))
+            continue
+        seen.add(path)
+        x = _module_input(cg, path, out)
+        if x is None:
+            sites.skipped.append((f"norm {path}", "its input could not be told apart in the graph"))
+            continue
+        sites.norms.append((x.name, path))
+    for s in structure.swiglus:
+        act = nodes.get(s.act_node or "")
+        gate, up = linears.get(s.gate_node), linears.get(s.up_node)
+        if gate is None or up is None or gate.node is up.node:
+            sites.skipped.append((f"swiglu {s.act_node}", "gate and up are not two separate linears"))
+            continue
+        sites.swiglus.append((s.gate_node, s.up_node, s.gate.rsplit(".", 1)[0], s.up.rsplit(".", 1)[0],
+                              module_path(cg, act) if act is not None else None))
+    for a in structure.attentions:
+        core = nodes.get(a.core)
+        if a.form != "sdpa" or core is None:
+            sites.skipped.append((f"attention {a.core}", f"form {a.form}: only scaled_dot_product_attention is built"))
+            continue
+        sites.attentions.append((a.core, module_path(cg, core)))
+    return sites
+
+
+# ---- the eager model -------------------------------------------------------------------------------------------
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def _fake_quant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs: Any):
+    """Hugging Face attention function: Q, K, V and P fake-quantized when the module's quantizer is on, else the
+    module's own attention implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    aq = getattr(module, _ATTR, None)
+    if aq is None or not aq.enabled:
+        orig = getattr(module, _ORIG, "sdpa")
+        fn = ALL_ATTENTION_FUNCTIONS[orig] if orig in ALL_ATTENTION_FUNCTIONS else None
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    a = aq.allocation
+    rg = aq.range_grad
+    q = act_fake_quantize(query, a.attn, range_grad=rg)
+    k = act_fake_quantize(key, a.attn, range_grad=rg)
+    v = act_fake_quantize(value, a.attn, range_grad=rg)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., : k.shape[-2]], float("-inf"))
+        else:
+            scores = scores + attention_mask[..., : k.shape[-2]]
+    elif q.shape[2] > 1 and getattr(module, "is_causal", False):
+        t, s = q.shape[2], k.shape[2]
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    p = unit_fake_quantize(p, a.softmax)
+    out = torch.matmul(p, v).transpose(1, 2).contiguous()
+    return out, p
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register(ATTENTION_NAME, _fake_quant_attention)
+    # the mask this attention receives is built as for eager attention (a float mask, -inf where masked)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+class EagerActQuant:
+    """Fake-quant hooks on an eager model at the allocation's positions; ``enabled`` switches them all.
+
+    ``remove()`` takes every hook off and gives the model its attention implementation back."""
+
+    def __init__(self, model: torch.nn.Module, sites: ActSites, allocation: ActAllocation, *,
+                 range_grad: bool = False, enabled: bool = True):
+        self.model, self.sites, self.allocation = model, sites, allocation
+        self.range_grad, self.enabled = range_grad, enabled
+        self.handles: list[Any] = []
+        self.attention_modules: list[torch.nn.Module] = []
+        self._orig_attn: str | None = None
+        a = allocation
+
+        def pre(bits: int):
+            def hook(mod, args):
+                if not self.enabled:
+                    return None
+                return (act_fake_quantize(args[0], bits, range_grad=self.range_grad),) + tuple(args[1:])
+            return hook
+
+        def post(bits: int):
+            def hook(mod, args, out):
+                if not self.enabled:
+                    return None
+                return act_fake_quantize(out, bits, range_grad=self.range_grad)
+            return hook
+
+        get = model.get_submodule
+        if a.linear < 16:
+            for _, path in sites.linears:
+                if path is not None:
+                    self.handles.append(get(path).register_forward_pre_hook(pre(a.linear)))
+        if a.norm < 16:
+            for _, path in sites.norms:
+                if path is not None:
+                    self.handles.append(get(path).register_forward_pre_hook(pre(a.norm)))
+        if a.swiglu < 16:
+            for _, _, gate, up, _ in sites.swiglus:
+                for path in (gate, up):
+                    if path is not None:
+                        # after the linear's own input hook: the product's operands are the linears' outputs
+                        self.handles.append(get(path).register_forward_hook(post(a.swiglu)))
+        if (a.attn < 16 or a.softmax < 16) and sites.attentions:
+            paths = [p for _, p in sites.attentions]
+            if any(p is None for p in paths):
+                raise PassError("an attention of the graph has no module in the eager model to quantize Q, K, V in",
+                                "quantize attention operands only on Hugging Face models (attn: 16, softmax: 16)")
+            config = getattr(model, "config", None)
+            if config is None or not hasattr(model, "set_attn_implementation"):
+                raise PassError(f"{type(model).__name__} is not a Hugging Face model: its attention cannot be "
+                                "replaced by the fake-quant attention", "set attn: 16 and softmax: 16")
+            _register_attention()
+            self._orig_attn = config._attn_implementation or "sdpa"
+            for p in paths:
+                mod = get(p)
+                setattr(mod, _ATTR, self)
+                setattr(mod, _ORIG, self._orig_attn)
+                self.attention_modules.append(mod)
+            model.set_attn_implementation(ATTENTION_NAME)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for mod in self.attention_modules:
+            if getattr(mod, _ATTR, None) is self:
+                delattr(mod, _ATTR)
+        if self._orig_attn is not None and not any(getattr(m, _ATTR, None) is not None
+                                                   for m in self.model.modules()):
+            self.model.set_attn_implementation(self._orig_attn)
+        self.attention_modules = []
+
+
+class SwiGLUSmooth:
+    """The act-smooth's runtime half on an eager model: the activation module computes ``g · σ(g ⊘ s)``.
+
+    ``scale`` is the vector ``s`` (None: the module's own activation). FSBR sets it to the live, trainable
+    scale during its quantized forwards; the fold sets it to the trained value for good."""
+
+    def __init__(self, model: torch.nn.Module, act_path: str, scale: torch.Tensor | None = None):
+        mod = model.get_submodule(act_path)
+        if sum(m is mod for m in model.modules()) > 1:
+            raise PassError(f"the activation module {act_path} is shared by several MLPs", "report a bug")
+        self.path, self.scale = act_path, scale
+        self.handle = mod.register_forward_hook(self._hook)
+
+    def _hook(self, mod, args, out):
+        if self.scale is None:
+            return None
+        g = args[0]
+        return g * torch.sigmoid(g / self.scale.to(g.dtype))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+# ---- the graph -------------------------------------------------------------------------------------------------
+def _graph_token_fq(graph: fx.Graph, x: fx.Node, bits: int, tag: dict) -> fx.Node:
+    """``clamp(round(x / s), -qmax-1, qmax) · s`` with ``s = max(absmax(x, -1) / qmax, 1e-8)``, after ``x``."""
+    qmax = float(2 ** (bits - 1) - 1)
+    amax = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)), [-1], True))
+    s = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (amax, qmax)), 1e-8))
+    r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (x, s)),))
+    c = graph.call_function(aten.clamp.default, (r, -qmax - 1, qmax))
+    out = graph.call_function(aten.mul.Tensor, (c, s))
+    out.meta["val"] = x.meta.get("val")
+    fxmeta(out)["act_quant"] = {"bits": bits, "granularity": "per-token", "dynamic": True, **tag}
+    return out
+
+
+def _quantize_output(graph: fx.Graph, x: fx.Node, bits: int, tag: dict, users: list[fx.Node] | None = None) -> fx.Node:
+    """Insert the per-token quantizer of ``x`` before its first user and make ``users`` (default: all) read it."""
+    users = list(x.users) if users is None else list(users)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(min(users, key=order.__getitem__)):
+        xq = _graph_token_fq(graph, x, bits, tag)
+    for u in users:
+        u.replace_input_with(x, xq)
+    return xq
+
+
+_ALIASES = ("to", "_to_copy", "alias", "clone", "detach", "contiguous")
+
+
+def _norm_reads(cg: CapturedGraph, x: fx.Node, path: str) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """(value, the norm's ops that read it) for the norm module ``path`` reading ``x``. The export may hand the
+    norm's own no-op cast of its input (``to(float32)`` of a float32 tensor) to the residual add outside the
+    module: such an alias keeps the float value and its readers inside the norm read the quantized one, as in the
+    eager model, where the quantizer is a pre-hook of the norm alone."""
+    from fxquant.graphview import op_name
+    out, todo = [], [x]
+    while todo:
+        v = todo.pop()
+        readers = []
+        for u in v.users:
+            if module_path(cg, u) != path or op_name(u) == "_assert_tensor_metadata":
+                continue
+            if op_name(u) in _ALIASES and any(module_path(cg, w) != path for w in u.users):
+                todo.append(u)
+            else:
+                readers.append(u)
+        if readers:
+            out.append((v, readers))
+    return out
+
+
+def _decompose_sdpa(graph: fx.Graph, node: fx.Node, a: ActAllocation) -> None:
+    """``scaled_dot_product_attention(q, k, v, mask)`` as explicit ops with Q/K/V/P fake-quant."""
+    args = list(node.args) + [None] * (4 - len(node.args))
+    q, k, v, mask = args[:4]
+    kw = dict(node.kwargs)
+    mask = kw.get("attn_mask", mask)
+    dropout = kw.get("dropout_p", args[4] if len(node.args) > 4 else 0.0)
+    causal = kw.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    if dropout:
+        raise PassError(f"{node.name}: attention dropout {dropout} in an inference graph", "capture the model in eval()")
+    if kw.get("enable_gqa"):
+        raise PassError(f"{node.name}: grouped-query sdpa (enable_gqa) is not decomposed", "report the model")
+    qv = q.meta.get("val")
+    d = qv.shape[-1] if qv is not None else None
+    scale = kw.get("scale") or (d ** -0.5 if d else None)
+    if scale is None:
+        raise PassError(f"{node.name}: attention scale unknown (no shape on q)", "re-capture the model")
+    with graph.inserting_before(node):
+        qq, kq, vq = (_graph_token_fq(graph, t, a.attn, {"what": w}) if a.attn < 16 else t
+                      for t, w in ((q, "q"), (k, "k"), (v, "v")))
+        kt = graph.call_function(aten.transpose.int, (kq, -2, -1))
+        scores = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.matmul.default, (qq, kt)), scale))
+        if mask is not None:
+            mv = mask.meta.get("val")
+            if mv is not None and mv.dtype == torch.bool:
+                scores = graph.call_function(aten.masked_fill.Scalar, (
+                    scores, graph.call_function(aten.logical_not.default, (mask,)), float("-inf")))
+            else:
+                scores = graph.call_function(aten.add.Tensor, (scores, mask))
+        if causal:
+            raise PassError(f"{node.name}: is_causal sdpa is not decomposed (masks come as tensors in fxquant's capture)",
+                            "report the model")
+        p = graph.call_function(aten._softmax.default, (scores, -1, False))
+        if a.softmax < 16:
+            levels = float(2 ** a.softmax - 1)
+            r = graph.call_function(aten.round.default, (graph.call_function(aten.mul.Tensor, (p, levels)),))
+            p = graph.call_function(aten.div.Tensor, (graph.call_function(aten.clamp.default, (r, 0.0, levels)),
+                                                      levels))
+            fxmeta(p)["act_quant"] = {"bits": a.softmax, "granularity": "fixed 1/(2^b-1)", "what": "softmax"}
+        out = graph.call_function(aten.matmul.default, (p, vq))
+    out.meta["val"] = node.meta.get("val")
+    fxmeta(out)["decomposed_sdpa"] = node.name
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActAllocation) -> dict[str, int]:
+    """Insert the allocation's fake-quant nodes into ``cg``'s graph; returns counts per position."""
+    graph = cg.gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    a = allocation
+    from fxquant.passes.fold_equivalent_scales import _linears_by_name
+    linears = _linears_by_name(cg)
+    counts = {"linear": 0, "norm": 0, "swiglu": 0, "attn": 0}
+    if a.linear < 16:
+        for name, _ in sites.linears:
+            lin = linears[name]
+            x = lin.input
+            with graph.inserting_before(lin.node):
+                xq = _graph_token_fq(graph, x, a.linear, {"what": "linear"})
+            lin.node.replace_input_with(x, xq)
+            counts["linear"] += 1
+    if a.norm < 16:
+        for x_name, path in sites.norms:
+            done = False
+            for value, users in _norm_reads(cg, nodes[x_name], path):
+                _quantize_output(graph, value, a.norm, {"what": "norm"}, users)
+                done = True
+            counts["norm"] += done
+    if a.swiglu < 16:
+        for gate, up, *_ in sites.swiglus:
+            for name in (gate, up):
+                _quantize_output(graph, nodes[name], a.swiglu, {"what": "swiglu"})
+            counts["swiglu"] += 1
+    if a.attn < 16 or a.softmax < 16:
+        for core, _ in sites.attentions:
+            _decompose_sdpa(graph, nodes[core], a)
+            counts["attn"] += 1
+    graph.lint()
+    cg.gm.recompile()
+    return counts
+
+
+def smooth_swiglu_in_graph(cg: CapturedGraph, act_node: str, scale: torch.Tensor, name: str) -> fx.Node:
+    """Replace ``silu(g)`` by ``g · σ(g ⊘ s)`` (``s`` a new tensor placeholder ``name``); returns the new output."""
+    graph = cg.gm.graph
+    node = next((n for n in graph.nodes if n.name == act_node), None)
+    if node is None or node.op != "call_function" or node.target not in (aten.silu.default, aten.silu_.default):
+        raise PassError(f"the SwiGLU act-smooth needs the SiLU node {act_node!r}, found "
+                        f"{None if node is None else node.target}", "re-run the structure analysis on this graph")
+    g = node.args[0]
+    val = g.meta.get("val")
+    s = scale.detach().to(val.dtype if val is not None else scale.dtype)
+    s_node = cg.add_tensor(name, s)
+    with graph.inserting_before(node):
+        inner = graph.call_function(aten.div.Tensor, (g, s_node))
+        sig = graph.call_function(aten.sigmoid.default, (inner,))
+        out = graph.call_function(aten.mul.Tensor, (g, sig))
+    for n in (inner, sig, out):
+        n.meta["val"] = node.meta.get("val")
+        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    fxmeta(out)["swiglu_smooth"] = {"replaces": act_node, "scale": name}
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    graph.lint()
+    cg.gm.recompile()
+    return out
+
