@@ -45,7 +45,8 @@ from .capture import CapturedGraph, fxmeta
 from .errors import PassError
 
 __all__ = ["ActAllocation", "ActSites", "EagerActQuant", "SwiGLUSmooth", "ATTENTION_NAME", "act_fake_quantize",
-           "unit_fake_quantize", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path"]
+           "unit_fake_quantize", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path",
+           "remember_runtime", "runtime_state", "install_runtime"]
 
 #: the name of fxquant's fake-quant attention in Hugging Face's attention registry
 ATTENTION_NAME = "fxquant_fakequant"
@@ -523,3 +524,57 @@ def smooth_swiglu_in_graph(cg: CapturedGraph, act_node: str, scale: torch.Tensor
     cg.gm.recompile()
     return out
 
+
+
+# ---- what a saved checkpoint must restore ---------------------------------------------------------------------
+#: attribute of a quantized model that holds what its hooks do (read by ``fxquant.checkpoint``)
+RUNTIME_ATTR = "_fxquant_runtime"
+
+
+def remember_runtime(model: torch.nn.Module, *, activations: tuple[ActSites, ActAllocation] | None = None,
+                     swiglu: tuple[str, torch.Tensor] | None = None) -> None:
+    """Note on ``model`` the activation quantizers and act-smooth scales its hooks apply, so that a checkpoint
+    of it can re-install them (weights alone would compute another function)."""
+    rt = model.__dict__.setdefault(RUNTIME_ATTR, {"activations": None, "swiglu_smooth": {}})
+    if activations is not None:
+        sites, alloc = activations
+        rt["activations"] = {"allocation": alloc.to_dict(),
+                             "linears": [p for _, p in sites.linears if p is not None],
+                             "norms": [p for _, p in sites.norms if p is not None],
+                             "swiglus": [[g, u] for _, _, g, u, _ in sites.swiglus if g is not None and u is not None],
+                             "attentions": [p for _, p in sites.attentions if p is not None]}
+    if swiglu is not None:
+        path, scale = swiglu
+        rt["swiglu_smooth"][path] = scale.detach().cpu().clone()
+
+
+def runtime_state(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(JSON part, tensors) of what :func:`remember_runtime` noted, or None."""
+    rt = model.__dict__.get(RUNTIME_ATTR)
+    if not rt or (rt.get("activations") is None and not rt.get("swiglu_smooth")):
+        return None
+    tensors = {f"swiglu_smooth.{p}": s.contiguous() for p, s in rt["swiglu_smooth"].items()}
+    return {"activations": rt.get("activations"), "swiglu_smooth": sorted(rt["swiglu_smooth"])}, tensors
+
+
+def install_runtime(model: torch.nn.Module, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Any]:
+    """Re-install on a loaded model the hooks :func:`runtime_state` describes; returns them (each has ``remove``)."""
+    hooks: list[Any] = []
+    dtype = next(model.parameters()).dtype
+    for path in info.get("swiglu_smooth", []):
+        key = f"swiglu_smooth.{path}"
+        if key not in tensors:
+            raise PassError(f"the checkpoint lacks the act-smooth scale {key}", "the checkpoint is corrupted; quantize again")
+        s = tensors[key].to(dtype)
+        hooks.append(SwiGLUSmooth(model, path, s))
+        remember_runtime(model, swiglu=(path, s))
+    act = info.get("activations")
+    if act:
+        alloc = ActAllocation(**act["allocation"])
+        sites = ActSites(linears=[(None, p) for p in act.get("linears", [])],
+                         norms=[(None, p) for p in act.get("norms", [])],
+                         swiglus=[(None, None, g, u, None) for g, u in act.get("swiglus", [])],
+                         attentions=[(None, p) for p in act.get("attentions", [])])
+        hooks.append(EagerActQuant(model, sites, alloc))
+        remember_runtime(model, activations=(sites, alloc))
+    return hooks

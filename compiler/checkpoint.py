@@ -9,6 +9,8 @@
     DIR/model.safetensors            every tensor that is NOT a quantized weight (embeddings, norms, biases,
                                      lm_head when it stays float), with Hugging Face names
     DIR/fxquant_packed.safetensors   the quantized weights at their bit width + their scales / zero points
+    DIR/fxquant_runtime.safetensors  FSBR models only: the SwiGLU act-smooth scales (the SiLU reads ``gate' ⊘ s``);
+                                     the activation quantizers' widths and modules are in ``quantization_config.runtime``
     DIR/fxquant_manifest.json        one entry per quantized weight (kind, spec, shape, tensor names) and the
                                      SHA-256 of every safetensors file
 
@@ -27,7 +29,8 @@ file is reported, never loaded), refuses pickles, rebuilds each quantized weight
 value (the one numerics shared with fake-quant and the kernels) into the model, and tells the torch.compile
 backend about it — so the loaded model's outputs are bit-identical to the saved one's, and
 ``torch.compile(model, backend="fxquant")`` lowers it to the packed kernels. An ``illm-*`` checkpoint is lowered
-to integers again on load (the lowering is deterministic and data-free).
+to integers again on load (the lowering is deterministic and data-free); an ``fsbr-*`` checkpoint gets its
+activation fake-quant hooks and act-smooth hooks back (:mod:`fxquant.actquant`), so it computes what was saved.
 
 The folder is written to a temporary sibling and renamed at the end: an interrupted write never leaves a
 half-written output directory.
@@ -45,13 +48,15 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError, WeightError
+from .errors import ModelLoadError, PassError, WeightError
 from .models import LoadedModel
 
 log = logging.getLogger("fxquant")
 
 MANIFEST = "fxquant_manifest.json"
 PACKED = "fxquant_packed.safetensors"
+#: act-smooth scales of FSBR models (what the hooks of ``fxquant.actquant`` need beyond the weights)
+RUNTIME = "fxquant_runtime.safetensors"
 FORMAT = "fxquant-packed-v2"
 
 __all__ = ["save_quantized", "load_quantized", "verify_files", "QuantizedCheckpoint", "pack_bitplanes",
@@ -238,6 +243,12 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, r
         # every tensor that is not a packed weight, with its Hugging Face name (tied weights once: save_pretrained)
         state = {k: v for k, v in model.state_dict().items() if k not in layers}
         qc = _quantization_config(recipe, layers)
+        from .actquant import runtime_state
+        runtime = runtime_state(model)
+        if runtime is not None:
+            # what the model's hooks do beyond its weights (activation fake-quant, the SwiGLU act-smooth's σ(g ⊘ s)):
+            # without it the reloaded model would compute another function
+            qc["runtime"] = runtime[0]
         model.config.quantization_config = qc
         try:
             model.save_pretrained(tmp, state_dict=state)
@@ -251,6 +262,8 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out: str | Path, *, r
         files = {}
         if packed:
             save_file(packed, str(tmp / PACKED), metadata={"format": FORMAT})
+        if runtime is not None and runtime[1]:
+            save_file(runtime[1], str(tmp / RUNTIME), metadata={"format": FORMAT})
         for f in sorted(tmp.glob("*.safetensors")):
             files[f.name] = _sha256(f)
         # checksums in config.json too, where a Hugging Face user looks first
@@ -383,6 +396,14 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype | None = None, device
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.fxquant_quantization = qc
+    if qc.get("runtime"):
+        from .actquant import install_runtime
+        extra = load_file(str(path / RUNTIME)) if (path / RUNTIME).is_file() else {}
+        try:
+            install_runtime(model, qc["runtime"], extra)
+        except (PassError, AttributeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: cannot re-install the activation quantizers / act-smooth hooks: {exc}",
+                                 "the checkpoint does not belong to this model class, or is corrupted; quantize again") from exc
     ckpt = QuantizedCheckpoint(model=model, tokenizer=tokenizer, name=str(path), kind=kind, source=str(path),
                                quantized=quantized, quantization_config=qc)
     if qc.get("method") == "illm":

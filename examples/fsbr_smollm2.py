@@ -49,7 +49,8 @@ def run_one(name: str, options: dict, ids: torch.Tensor, cal: torch.Tensor, wind
     blocks = list(record.extra.get("block_mse", [])) if record is not None else []
     cfg = FSBRConfig.from_options({k: v for k, v in recipe.options.items() if k not in ("resume", "checkpoint_dir")})
     return {"recipe": name, "options": {k: getattr(cfg, k) for k in
-                                        ("act_bits", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
+                                        ("act_bits", "norm_bits", "swiglu_bits", "attn_bits", "softmax_bits",
+                                         "act_smooth", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
                                          "clip_init", "seed", "holdout")},
             "ppl": ppl, "quantize_s": seconds, "block_mse": blocks,
             "guard": {k: record.extra[k] for k in ("kept", "heldout_windows", "heldout_loss_init",
@@ -77,6 +78,13 @@ def main() -> None:
     ap.add_argument("--lr-clip", type=float, default=None, help="lr of the clipping logits (default: the recipe's)")
     ap.add_argument("--holdout", type=int, default=None,
                     help="held-out calibration windows of FSBR's model-level guard (default: the recipe's; 0: off)")
+    for key, what in (("norm", "norm inputs"), ("swiglu", "the SwiGLU operands gate' and up'"),
+                      ("attn", "Q, K, V"), ("softmax", "the softmax output")):
+        ap.add_argument(f"--{key}-bits", type=int, default=None,
+                        help=f"width of {what} (default: the recipe's, I-LLM's 8; 16: float)")
+    ap.add_argument("--linear-only", action="store_true",
+                    help="quantize the linear inputs only (norm/swiglu/attn/softmax at 16 = float)")
+    ap.add_argument("--no-act-smooth", action="store_true", help="leave out the SwiGLU act-smooth groups")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only, write no result files")
     args = ap.parse_args()
@@ -91,9 +99,13 @@ def main() -> None:
     del lm
 
     common = {"samples": args.samples, "seq_len": args.seq_len, "progress": False}
-    for key in ("lr_scale", "lr_clip", "holdout"):
+    for key in ("lr_scale", "lr_clip", "holdout", "norm_bits", "swiglu_bits", "attn_bits", "softmax_bits"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
+    if args.linear_only:
+        common.update(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
+    if args.no_act_smooth:
+        common["act_smooth"] = False
     alphas = {}
     for item in args.alpha:
         name, _, value = item.rpartition("=")
@@ -117,9 +129,13 @@ def main() -> None:
     out = {"command": cmd, "date": str(datetime.date.today()), "model": "SmolLM2-135M-Instruct",
            "eval": {"data": "WikiText-2 test", "windows": args.windows, "seq_len": 512}, "fp32": fp32,
            "torch": torch.__version__, "threads": args.threads, "total_s": total, "rows": rows}
+    o = rows[0]["fsbr"]["options"] if rows else {}
+    widths = ", ".join(f"{k} {o.get(k + '_bits')}" for k in ("norm", "swiglu", "attn", "softmax"))
     lines = [f"\n## {out['date']} — `{cmd}`\n",
              f"SmolLM2-135M-Instruct, WikiText-2 test, first {args.windows} windows of 512 tokens; fake-quant "
-             f"(per-channel symmetric RTN weights, dynamic per-token symmetric activations on every linear input); "
+             f"(per-channel symmetric RTN weights, dynamic per-token symmetric activations on every linear input; "
+             f"other activation widths ({widths}; 16 = float), SwiGLU act-smooth "
+             f"{'on' if o.get('act_smooth') else 'off'}); "
              f"torch {torch.__version__}, {platform.machine()} CPU, {args.threads} thread(s), {total / 60:.0f} min "
              f"in all. FSBR budget: {args.epochs} epochs x {args.samples} sequences x {args.seq_len} tokens "
              f"(WikiText-2 validation), per decoder layer.\n",

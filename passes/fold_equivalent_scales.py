@@ -437,7 +437,7 @@ class FoldEquivalentScales(Pass):
     def _smooth_swiglus(cg: CapturedGraph, ctx: PassContext, plan: ScalePlan, scales: Mapping[str, torch.Tensor]) -> int:
         """FSBR's act-smooth groups: the weights took ``s``; the SiLU must now read ``gate' ⊘ s`` (graph and eager
         model). A group whose scale is exactly 1 changes nothing and is left out."""
-        from fxquant.actquant import SwiGLUSmooth, module_path, smooth_swiglu_in_graph
+        from fxquant.actquant import SwiGLUSmooth, module_path, remember_runtime, smooth_swiglu_in_graph
         n = 0
         for k, g in enumerate(plan.groups):
             if g.kind != "swiglu":
@@ -456,6 +456,7 @@ class FoldEquivalentScales(Pass):
                 hook = SwiGLUSmooth(cg.model, path, s.to(dtype).clone())
                 ctx.artifacts.setdefault("activation_hooks", []).append(hook)
                 ctx.artifacts.setdefault("swiglu_smooth", {})[path] = hook.scale
+                remember_runtime(cg.model, swiglu=(path, hook.scale))   # a checkpoint re-installs the hook
             n += 1
         return n
 

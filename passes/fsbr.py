@@ -8,12 +8,18 @@ and trains them block by block:
   channels; query head ``h`` uses kv head ``h // n_rep``'s scale). Rotary embeddings rotate channel ``i`` with
   ``i + d/2``, so the fold is exact only when ``s_i = s_{i+d/2}``: the scale is *tied* across each RoPE pair
   (the public I-LLM code does not tie them; an untied fold changes the model — a test shows it);
+* **SwiGLU act-smooth** (kind ``swiglu``): ``gate' = s ⊙ gate`` (rows of ``W_gate`` times ``s``), ``up' = up ⊘ s``
+  (rows of ``W_up`` over ``s``) and the SiLU becomes ``g · σ(g ⊘ s)`` at run time, so ``silu(gate) · up`` is
+  unchanged; it balances the product's two quantized operands (:mod:`fxquant.actquant`);
 * **init** (:func:`smoothquant_init`): SmoothQuant ``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` (α = 0.5) for the
-  norm/linear groups from calibration activations, 1 for q/k;
+  norm/linear groups from calibration activations, 1 for q/k and the act-smooth;
 * **learnable weight clipping**: per (row, group) bounds ``σ(l) · max`` (``l`` starts at 4, σ(4) ≈ 0.982); the
   quantizer clamps the weight to its bounds and quantizes with RTN's own formulas, so training sees bit for bit
   what the later RTN pass produces from the clamped weight;
-* **dynamic per-token activation fake-quant** on every quantized linear's input (straight-through rounding);
+* **activation fake-quant at I-LLM's positions** (:class:`~fxquant.actquant.ActAllocation`): dynamic per-token on
+  every quantized linear's input (``act_bits``), and 8-bit on the norm inputs, the SwiGLU operands, Q/K/V (per
+  token and head, after RoPE) and the softmax output (options ``norm_bits``, ``swiglu_bits``, ``attn_bits``,
+  ``softmax_bits``; 16 keeps a position float); straight-through rounding, gradient to the ranges;
 * **training** (:class:`TrainFSBRScales`): one decoder layer at a time; the float model's inputs to the layer
   are cached (memory bounded to one block's activations), the target is the float layer's output on the float
   input, the quantized layer runs on the quantized chain's input (the outputs of already-trained quantized
@@ -38,21 +44,22 @@ and trains them block by block:
     (``record.extra["kept"]``, ``heldout_loss_init`` / ``heldout_loss_trained``).
 
   Per-channel weight quantization commutes with scaling a weight row, so the q/k scales (rows of ``W_q`` and
-  ``W_k``) only matter where Q and K are quantized — the integer-only lowering, not this fake-quant objective,
-  which quantizes linear inputs only: they get no gradient here and stay at 1;
+  ``W_k``) and the act-smooth scales (rows of ``W_gate`` and ``W_up``) only matter where Q/K and the SwiGLU
+  operands are quantized; with those positions float the groups are left out of the plan;
 * **resumable**: options ``checkpoint_dir``, ``save_every`` (optimizer steps) and ``resume`` (a checkpoint folder,
   or true / "auto") checkpoint the finished layers and the layer in progress (:mod:`fxquant.train_state`); a
   resumed run recomputes the cached block inputs and ends with the uninterrupted run's parameters bit for bit.
 
-Then :class:`~fxquant.passes.fold_equivalent_scales.FoldEquivalentScales` (``source="fsbr"``) folds the scales,
-:class:`ClipWeights` clamps the folded weights to the learned bounds, RTN quantizes them, and
-:class:`QuantizeActivations` adds the dynamic per-token activation fake-quant to every quantized linear: as graph
-nodes (``fxquant::``-free ATen ops, so the graph stays exportable) and as forward pre-hooks on the eager model, so
-``model(...)`` and ``model.generate()`` run W·A· as trained.
+Then :class:`~fxquant.passes.fold_equivalent_scales.FoldEquivalentScales` (``source="fsbr"``) folds the scales
+(and rewrites each act-smoothed SiLU), :class:`ClipWeights` clamps the folded weights to the learned bounds, RTN
+quantizes them, and :class:`QuantizeActivations` adds the activation fake-quant the training used: as graph nodes
+(``fxquant::``-free ATen ops, so the graph stays exportable; attention decomposed) and as hooks plus a fake-quant
+attention on the eager model, so ``model(...)`` and ``model.generate()`` run W·A· as trained, and a saved
+checkpoint re-installs them.
 
-Not done yet (stated, not hidden): the SwiGLU act-smooth (``gate' = s ⊙ gate``, ``up' = up ⊘ s``,
-``gate'·σ(gate' ⊘ s)·up'``) needs a runtime ``⊘ s`` inside the sigmoid and is not built; the 8-bit quantizers on
-norm/softmax/act/mul inputs and the 16-bit residuals of I-LLM's allocation are left to the integer-only lowering.
+Not done (stated, not hidden): the residual stream stays float in fake-quant (I-LLM carries it in 16 bits; the
+integer-only lowering does), and the integer-only lowering has no rule for the act-smoothed SiLU, so ``illm-*``
+recipes train without it.
 """
 from __future__ import annotations
 
@@ -65,7 +72,8 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, find_sites,
-                              insert_graph_quantizers, module_path, round_ste as _round_ste)
+                              insert_graph_quantizers, module_path, remember_runtime,
+                              round_ste as _round_ste)
 from fxquant.capture import CapturedGraph
 from fxquant import train_state
 from fxquant.errors import PassError, TrainingError
@@ -90,15 +98,19 @@ LOG_MIN_SCALE = math.log(MIN_SCALE)
 
 # ---- the plan: TEQ's groups plus q/k ------------------------------------------------------------------------
 def plan_fsbr(cg: CapturedGraph, structure: Any, *, exclude: Sequence[str] = ("lm_head*",),
-              act_smooth: bool = True) -> ScalePlan:
-    """TEQ's groups plus one q/k group per attention (RoPE-tied where the attention is rotary) and, with
-    ``act_smooth``, one SwiGLU act-smooth group per gated MLP."""
+              act_smooth: bool = True, qk: bool = True) -> ScalePlan:
+    """TEQ's groups plus, with ``qk``, one q/k group per attention (RoPE-tied where the attention is rotary) and,
+    with ``act_smooth``, one SwiGLU act-smooth group per gated MLP.
+
+    Both are row scales of weights that per-channel quantization commutes with: they matter only where Q/K (q/k)
+    or the SwiGLU operands (act-smooth) are quantized. :class:`TrainFSBRScales` leaves them out otherwise — their
+    gradient would be float noise (~1e-12) that AdamW's normalised step turns into a random walk."""
     plan = plan_scales(cg, structure, exclude=exclude)
     linears = _linears_by_name(cg)
     if act_smooth:
         _plan_swiglu(cg, structure, plan, linears, exclude)
     ropes = {r.attention: r for r in structure.ropes}
-    for a in structure.attentions:
+    for a in structure.attentions if qk else ():
         what = f"q/k of {a.q}"
         if not (a.q and a.k and a.q_node and a.k_node and a.head_dim and a.n_rep):
             plan.skipped.append((what, "attention without separate q and k projections and known head size"))
@@ -899,7 +911,14 @@ class TrainFSBRScales(Pass):
 
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
         structure = ctx.artifacts["structure"]
-        plan = plan_fsbr(cg, structure, exclude=self.exclude, act_smooth=self.config.act_smooth)
+        cfg = self.config
+        plan = plan_fsbr(cg, structure, exclude=self.exclude, act_smooth=cfg.act_smooth and cfg.swiglu_bits < 16,
+                         qk=cfg.attn_bits < 16)
+        if cfg.act_smooth and cfg.swiglu_bits >= 16:
+            plan.skipped.append(("SwiGLU act-smooth", "the SwiGLU operands are float (swiglu_bits 16): it would change "
+                                                      "no quantized value"))
+        if cfg.attn_bits >= 16:
+            plan.skipped.append(("q/k smoothing", "Q and K are float (attn_bits 16): it would change no quantized value"))
         if not plan.groups:
             raise PassError("FSBR found no place to put a scale", "check ctx.artifacts['structure'].render()")
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
@@ -978,6 +997,7 @@ class QuantizeActivations(Pass):
         if cg.model is not None:
             hooks = EagerActQuant(cg.model, sites, self.allocation)
             ctx.artifacts.setdefault("activation_hooks", []).append(hooks)
+            remember_runtime(cg.model, activations=(sites, self.allocation))   # a checkpoint re-installs them
         for what, why in sites.skipped:
             log.warning("quantize_activations: %s left float: %s", what, why)
         return PassResult(modified=True, stats={"act_quantized": counts["linear"], "bits": self.bits,
