@@ -11,7 +11,8 @@ field           position                                                    quan
 ``swiglu``      the SwiGLU product's operands: ``gate'`` (into the SiLU)    per token, symmetric
                 and ``up'``
 ``attn``        Q and K (after RoPE) and V                                  per token and head, symmetric
-``softmax``     the softmax output P ∈ [0, 1]                               fixed step ``1 / (2^b − 1)``
+``softmax``     the softmax output P ∈ [0, 1]                               per row, unsigned, relative to
+                                                                            the row's largest probability
 ==============  ==========================================================  ==================================
 
 The residual stream stays float here: I-LLM carries it in 16 bits, which the integer-only lowering does
@@ -90,12 +91,16 @@ def act_fake_quantize(x: torch.Tensor, bits: int, *, range_grad: bool = False) -
 
 
 def unit_fake_quantize(p: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake quantization of a probability (softmax output) to ``bits`` unsigned: ``round(p · (2^b − 1)) / (2^b − 1)``,
-    the fixed output scale of I-LLM's DI-ClippedSoftmax; straight-through. 16 bits or more is the identity."""
+    """Fake quantization of probabilities (softmax output, rows over the last dim) to ``bits`` unsigned, relative to
+    each row's largest: ``round(p / Δ) · Δ`` with ``Δ = max(p) / (2^b − 1)`` — what fxquant's DI-ClippedSoftmax
+    outputs (``normalize_to="max"``: ``round(E · (2^b − 1) / E_max)`` with a per-row scale; I-LLM's fixed step
+    ``1 / (2^b − 1)`` rounds every probability under ``1 / 510`` to zero in a 512-token row). Straight-through;
+    16 bits or more is the identity."""
     if bits >= 16:
         return p
     levels = float(2 ** bits - 1)
-    return torch.clamp(round_ste(p * levels), 0, levels) / levels
+    step = (p.detach().amax(dim=-1, keepdim=True) / levels).clamp(min=1e-12)
+    return torch.clamp(round_ste(p / step), 0, levels) * step
 
 
 # ---- the allocation --------------------------------------------------------------------------------------------
@@ -243,7 +248,8 @@ def _fake_quant_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     k = act_fake_quantize(key, a.attn, range_grad=rg)
     v = act_fake_quantize(value, a.attn, range_grad=rg)
     n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    # contiguous operands, as in the graph (insert_graph_quantizers): the same BLAS path, the same rounding
+    q, k, v = q.contiguous(), _repeat_kv(k, n_rep).contiguous(), _repeat_kv(v, n_rep).contiguous()
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     if attention_mask is not None:
@@ -265,8 +271,9 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     AttentionInterface.register(ATTENTION_NAME, _fake_quant_attention)
-    # the mask this attention receives is built as for eager attention (a float mask, -inf where masked)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    # the mask this attention receives is built as for sdpa (a bool mask, or None for a plain causal one), as in
+    # the captured graph, so that both mask the same way (masked_fill with -inf)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 class EagerActQuant:
@@ -434,7 +441,9 @@ def _decompose_sdpa(graph: fx.Graph, node: fx.Node, a: ActAllocation) -> None:
     if scale is None:
         raise PassError(f"{node.name}: attention scale unknown (no shape on q)", "re-capture the model")
     with graph.inserting_before(node):
-        qq, kq, vq = (_graph_token_fq(graph, t, a.attn, {"what": w}) if a.attn < 16 else t
+        qq, kq, vq = (graph.call_function(aten.clone.default, (_graph_token_fq(graph, t, a.attn, {"what": w})
+                                                               if a.attn < 16 else t,),
+                                          {"memory_format": torch.contiguous_format})
                       for t, w in ((q, "q"), (k, "k"), (v, "v")))
         kt = graph.call_function(aten.transpose.int, (kq, -2, -1))
         scores = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.matmul.default, (qq, kt)), scale))
@@ -451,10 +460,11 @@ def _decompose_sdpa(graph: fx.Graph, node: fx.Node, a: ActAllocation) -> None:
         p = graph.call_function(aten._softmax.default, (scores, -1, False))
         if a.softmax < 16:
             levels = float(2 ** a.softmax - 1)
-            r = graph.call_function(aten.round.default, (graph.call_function(aten.mul.Tensor, (p, levels)),))
-            p = graph.call_function(aten.div.Tensor, (graph.call_function(aten.clamp.default, (r, 0.0, levels)),
-                                                      levels))
-            fxmeta(p)["act_quant"] = {"bits": a.softmax, "granularity": "fixed 1/(2^b-1)", "what": "softmax"}
+            pmax = graph.call_function(aten.amax.default, (p, [-1], True))
+            step = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (pmax, levels)), 1e-12))
+            r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (p, step)),))
+            p = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.clamp.default, (r, 0.0, levels)), step))
+            fxmeta(p)["act_quant"] = {"bits": a.softmax, "granularity": "per-row, max-relative", "what": "softmax"}
         out = graph.call_function(aten.matmul.default, (p, vq))
     out.meta["val"] = node.meta.get("val")
     fxmeta(out)["decomposed_sdpa"] = node.name
