@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,8 +25,7 @@ from fxquant import load_model, quantize
 from fxquant.data import calibration_text, eval_text
 from fxquant.evaluate import perplexity, tokenize_text
 from fxquant.recipes import get_recipe
-
-RESULTS = Path(__file__).parent / "results"
+from fsbr_smollm2 import append_results   # examples/ is on sys.path when this script runs
 FLOAT = dict(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
 ROWS = [("linear inputs only", FLOAT), ("I-LLM: all positions", {}),
         ("all but norm inputs", {"norm_bits": 16}), ("all but SwiGLU operands", {"swiglu_bits": 16}),
@@ -84,17 +81,8 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md = RESULTS / "fsbr_allocation.md"
-    with md.open("a") as f:
-        if md.stat().st_size == 0:
-            f.write("# FSBR on SmolLM2: the cost of each 8-bit activation position (I-LLM's allocation) — measured\n")
-        f.write(text)
-    js = RESULTS / "fsbr_allocation.json"
-    runs = json.loads(js.read_text()).get("runs", []) if js.exists() else []
-    js.write_text(json.dumps({"runs": runs + [out]}, indent=1))
-    print(f"wrote {md} and {js}")
-
+    append_results("fsbr_allocation",
+                   "FSBR on SmolLM2: the cost of each 8-bit activation position (I-LLM's allocation) — measured", text, out)
 
 if __name__ == "__main__":
     main()

@@ -164,16 +164,22 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
+    append_results("fsbr_smollm2", "FSBR on SmolLM2: SmoothQuant init vs trained block reconstruction — measured",
+                   text, out)
+
+
+def append_results(stem: str, title: str, text: str, run: dict) -> None:
+    """Append ``text`` to ``examples/results/<stem>.md`` (``# title`` first in a new file) and ``run`` to the
+    ``runs`` of ``<stem>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    md = RESULTS / "fsbr_smollm2.md"
+    md, js = RESULTS / f"{stem}.md", RESULTS / f"{stem}.json"
     with md.open("a") as f:
         if md.stat().st_size == 0:
-            f.write("# FSBR on SmolLM2: SmoothQuant init vs trained block reconstruction — measured\n")
+            f.write(f"# {title}\n")
         f.write(text)
-    js = RESULTS / "fsbr_smollm2.json"
     runs = json.loads(js.read_text()).get("runs", []) if js.exists() else []
-    js.write_text(json.dumps({"runs": runs + [out]}, indent=1))
-    print(f"wrote {md} and {RESULTS / 'fsbr_smollm2.json'}")
+    js.write_text(json.dumps({"runs": runs + [run]}, indent=1))
+    print(f"wrote {md} and {js}")
 
 
 if __name__ == "__main__":
