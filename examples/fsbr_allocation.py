@@ -22,10 +22,9 @@ import time
 import torch
 
 from fxquant import load_model, quantize
-from fxquant.data import calibration_text, eval_text
-from fxquant.evaluate import perplexity, tokenize_text
+from fxquant.evaluate import perplexity
 from fxquant.recipes import get_recipe
-from fsbr_smollm2 import append_results   # examples/ is on sys.path when this script runs
+from fsbr_smollm2 import append_results, smollm2_data   # examples/ is on sys.path when this script runs
 FLOAT = dict(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
 ROWS = [("linear inputs only", FLOAT), ("I-LLM: all positions", {}),
         ("all but norm inputs", {"norm_bits": 16}), ("all but SwiGLU operands", {"swiglu_bits": 16}),
@@ -44,12 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    lm = load_model("smollm2")
-    ids = tokenize_text(lm.tokenizer, eval_text(None)[0])
-    cal = tokenize_text(lm.tokenizer, calibration_text(None)[0])
-    fp32 = perplexity(lm.model, ids=ids, windows=args.windows, progress=False).ppl
-    print(f"fp32: {fp32:.3f}", flush=True)
-    del lm
+    ids, cal, fp32 = smollm2_data(args.windows)
     rows = []
     for label, widths in ROWS:
         lm = load_model("smollm2")

@@ -91,12 +91,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    lm = load_model("smollm2")
-    ids = tokenize_text(lm.tokenizer, eval_text(None)[0])
-    cal = tokenize_text(lm.tokenizer, calibration_text(None)[0])
-    fp32 = perplexity(lm.model, ids=ids, windows=args.windows, progress=False).ppl
-    print(f"fp32: {fp32:.3f}", flush=True)
-    del lm
+    ids, cal, fp32 = smollm2_data(args.windows)
 
     common = {"samples": args.samples, "seq_len": args.seq_len, "progress": False}
     for key in ("lr_scale", "lr_clip", "holdout", "norm_bits", "swiglu_bits", "attn_bits", "softmax_bits"):
@@ -166,6 +161,16 @@ def main() -> None:
         return
     append_results("fsbr_smollm2", "FSBR on SmolLM2: SmoothQuant init vs trained block reconstruction — measured",
                    text, out)
+
+
+def smollm2_data(windows: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """WikiText-2 test ids, calibration ids (validation) and the FP32 perplexity on the first ``windows`` windows."""
+    lm = load_model("smollm2")
+    ids = tokenize_text(lm.tokenizer, eval_text(None)[0])
+    cal = tokenize_text(lm.tokenizer, calibration_text(None)[0])
+    fp32 = perplexity(lm.model, ids=ids, windows=windows, progress=False).ppl
+    print(f"fp32: {fp32:.3f}", flush=True)
+    return ids, cal, fp32
 
 
 def append_results(stem: str, title: str, text: str, run: dict) -> None:
