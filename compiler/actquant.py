@@ -166,9 +166,10 @@ def module_path(cg: CapturedGraph, node: fx.Node) -> str | None:
     return None
 
 
-def _module_input(cg: CapturedGraph, path: str, any_node: fx.Node) -> fx.Node | None:
-    """The one activation that flows into module ``path`` in the graph (None unless exactly one)."""
-    inside = [n for n in cg.gm.graph.nodes if n.op == "call_function" and module_path(cg, n) == path]
+def _module_input(cg: CapturedGraph, path: str, paths: dict[fx.Node, str | None]) -> fx.Node | None:
+    """The one activation that flows into module ``path`` in the graph (None unless exactly one); ``paths``: the
+    module path of every call node (computed once per graph)."""
+    inside = [n for n, p in paths.items() if p == path]
     if not inside:
         return None
     members = set(inside)
@@ -191,6 +192,7 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
     if structure is None:
         return sites
     seen: set[str] = set()
+    paths = {n: module_path(cg, n) for n in cg.gm.graph.nodes if n.op == "call_function"}
     for g in structure.norm_groups:
         out = nodes.get(g.norm)
         path = g.weight.rsplit(".", 1)[0] if g.weight else (module_path(cg, out) if out is not None else None)
@@ -199,7 +201,7 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
                 sites.skipped.append((f"norm {g.norm}", "no norm module found for it"))
             continue
         seen.add(path)
-        x = _module_input(cg, path, out)
+        x = _module_input(cg, path, paths)
         if x is None:
             sites.skipped.append((f"norm {path}", "its input could not be told apart in the graph"))
             continue
@@ -234,14 +236,10 @@ def _fake_quant_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           **kwargs: Any):
     """Hugging Face attention function: Q, K, V and P fake-quantized when the module's quantizer is on, else the
     module's own attention implementation."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     aq = getattr(module, _ATTR, None)
     if aq is None or not aq.enabled:
-        orig = getattr(module, _ORIG, "sdpa")
-        fn = ALL_ATTENTION_FUNCTIONS[orig] if orig in ALL_ATTENTION_FUNCTIONS else None
-        if fn is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _original_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   **kwargs)
     a = aq.allocation
     rg = aq.range_grad
     q = act_fake_quantize(query, a.attn, range_grad=rg)
@@ -265,6 +263,31 @@ def _fake_quant_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     p = unit_fake_quantize(p, a.softmax)
     out = torch.matmul(p, v).transpose(1, 2).contiguous()
     return out, p
+
+
+def _original_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs: Any):
+    """The attention the module's model used before the fake-quant attention replaced it (``sdpa`` or ``eager``).
+    Masks reach this function built for sdpa (bool, or None for a plain causal one); eager attention adds a float
+    mask, so it gets one."""
+    import sys
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    orig = getattr(module, _ORIG, None)
+    if orig == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if orig != "eager" or fn is None:
+        raise PassError(f"{type(module).__name__} runs fxquant's fake-quant attention, but its own attention "
+                        f"({orig!r}) cannot be restored", "install the quantizers with EagerActQuant on a model loaded "
+                                                          "with attn_implementation='sdpa' or 'eager'")
+    t, s = query.shape[2], key.shape[2]
+    low = torch.finfo(query.dtype).min
+    if attention_mask is None and t > 1 and getattr(module, "is_causal", False):
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
+                                     device=query.device).masked_fill(~attention_mask, low)
+    return fn(module, query, key, value, attention_mask, **kwargs)
 
 
 def _register_attention() -> None:
@@ -328,8 +351,14 @@ class EagerActQuant:
             if config is None or not hasattr(model, "set_attn_implementation"):
                 raise PassError(f"{type(model).__name__} is not a Hugging Face model: its attention cannot be "
                                 "replaced by the fake-quant attention", "set attn: 16 and softmax: 16")
+            orig = config._attn_implementation or "sdpa"
+            if orig not in ("sdpa", "eager", ATTENTION_NAME):
+                raise PassError(f"fake-quant Q/K/V/softmax need the model's attention to be 'sdpa' or 'eager', it is "
+                                f"{orig!r}", "load the model with attn_implementation='sdpa', or set attn: 16 and "
+                                             "softmax: 16")
             _register_attention()
-            self._orig_attn = config._attn_implementation or "sdpa"
+            # a second quantizer on the same model delegates to what the first one replaced
+            self._orig_attn = (getattr(get(paths[0]), _ORIG, "sdpa") if orig == ATTENTION_NAME else orig)
             for p in paths:
                 mod = get(p)
                 setattr(mod, _ATTR, self)

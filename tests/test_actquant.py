@@ -149,6 +149,21 @@ def test_fake_quant_attention_is_the_models_attention_when_nothing_is_quantized(
     assert _rel(quantized, ref) > 1e-4
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_switched_off_quantizers_give_back_the_models_own_attention(impl):
+    """Off, the fake-quant attention delegates to the attention the model was loaded with — an eager model gets the
+    float causal mask its eager attention adds (the masks are built sdpa-style for the fake-quant attention)."""
+    model, cg, ctx = _llama((32, 4, 2, 48, 1), 0)
+    model.set_attn_implementation(impl)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref = _hf_attention(model, ids)
+    aq = EagerActQuant(model, find_sites(cg, ctx.artifacts["structure"], []), ActAllocation(16, 16, 16, 8, 8),
+                       enabled=False)
+    assert torch.equal(_hf_attention(model, ids), ref)
+    aq.remove()
+    assert model.config._attn_implementation == impl
+
+
 def test_fake_quant_attention_decodes_with_a_kv_cache_as_it_computes_the_whole_sequence():
     """Per-token quantizers: a cached K/V row is quantized the same way in every step (re-quantizing a quantized
     row is the identity), so incremental decoding gives the full-sequence logits."""
