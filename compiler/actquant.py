@@ -7,7 +7,9 @@ I-LLM (METHODS.md §2) quantizes more than the linear inputs: every operand of a
 field           position                                                    quantizer
 ==============  ==========================================================  ==================================
 ``linear``      input of every quantized linear                             per token, symmetric
-``norm``        input of every norm read by a linear (RMSNorm, LayerNorm)   per token, symmetric
+``norm``        input of every norm read by a linear (RMSNorm, LayerNorm)   per token, symmetric, of ``x ⊘ a``
+                                                                            (``a``: a static per-channel
+                                                                            alignment, see below)
 ``swiglu``      the SwiGLU product's operands: ``gate'`` (into the SiLU)    per token, symmetric
                 and ``up'``
 ``attn``        Q and K (after RoPE) and V                                  per token and head, symmetric
@@ -28,6 +30,14 @@ Every position exists twice, and both compute the same function (a test checks i
 * in the **captured ATen graph** (:func:`insert_graph_quantizers`): explicit ``abs/amax/div/round/clamp/mul`` nodes,
   and each ``scaled_dot_product_attention`` decomposed into ``matmul → softmax → fake-quant → matmul``.
 
+**Norm-input alignment** (:func:`calibrate_norm_align`, :func:`aligned_fake_quantize`): the norm input is the
+residual stream, whose outlier channels (a few hundred times the median on SmolLM2) leave a per-token 8-bit grid
+nothing for the other channels. As in I-LLM's DI-Norm, which takes its input with per-channel scales aligned to a
+common exponent, the quantizer reads ``x ⊘ a`` per token and multiplies ``a`` back: ``a = amax_c^β`` from
+calibration (β = 0.5 by default; 0 is plain per-token), normalised to a largest entry of 1. It is a property of the
+quantizer, not an equivalence: ``a`` stays at run time (a graph tensor, a hook's vector, a checkpoint tensor).
+The per-token range cancels in the norm itself (``RMSNorm(c·x) = RMSNorm(x)``), so only the channel shape matters.
+
 **The SwiGLU act-smooth** (:class:`SwiGLUSmooth`, :func:`smooth_swiglu_in_graph`): with ``gate' = s ⊙ gate`` and
 ``up' = up ⊘ s`` (folded into the rows of ``W_gate`` and ``W_up``), ``silu(gate) · up = gate' · σ(gate' ⊘ s) · up'``
 exactly. The weights absorb ``s``, but the sigmoid must read the unscaled gate, so the SiLU becomes
@@ -46,7 +56,7 @@ from .capture import CapturedGraph, fxmeta
 from .errors import PassError
 
 __all__ = ["ActAllocation", "ActSites", "EagerActQuant", "SwiGLUSmooth", "ATTENTION_NAME", "act_fake_quantize",
-           "unit_fake_quantize", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path",
+           "unit_fake_quantize", "aligned_fake_quantize", "calibrate_norm_align", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path",
            "remember_runtime", "runtime_state", "install_runtime"]
 
 #: the name of fxquant's fake-quant attention in Hugging Face's attention registry
@@ -88,6 +98,16 @@ def act_fake_quantize(x: torch.Tensor, bits: int, *, range_grad: bool = False) -
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale = ((amax if range_grad else amax.detach()) / qmax).clamp(min=1e-8)
     return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+def aligned_fake_quantize(x: torch.Tensor, align: torch.Tensor | None, bits: int, *,
+                          range_grad: bool = False) -> torch.Tensor:
+    """:func:`act_fake_quantize` of ``x ⊘ align`` times ``align`` (a per-channel vector over the last dim; None:
+    plain per-token). 16 bits or more is the identity."""
+    if bits >= 16 or align is None:
+        return act_fake_quantize(x, bits, range_grad=range_grad)
+    a = align.to(dtype=x.dtype, device=x.device)
+    return act_fake_quantize(x / a, bits, range_grad=range_grad) * a
 
 
 def unit_fake_quantize(p: torch.Tensor, bits: int) -> torch.Tensor:
@@ -223,6 +243,46 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
     return sites
 
 
+@torch.no_grad()
+def calibrate_norm_align(model: torch.nn.Module, paths: Iterable[str], batches: torch.Tensor, beta: float = 0.5, *,
+                         params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The per-channel alignment ``a`` of each norm input (module docstring): ``amax_c^β / max_c amax_c^β`` over
+    the float model's forwards on ``batches`` (token ids, one row per sequence). A channel quieter than a tenth of
+    the median counts as a tenth of the median, so a channel that was silent in calibration is not blown up by
+    ``⊘ a`` when it wakes. ``params``: run with these tensors in place of the model's own (``functional_call``)."""
+    if not 0.0 <= beta <= 1.0:
+        raise PassError(f"the norm-input alignment exponent must lie in [0, 1], got {beta!r}",
+                        "e.g. norm_align: 0.5 (0: plain per-token quantization)")
+    paths = list(dict.fromkeys(p for p in paths if p is not None))
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(path: str):
+        def record(mod, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            amax[path] = torch.maximum(amax[path], x) if path in amax else x
+        return record
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    try:
+        for b in range(batches.shape[0]):
+            kwargs = {"input_ids": batches[b:b + 1], "use_cache": False}
+            if params is None:
+                model(**kwargs)
+            else:
+                torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for p in paths:
+        if p not in amax:
+            raise PassError(f"norm {p} was not run by the calibration forwards", "report the model")
+        m = amax[p].cpu()
+        a = m.clamp(min=float(m.median()) * 0.1 + 1e-12) ** beta
+        out[p] = a / a.max()
+    return out
+
+
 # ---- the eager model -------------------------------------------------------------------------------------------
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
@@ -302,12 +362,16 @@ def _register_attention() -> None:
 class EagerActQuant:
     """Fake-quant hooks on an eager model at the allocation's positions; ``enabled`` switches them all.
 
+    ``norm_align``: norm module path → its input's per-channel alignment (:func:`calibrate_norm_align`); a norm
+    without one is quantized plain per token. The dict is read at every forward (FSBR puts live tensors in it).
     ``remove()`` takes every hook off and gives the model its attention implementation back."""
 
     def __init__(self, model: torch.nn.Module, sites: ActSites, allocation: ActAllocation, *,
-                 range_grad: bool = False, enabled: bool = True):
+                 range_grad: bool = False, enabled: bool = True,
+                 norm_align: dict[str, torch.Tensor] | None = None):
         self.model, self.sites, self.allocation = model, sites, allocation
         self.range_grad, self.enabled = range_grad, enabled
+        self.norm_align: dict[str, torch.Tensor] = dict(norm_align or {})
         self.handles: list[Any] = []
         self.attention_modules: list[torch.nn.Module] = []
         self._orig_attn: str | None = None
@@ -318,6 +382,14 @@ class EagerActQuant:
                 if not self.enabled:
                     return None
                 return (act_fake_quantize(args[0], bits, range_grad=self.range_grad),) + tuple(args[1:])
+            return hook
+
+        def norm_pre(path: str):
+            def hook(mod, args):
+                if not self.enabled:
+                    return None
+                return (aligned_fake_quantize(args[0], self.norm_align.get(path), a.norm, range_grad=self.range_grad),) \
+                    + tuple(args[1:])
             return hook
 
         def post(bits: int):
@@ -335,7 +407,7 @@ class EagerActQuant:
         if a.norm < 16:
             for _, path in sites.norms:
                 if path is not None:
-                    self.handles.append(get(path).register_forward_pre_hook(pre(a.norm)))
+                    self.handles.append(get(path).register_forward_pre_hook(norm_pre(path)))
         if a.swiglu < 16:
             for _, _, gate, up, _ in sites.swiglus:
                 for path in (gate, up):
@@ -416,12 +488,22 @@ def _graph_token_fq(graph: fx.Graph, x: fx.Node, bits: int, tag: dict) -> fx.Nod
     return out
 
 
-def _quantize_output(graph: fx.Graph, x: fx.Node, bits: int, tag: dict, users: list[fx.Node] | None = None) -> fx.Node:
-    """Insert the per-token quantizer of ``x`` before its first user and make ``users`` (default: all) read it."""
+def _quantize_output(graph: fx.Graph, x: fx.Node, bits: int, tag: dict, users: list[fx.Node] | None = None,
+                     align: fx.Node | None = None) -> fx.Node:
+    """Insert the per-token quantizer of ``x`` before its first user and make ``users`` (default: all) read it;
+    ``align``: a per-channel tensor node, quantize ``x ⊘ align`` and multiply it back."""
     users = list(x.users) if users is None else list(users)
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_before(min(users, key=order.__getitem__)):
-        xq = _graph_token_fq(graph, x, bits, tag)
+        if align is None:
+            xq = _graph_token_fq(graph, x, bits, tag)
+        else:
+            xa = graph.call_function(aten.div.Tensor, (x, align))
+            xa.meta["val"] = x.meta.get("val")
+            xq = graph.call_function(aten.mul.Tensor, (_graph_token_fq(graph, xa, bits, tag), align))
+            xq.meta["val"] = x.meta.get("val")
+            fxmeta(xq)["act_quant"] = {**fxmeta(xq.args[0])["act_quant"], "granularity": "per-token, channel-aligned",
+                                       "align": align.name}
     for u in users:
         u.replace_input_with(x, xq)
     return xq
@@ -501,8 +583,10 @@ def _decompose_sdpa(graph: fx.Graph, node: fx.Node, a: ActAllocation) -> None:
     graph.erase_node(node)
 
 
-def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActAllocation) -> dict[str, int]:
-    """Insert the allocation's fake-quant nodes into ``cg``'s graph; returns counts per position."""
+def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActAllocation, *,
+                            norm_align: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Insert the allocation's fake-quant nodes into ``cg``'s graph; returns counts per position. ``norm_align``
+    (norm module path → vector) becomes graph tensors ``fxquant_norm_align_<i>`` read by the norm quantizers."""
     graph = cg.gm.graph
     nodes = {n.name: n for n in graph.nodes}
     a = allocation
@@ -518,10 +602,15 @@ def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActA
             lin.node.replace_input_with(x, xq)
             counts["linear"] += 1
     if a.norm < 16:
-        for x_name, path in sites.norms:
+        for i, (x_name, path) in enumerate(sites.norms):
             done = False
+            align = None
+            if norm_align and path in norm_align:
+                val = nodes[x_name].meta.get("val")
+                vec = norm_align[path].detach().to(val.dtype if val is not None else torch.float32)
+                align = cg.add_tensor(f"fxquant_norm_align_{i}", vec)
             for value, users in _norm_reads(cg, nodes[x_name], path):
-                _quantize_output(graph, value, a.norm, {"what": "norm"}, users)
+                _quantize_output(graph, value, a.norm, {"what": "norm"}, users, align)
                 done = True
             counts["norm"] += done
     if a.swiglu < 16:
@@ -571,12 +660,15 @@ RUNTIME_ATTR = "_fxquant_runtime"
 
 
 def remember_runtime(model: torch.nn.Module, *, activations: tuple[ActSites, ActAllocation] | None = None,
-                     swiglu: tuple[str, torch.Tensor] | None = None) -> None:
-    """Note on ``model`` the activation quantizers and act-smooth scales its hooks apply, so that a checkpoint
-    of it can re-install them (weights alone would compute another function)."""
+                     swiglu: tuple[str, torch.Tensor] | None = None,
+                     norm_align: dict[str, torch.Tensor] | None = None) -> None:
+    """Note on ``model`` the activation quantizers, norm-input alignments and act-smooth scales its hooks apply,
+    so that a checkpoint of it can re-install them (weights alone would compute another function)."""
     rt = model.__dict__.setdefault(RUNTIME_ATTR, {"activations": None, "swiglu_smooth": {}})
+    rt.setdefault("norm_align", {})
     if activations is not None:
         sites, alloc = activations
+        rt["norm_align"] = {p: a.detach().cpu().clone() for p, a in (norm_align or {}).items()}
         rt["activations"] = {"allocation": alloc.to_dict(),
                              "linears": [p for _, p in sites.linears if p is not None],
                              "norms": [p for _, p in sites.norms if p is not None],
@@ -593,7 +685,10 @@ def runtime_state(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, tor
     if not rt or (rt.get("activations") is None and not rt.get("swiglu_smooth")):
         return None
     tensors = {f"swiglu_smooth.{p}": s.contiguous() for p, s in rt["swiglu_smooth"].items()}
-    return {"activations": rt.get("activations"), "swiglu_smooth": sorted(rt["swiglu_smooth"])}, tensors
+    align = rt.get("norm_align") or {}
+    tensors.update({f"norm_align.{p}": a.contiguous() for p, a in align.items()})
+    return {"activations": rt.get("activations"), "swiglu_smooth": sorted(rt["swiglu_smooth"]),
+            "norm_align": sorted(align)}, tensors
 
 
 def install_runtime(model: torch.nn.Module, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Any]:
@@ -607,6 +702,13 @@ def install_runtime(model: torch.nn.Module, info: dict[str, Any], tensors: dict[
         s = tensors[key].to(dtype)
         hooks.append(SwiGLUSmooth(model, path, s))
         remember_runtime(model, swiglu=(path, s))
+    align = {}
+    for path in info.get("norm_align", []):
+        key = f"norm_align.{path}"
+        if key not in tensors:
+            raise PassError(f"the checkpoint lacks the norm-input alignment {key}",
+                            "the checkpoint is corrupted; quantize again")
+        align[path] = tensors[key].to(dtype)
     act = info.get("activations")
     if act:
         alloc = ActAllocation(**act["allocation"])
@@ -614,6 +716,6 @@ def install_runtime(model: torch.nn.Module, info: dict[str, Any], tensors: dict[
                          norms=[(None, p) for p in act.get("norms", [])],
                          swiglus=[(None, None, g, u, None) for g, u in act.get("swiglus", [])],
                          attentions=[(None, p) for p in act.get("attentions", [])])
-        hooks.append(EagerActQuant(model, sites, alloc))
-        remember_runtime(model, activations=(sites, alloc))
+        hooks.append(EagerActQuant(model, sites, alloc, norm_align=align))
+        remember_runtime(model, activations=(sites, alloc), norm_align=align)
     return hooks

@@ -731,17 +731,18 @@ def _fsbr_passes(recipe: Recipe, options: dict[str, Any] | None = None) -> list:
 
 
 #: FSBR options an ``illm`` recipe does not take: the integer-only lowering fixes them (``_illm_fsbr_options``)
-_ILLM_FIXED_FSBR = ("norm_bits", "swiglu_bits", "softmax_bits", "act_smooth")
+_ILLM_FIXED_FSBR = ("norm_bits", "swiglu_bits", "softmax_bits", "act_smooth", "norm_align")
 
 
 def _illm_fsbr_options(o: dict[str, Any]) -> dict[str, Any]:
     """FSBR trains against the quantizers the integer-only graph will have: norm and SwiGLU inputs at
     ``inner_bits``, Q/K/V and the softmax output at ``attn_bits``; no act-smooth (the lowering has no rule for
-    the SiLU's ``σ(g ⊘ s)``, and with 16-bit SwiGLU inputs it would change nothing)."""
+    the SiLU's ``σ(g ⊘ s)``, and with 16-bit SwiGLU inputs it would change nothing) and no norm-input channel
+    alignment (the integer graph's DI-Norm reads the residual stream per token)."""
     inner = int(o.get("inner_bits", _ILLM_INTEGER_OPTIONS["inner_bits"][1]))
     attn = int(o.get("attn_bits", _ILLM_INTEGER_OPTIONS["attn_bits"][1]))
     return {**o, "norm_bits": inner, "swiglu_bits": inner, "attn_bits": attn, "softmax_bits": attn,
-            "act_smooth": False}
+            "act_smooth": False, "norm_align": 0.0}
 
 
 PIPELINE_BUILDERS["fsbr"] = _fsbr_passes

@@ -71,8 +71,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, find_sites,
-                              insert_graph_quantizers, module_path, remember_runtime,
+from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, calibrate_norm_align,
+                              find_sites, insert_graph_quantizers, module_path, remember_runtime,
                               round_ste as _round_ste)
 from fxquant.capture import CapturedGraph
 from fxquant import train_state
@@ -319,6 +319,7 @@ class FSBRConfig:
 
     act_bits: int = 8                  # linear inputs
     norm_bits: int = 8                 # norm inputs (I-LLM: 8; 16 keeps them float)
+    norm_align: float = 0.5            # norm inputs quantized as x ⊘ a per token, a = amax_c^β (β here; 0: plain)
     swiglu_bits: int = 8               # the SwiGLU product's operands gate' and up'
     attn_bits: int = 8                 # Q, K (after RoPE), V per token and head
     softmax_bits: int = 8              # the softmax output (unsigned, step 1/(2^b - 1))
@@ -349,6 +350,10 @@ class FSBRConfig:
                             f"batch_size >= 1 and seq_len >= 2, got {cfg}")
         if not 2 <= cfg.act_bits <= 16:
             raise PassError(f"FSBR activation bits must lie in 2..16, got {cfg.act_bits}", "e.g. act_bits: 8")
+        if isinstance(cfg.norm_align, bool) or not isinstance(cfg.norm_align, (int, float)) \
+                or not 0.0 <= cfg.norm_align <= 1.0:
+            raise PassError(f"FSBR norm_align is the exponent β of the norm-input alignment amax^β, in [0, 1]; got "
+                            f"{cfg.norm_align!r}", "e.g. norm_align: 0.5 (0: plain per-token norm inputs)")
         if not isinstance(cfg.act_smooth, bool):
             raise PassError(f"FSBR act_smooth is true or false, got {cfg.act_smooth!r}", "e.g. act_smooth: true")
         cfg.allocation()
@@ -590,15 +595,20 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                 start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
         return start
 
+    if structure is None:
+        structure = _structure_of(cg)
+    sites = find_sites(cg, structure, qlin)
+    # the norm inputs' channel alignment (fxquant.actquant): the residual stream is not changed by any fold, so the
+    # float model's statistics hold for the quantized one
+    align = (calibrate_norm_align(model, [p for _, p in sites.norms], batches, cfg.norm_align, params=base)
+             if cfg.norm_bits < 16 and cfg.norm_align > 0 and sites.norms else {})
     if cfg.epochs == 0:        # SmoothQuant alone: the initial scales, no reconstruction, no weight clipping
         start = initial_scales()
         return EquivalentScales(plan=plan, scales=start, losses=[], method="fsbr", init=start,
-                                extra={"clip": {}, "spec": spec, "act_bits": cfg.act_bits})
+                                extra={"clip": {}, "spec": spec, "act_bits": cfg.act_bits, "norm_align": align})
     prefix, layers = _decoder_layers(model, plan)
-    if structure is None:
-        structure = _structure_of(cg)
     # the activation quantizers of the whole model (off outside the quantized forwards) and the act-smooth hooks
-    aq = EagerActQuant(model, find_sites(cg, structure, qlin), cfg.allocation(), range_grad=True, enabled=False)
+    aq = EagerActQuant(model, sites, cfg.allocation(), range_grad=True, enabled=False, norm_align=align)
     smoothers: dict[str, SwiGLUSmooth] = {}
     try:
         for g in plan.groups:
@@ -820,7 +830,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
         scales.setdefault(g.name, start[g.name])
     extra: dict[str, Any] = {"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse,
-                             "kept": "trained"}
+                             "kept": "trained", "norm_align": align}
     if held is not None:
         # the model-level guard: each block kept its best parameters on its own objective (MSE to the float block,
         # which on SmolLM2 is dominated by a few massive-activation tokens), but that does not promise a better
@@ -925,6 +935,7 @@ class TrainFSBRScales(Pass):
         record = train_fsbr(cg, plan, self.spec, ctx.calibration, self.config, exclude=self.exclude, tokenizer=tokenizer,
                             structure=structure)
         ctx.artifacts["fsbr"] = record
+        ctx.artifacts["norm_align"] = record.extra.get("norm_align", {})   # read by quantize_activations
         stats = {"groups": len(plan.groups), "qk_groups": sum(g.kind == "qk" for g in plan.groups),
                  "swiglu_groups": sum(g.kind == "swiglu" for g in plan.groups),
                  "skipped": len(plan.skipped), "epochs": len(record.losses),
@@ -993,13 +1004,16 @@ class QuantizeActivations(Pass):
             raise PassError(f"quantize_activations needs the structure analysis to find {', '.join(beyond)} inputs",
                             "run analyze_structure first (every fsbr recipe does)")
         sites = find_sites(cg, structure if beyond else None, quantized)
-        counts = insert_graph_quantizers(cg, sites, self.allocation)
+        # the norm inputs' channel alignment FSBR calibrated (and trained against), when the norms are quantized
+        align = dict(ctx.artifacts.get("norm_align") or {}) if self.allocation.norm < 16 else {}
+        counts = insert_graph_quantizers(cg, sites, self.allocation, norm_align=align)
         if cg.model is not None:
-            hooks = EagerActQuant(cg.model, sites, self.allocation)
+            hooks = EagerActQuant(cg.model, sites, self.allocation, norm_align=align)
             ctx.artifacts.setdefault("activation_hooks", []).append(hooks)
-            remember_runtime(cg.model, activations=(sites, self.allocation))   # a checkpoint re-installs them
+            remember_runtime(cg.model, activations=(sites, self.allocation), norm_align=align)   # a checkpoint re-installs them
         for what, why in sites.skipped:
             log.warning("quantize_activations: %s left float: %s", what, why)
         return PassResult(modified=True, stats={"act_quantized": counts["linear"], "bits": self.bits,
+                                                "norm_aligned": len(align),
                                                 **{f"{k}_quantized": v for k, v in counts.items() if k != "linear"},
                                                 "skipped": len(sites.skipped)})

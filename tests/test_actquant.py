@@ -5,6 +5,8 @@
   on the eager model, and is not without its run-time half;
 * the fake-quant attention is the model's attention when nothing is quantized, decodes with a KV cache as it
   computes a whole sequence, and quantizes what it says it does;
+* the norm inputs' channel alignment is calibrated from the residual stream, spares its quiet channels the
+  outliers' step, is the same on graph and eager model, and comes back with a checkpoint;
 * FSBR trains the act-smooth scales when the SwiGLU operands are quantized, and a checkpoint brings the hooks back.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_tiny_llama
-from fxquant.actquant import (ActAllocation, EagerActQuant, act_fake_quantize, find_sites, unit_fake_quantize)
+from fxquant.actquant import (ActAllocation, EagerActQuant, act_fake_quantize, aligned_fake_quantize,
+                              calibrate_norm_align, find_sites, unit_fake_quantize)
 from fxquant.capture import capture
 from fxquant.errors import PassError, RecipeError
 from fxquant.passes.analyze_structure import AnalyzeStructure
@@ -51,8 +54,10 @@ def _rel(a, b):
 
 
 @settings(max_examples=FEW, deadline=None)
-@given(arch=ARCH, seed=st.integers(0, 2**16), linear=WIDTHS, norm=WIDTHS, swiglu=WIDTHS, attn=WIDTHS, softmax=WIDTHS)
-def test_graph_quantizers_and_eager_hooks_compute_the_same_function(arch, seed, linear, norm, swiglu, attn, softmax):
+@given(arch=ARCH, seed=st.integers(0, 2**16), linear=WIDTHS, norm=WIDTHS, swiglu=WIDTHS, attn=WIDTHS, softmax=WIDTHS,
+       beta=st.sampled_from([0.0, 0.5, 1.0]))
+def test_graph_quantizers_and_eager_hooks_compute_the_same_function(arch, seed, linear, norm, swiglu, attn, softmax,
+                                                                      beta):
     model, cg, ctx = _llama(arch, seed)
     layers = arch[-1]
     QuantizeWeightsRTN(QuantSpec(bits=4), exclude=("lm_head*",)).call(cg, ctx)
@@ -60,8 +65,12 @@ def test_graph_quantizers_and_eager_hooks_compute_the_same_function(arch, seed, 
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         weights_only = model(input_ids=ids).logits
+    if beta > 0:   # the norm inputs' channel alignment, as FSBR leaves it for quantize_activations
+        norms = [p for _, p in find_sites(cg, ctx.artifacts["structure"], ctx.artifacts["quantized_weights"]).norms]
+        ctx.artifacts["norm_align"] = calibrate_norm_align(model, norms, ids[:1], beta)
     alloc = ActAllocation(linear=linear, norm=norm, swiglu=swiglu, attn=attn, softmax=softmax)
     stats = QuantizeActivations(linear, alloc).call(cg, ctx).stats
+    assert stats["norm_aligned"] == (2 * layers + 1 if norm < 16 and beta > 0 else 0)
     with torch.no_grad():
         eager, graph = model(input_ids=ids).logits, cg(ids)
     assert torch.equal(eager, graph)
@@ -205,6 +214,67 @@ def test_quantizers_use_the_levels_they_claim(rows, cols, bits, seed):
     assert unit_fake_quantize(p, 16) is p and act_fake_quantize(x, 16) is x
 
 
+@settings(max_examples=FEW * 2, deadline=None)
+@given(tokens=st.integers(16, 64), cols=st.integers(16, 96), outlier=st.floats(30.0, 300.0), seed=st.integers(0, 2**16))
+def test_channel_alignment_spares_the_quiet_channels_the_outliers_step(tokens, cols, outlier, seed):
+    """A residual stream with a few outlier channels (large in every token, as SmolLM2's are): plain per-token
+    quantization gives every channel the outliers' step; aligned by amax^0.5 the quiet channels' error shrinks by
+    about √outlier, and the loud ones pay at most the spread of the alignment among themselves. At I-LLM's 8 bits
+    for norm inputs (at 4 bits the quiet channels round to zero either way)."""
+    bits = 8
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g)
+    loud = torch.randperm(cols, generator=g)[:2]
+    sign = torch.where(torch.rand(1, 2, generator=g) < 0.5, -1.0, 1.0)
+    x[:, loud] = sign * outlier * (1 + 0.2 * torch.randn(tokens, 2, generator=g))
+    x = x * torch.exp(torch.randn(tokens, 1, generator=g))   # tokens of different sizes
+    quiet = torch.ones(cols, dtype=torch.bool)
+    quiet[loud] = False
+    amax = x.abs().amax(dim=0)
+    a = amax.sqrt() / amax.sqrt().max()
+    plain, aligned = act_fake_quantize(x, bits), aligned_fake_quantize(x, a, bits)
+    err = lambda q, cols: float(((q - x)[:, cols] ** 2).mean())   # noqa: E731
+    assert err(aligned, quiet) < 0.5 * err(plain, quiet)
+    assert err(aligned, ~quiet) <= float(1 / a[loud].min()) ** 2 * 1.5 * err(plain, ~quiet) + 1e-12
+    # the same grid as act_fake_quantize on x ⊘ a, and none at all when a is None or at 16 bits
+    assert torch.equal(aligned, act_fake_quantize(x / a, bits) * a)
+    assert torch.equal(aligned_fake_quantize(x, None, bits), plain) and aligned_fake_quantize(x, a, 16) is x
+
+
+def test_norm_alignment_is_calibrated_from_the_residual_stream():
+    model, cg, ctx = _llama((32, 4, 2, 48, 2), 5)
+    with torch.no_grad():   # two loud channels in the residual stream (SmolLM2 has a few hundred-fold ones)
+        model.model.embed_tokens.weight[:, [3, 17]] *= 50.0
+    sites = find_sites(cg, ctx.artifacts["structure"], [f for f in cg.fqn.values() if "proj" in f])
+    paths = [p for _, p in sites.norms]
+    assert paths[0] == "model.layers.0.input_layernorm" and paths[-1] == "model.norm" and len(paths) == 5
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    a = calibrate_norm_align(model, paths, ids, 0.5)
+    first = a["model.layers.0.input_layernorm"]
+    assert first.shape == (32,) and float(first.max()) == 1.0
+    assert set(first.topk(2).indices.tolist()) == {3, 17}
+    emb = model.model.embed_tokens.weight[ids.reshape(-1)].abs().amax(dim=0)   # layer 0 reads the embeddings
+    floor = emb.median() * 0.1
+    assert torch.allclose(first, emb.clamp(min=floor).sqrt() / emb.clamp(min=floor).sqrt().max(), rtol=1e-5)
+    assert all(torch.equal(v, torch.ones(32)) for v in calibrate_norm_align(model, paths, ids, 0.0).values())
+    assert not any(m._forward_pre_hooks for m in model.modules())   # the statistics hooks come off
+    with pytest.raises(PassError, match=r"\[0, 1\]"):
+        calibrate_norm_align(model, paths, ids, 1.5)
+
+
+def test_fsbr_calibrates_the_norm_alignment_only_for_quantized_norm_inputs():
+    model, cg, ctx = _llama((32, 4, 2, 48, 1), 7)
+    plan = plan_fsbr(cg, ctx.artifacts["structure"])
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(3))
+    def align(**o):
+        cfg = FSBRConfig(act_bits=8, epochs=0, samples=2, seq_len=16, progress=False, holdout=0, **o)
+        return train_fsbr(cg, plan, QuantSpec(bits=4), ids, cfg, structure=ctx.artifacts["structure"]).extra["norm_align"]
+    got = align()
+    assert sorted(got) == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.norm"]
+    assert not any(torch.equal(v, torch.ones_like(v)) for v in got.values())
+    assert align(norm_bits=16) == {} and align(norm_align=0.0) == {}
+
+
 def _train(**options):
     model, cg, ctx = _llama((32, 4, 2, 48, 1), 7)
     plan = plan_fsbr(cg, ctx.artifacts["structure"])
@@ -295,6 +365,24 @@ def test_fsbr_checkpoint_restores_the_act_smooth_and_the_activation_quantizers(t
     rt = loaded.quantization_config["runtime"]
     assert rt["activations"]["allocation"] == ActAllocation(linear=8).to_dict()
     assert rt["swiglu_smooth"] == ["model.layers.0.mlp.act_fn"]
+    # the norm inputs' channel alignment comes back as stored, and it matters: plain per-token norms differ
+    align = result.artifacts["norm_align"]
+    assert rt["norm_align"] == sorted(align) and len(align) == 3
+    restored = _eager_quantizer(loaded.model).norm_align
+    assert all(torch.equal(restored[p], align[p]) for p in align)
+    _eager_quantizer(loaded.model).norm_align.clear()
+    with torch.no_grad():
+        assert not torch.equal(loaded.model(input_ids=probe).logits, want)
+
+
+def _eager_quantizer(model):
+    """The EagerActQuant a loaded checkpoint installed (its norm hooks close over it)."""
+    for m in model.modules():
+        for h in m._forward_pre_hooks.values():
+            for cell in getattr(h, "__closure__", None) or ():
+                if isinstance(cell.cell_contents, EagerActQuant):
+                    return cell.cell_contents
+    raise AssertionError("no EagerActQuant hook on the model")
 
 
 def test_allocation_and_recipe_options_are_checked():
@@ -302,6 +390,11 @@ def test_allocation_and_recipe_options_are_checked():
         FSBRConfig.from_options({"norm_bits": 1})
     with pytest.raises(PassError, match="act_smooth"):
         FSBRConfig.from_options({"act_smooth": "yes"})
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(PassError, match="norm_align"):
+            FSBRConfig.from_options({"norm_align": bad})
+    with pytest.raises(RecipeError, match="norm_align"):
+        get_recipe({"base": "illm-w8a8", "options": {"norm_align": 0.5}})
     # an illm recipe's FSBR trains against what the integer graph computes: those widths are not its options
     with pytest.raises(RecipeError, match="norm_bits"):
         get_recipe({"base": "illm-w8a8", "options": {"norm_bits": 8}})
