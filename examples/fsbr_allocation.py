@@ -4,7 +4,8 @@ For one ``fsbr-*`` recipe at ``epochs: 0`` (SmoothQuant scales, no training — 
 quantizes a fresh SmolLM2-135M-Instruct with: the linear inputs only; I-LLM's full allocation (norm inputs, SwiGLU
 operands, Q/K/V and softmax output at 8 bits as well); and the full allocation with one position kept float at a
 time; and the full allocation with the norm inputs quantized plain per token instead of channel-aligned
-(``norm_align: 0``). Perplexity on the same WikiText-2 test windows as FP32.
+(``norm_align: 0``), and with the SwiGLU act-smooth started at the balanced scale (``act_smooth_alpha: 0.5``).
+Perplexity on the same WikiText-2 test windows as FP32.
 
 Run (CPU; about 2 minutes per row at 10 windows on two threads)::
 
@@ -29,6 +30,7 @@ from fsbr_smollm2 import append_results, smollm2_data   # examples/ is on sys.pa
 FLOAT = dict(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
 ROWS = [("linear inputs only", FLOAT), ("I-LLM: all positions", {}),
         ("all, norm inputs plain per token (norm_align 0)", {"norm_align": 0.0}),
+        ("all, act-smooth balanced at init (act_smooth_alpha 0.5)", {"act_smooth_alpha": 0.5}),
         ("all but norm inputs", {"norm_bits": 16}), ("all but SwiGLU operands", {"swiglu_bits": 16}),
         ("all but Q/K/V", {"attn_bits": 16}), ("all but softmax output", {"softmax_bits": 16})]
 

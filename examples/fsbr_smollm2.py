@@ -49,8 +49,8 @@ def run_one(name: str, options: dict, ids: torch.Tensor, cal: torch.Tensor, wind
     blocks = list(record.extra.get("block_mse", [])) if record is not None else []
     cfg = FSBRConfig.from_options({k: v for k, v in recipe.options.items() if k not in ("resume", "checkpoint_dir")})
     return {"recipe": name, "options": {k: getattr(cfg, k) for k in
-                                        ("act_bits", "norm_bits", "swiglu_bits", "attn_bits", "softmax_bits",
-                                         "act_smooth", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
+                                        ("act_bits", "norm_bits", "norm_align", "swiglu_bits", "attn_bits",
+                                         "softmax_bits", "act_smooth", "act_smooth_alpha", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
                                          "clip_init", "seed", "holdout")},
             "ppl": ppl, "quantize_s": seconds, "block_mse": blocks,
             "guard": {k: record.extra[k] for k in ("kept", "heldout_windows", "heldout_loss_init",
@@ -82,6 +82,10 @@ def main() -> None:
                       ("attn", "Q, K, V"), ("softmax", "the softmax output")):
         ap.add_argument(f"--{key}-bits", type=int, default=None,
                         help=f"width of {what} (default: the recipe's, I-LLM's 8; 16: float)")
+    ap.add_argument("--norm-align", type=float, default=None,
+                    help="exponent β of the norm inputs' channel alignment amax^β (default: the recipe's 0.5; 0: plain)")
+    ap.add_argument("--act-smooth-alpha", type=float, default=None,
+                    help="init of the SwiGLU act-smooth (max|up'|/max|gate'|)^γ (default: the recipe's; 0: s = 1)")
     ap.add_argument("--linear-only", action="store_true",
                     help="quantize the linear inputs only (norm/swiglu/attn/softmax at 16 = float)")
     ap.add_argument("--no-act-smooth", action="store_true", help="leave out the SwiGLU act-smooth groups")
@@ -94,7 +98,8 @@ def main() -> None:
     ids, cal, fp32 = smollm2_data(args.windows)
 
     common = {"samples": args.samples, "seq_len": args.seq_len, "progress": False}
-    for key in ("lr_scale", "lr_clip", "holdout", "norm_bits", "swiglu_bits", "attn_bits", "softmax_bits"):
+    for key in ("lr_scale", "lr_clip", "holdout", "norm_bits", "norm_align", "swiglu_bits", "attn_bits",
+                "softmax_bits", "act_smooth_alpha"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
     if args.linear_only:

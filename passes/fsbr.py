@@ -12,7 +12,8 @@ and trains them block by block:
   (rows of ``W_up`` over ``s``) and the SiLU becomes ``g · σ(g ⊘ s)`` at run time, so ``silu(gate) · up`` is
   unchanged; it balances the product's two quantized operands (:mod:`fxquant.actquant`);
 * **init** (:func:`smoothquant_init`): SmoothQuant ``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` (α = 0.5) for the
-  norm/linear groups from calibration activations, 1 for q/k and the act-smooth;
+  norm/linear groups from calibration activations, 1 for q/k, and for the act-smooth 1 or (``act_smooth_alpha``)
+  the scale that gives ``gate'`` and ``up'`` the same per-channel range;
 * **learnable weight clipping**: per (row, group) bounds ``σ(l) · max`` (``l`` starts at 4, σ(4) ≈ 0.982); the
   quantizer clamps the weight to its bounds and quantizes with RTN's own formulas, so training sees bit for bit
   what the later RTN pass produces from the clamped weight;
@@ -260,13 +261,19 @@ def _module_of(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[str, torch.Tensor],
-                     batches: torch.Tensor, alpha: float = 0.5) -> dict[str, torch.Tensor]:
+                     batches: torch.Tensor, alpha: float = 0.5, act_smooth_alpha: float = 0.0) -> dict[str, torch.Tensor]:
     """``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` per group (q/k: 1), from the consumers' inputs on ``batches``.
 
     Consumer inputs are read by forward pre-hooks; a GQA-expanded consumer channel counts for the producer
     channel it reads (the max over the query heads sharing it).
+
+    The act-smooth (kind ``swiglu``) starts at ``s_j = (max|up'_j| / max|gate'_j|)^γ`` with ``γ =
+    act_smooth_alpha``, where ``gate'``/``up'`` are the gate/up outputs after the other groups' row scales (the
+    up → down group divides up's rows): ``γ = 0.5`` gives the product's two 8-bit operands the same per-channel
+    range, ``γ = 0`` is METHODS.md's init of 1.
     """
     stats: dict[str, torch.Tensor] = {}
+    out_amax: dict[str, torch.Tensor] = {}     # per-channel max |output| of the act-smooth groups' gate/up
     hooks = []
     consumer_of: dict[str, list[tuple[str, ScaleSite]]] = {}
     for g in plan.groups:
@@ -285,8 +292,18 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
                 stats[name] = torch.maximum(stats[name], per) if name in stats else per
         return hook
 
+    def out_hook(fqn: str):
+        def hook(mod, args, y):
+            v = y.detach().abs().reshape(-1, y.shape[-1]).amax(dim=0).float()
+            out_amax[fqn] = torch.maximum(out_amax[fqn], v) if fqn in out_amax else v
+        return hook
+
     for fqn in consumer_of:
         hooks.append(_module_of(model, fqn).register_forward_pre_hook(make_hook(fqn)))
+    smooth = [g for g in plan.groups if g.kind == "swiglu"] if act_smooth_alpha > 0 else []
+    for g in smooth:
+        for fqn in g.consumers:   # [gate weight, up weight]
+            hooks.append(_module_of(model, fqn).register_forward_hook(out_hook(fqn)))
     try:
         params = {k: v for k, v in tensors.items()}
         for b in range(batches.shape[0]):
@@ -309,6 +326,20 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
                                                                                reduce="amax"))
         s = stats[g.name].cpu().clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)
         out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
+    for g in smooth:
+        gate, up = g.consumers[0], g.consumers[1]
+        eff = {}
+        for fqn in (gate, up):   # the rows' factor from every other group: Π s^power over the sites on those rows
+            f = torch.ones(g.size)
+            for h in plan.groups:
+                if h.kind == "swiglu" or h.name not in out:
+                    continue
+                for site in h.sites:
+                    if site.fqn == fqn and site.axis == 0:
+                        f[site.positions] *= out[h.name][site.index] ** site.power
+            eff[fqn] = out_amax[fqn].cpu() * f
+        s = (eff[up].clamp(min=1e-5) / eff[gate].clamp(min=1e-5)) ** act_smooth_alpha
+        out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
     return out
 
 
@@ -324,6 +355,7 @@ class FSBRConfig:
     attn_bits: int = 8                 # Q, K (after RoPE), V per token and head
     softmax_bits: int = 8              # the softmax output (unsigned, step 1/(2^b - 1))
     act_smooth: bool = True            # the SwiGLU act-smooth group (gate' = s ⊙ gate, up' = up ⊘ s)
+    act_smooth_alpha: float = 0.0      # its init (max|up'| / max|gate'|)^γ: 0.5 balances the operands, 0 is s = 1
     epochs: int = 10
     samples: int = 128
     seq_len: int = 512
@@ -354,6 +386,10 @@ class FSBRConfig:
                 or not 0.0 <= cfg.norm_align <= 1.0:
             raise PassError(f"FSBR norm_align is the exponent β of the norm-input alignment amax^β, in [0, 1]; got "
                             f"{cfg.norm_align!r}", "e.g. norm_align: 0.5 (0: plain per-token norm inputs)")
+        if isinstance(cfg.act_smooth_alpha, bool) or not isinstance(cfg.act_smooth_alpha, (int, float)) \
+                or not 0.0 <= cfg.act_smooth_alpha <= 1.0:
+            raise PassError(f"FSBR act_smooth_alpha is the exponent γ of the act-smooth init, in [0, 1]; got "
+                            f"{cfg.act_smooth_alpha!r}", "e.g. act_smooth_alpha: 0.5 (0: s = 1)")
         if not isinstance(cfg.act_smooth, bool):
             raise PassError(f"FSBR act_smooth is true or false, got {cfg.act_smooth!r}", "e.g. act_smooth: true")
         cfg.allocation()
@@ -587,7 +623,8 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     dtype = next(t.dtype for t in base.values() if t.is_floating_point())
 
     def initial_scales() -> dict[str, torch.Tensor]:
-        start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha)
+        start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha,
+                                                                                cfg.act_smooth_alpha)
         start = {k: v.detach().float().clone() for k, v in start.items()}
         for g in plan.groups:  # tied groups start tied
             if g.tie_half:

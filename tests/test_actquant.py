@@ -275,6 +275,45 @@ def test_fsbr_calibrates_the_norm_alignment_only_for_quantized_norm_inputs():
     assert align(norm_bits=16) == {} and align(norm_align=0.0) == {}
 
 
+def test_balanced_act_smooth_init_gives_gate_and_up_the_same_channel_ranges():
+    """act_smooth_alpha 0.5: after the fold (the up → down group's row scales included), max|gate'_j| = max|up'_j|
+    on the calibration data; 0 keeps METHODS.md's s = 1."""
+    model, cg, ctx = _llama((32, 4, 2, 48, 2), 13)
+    plan = plan_fsbr(cg, ctx.artifacts["structure"])
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(3))
+    def init(gamma):
+        cfg = FSBRConfig(act_bits=8, epochs=0, samples=4, seq_len=32, progress=False, holdout=0,
+                         act_smooth_alpha=gamma)
+        return train_fsbr(cg, plan, QuantSpec(bits=8), ids, cfg, structure=ctx.artifacts["structure"])
+    sw = [g for g in plan.groups if g.kind == "swiglu"]
+    assert all(torch.equal(init(0.0).scales[g.name], torch.ones(g.size)) for g in sw)
+    record = init(0.5)
+    up = "model.layers.1.mlp.up_proj.weight"   # the up -> down group scales up's rows too: the init composes them
+    assert any(site.fqn == up and site.axis == 0 for g in plan.groups if g.kind != "swiglu" for site in g.sites)
+    ctx.artifacts["fsbr"] = record
+    FoldEquivalentScales(source="fsbr").call(cg, ctx)
+    cg.write_back()
+    amax = {}
+    def rec(name):
+        def hook(mod, args, y):
+            v = y.detach().abs().reshape(-1, y.shape[-1]).amax(0)
+            amax[name] = torch.maximum(amax[name], v) if name in amax else v
+        return hook
+    mlp = model.model.layers[1].mlp
+    hs = [mlp.gate_proj.register_forward_hook(rec("gate")), mlp.up_proj.register_forward_hook(rec("up"))]
+    from fxquant.passes.train_teq_scales import calibration_windows
+    windows = calibration_windows(ids, 32)
+    perm = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():   # the windows FSBR calibrated on (its seed-0 permutation)
+        for b in windows[perm[:4]]:
+            model(input_ids=b[None])
+    for h in hs:
+        h.remove()
+    assert torch.allclose(amax["gate"], amax["up"], rtol=1e-3), (amax["gate"] / amax["up"])
+    for h in ctx.artifacts.get("activation_hooks", []):
+        h.remove()
+
+
 def _train(**options):
     model, cg, ctx = _llama((32, 4, 2, 48, 1), 7)
     plan = plan_fsbr(cg, ctx.artifacts["structure"])
