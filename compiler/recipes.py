@@ -731,7 +731,7 @@ def _fsbr_passes(recipe: Recipe, options: dict[str, Any] | None = None) -> list:
 
 
 #: FSBR options an ``illm`` recipe does not take: the integer-only lowering fixes them (``_illm_fsbr_options``)
-_ILLM_FIXED_FSBR = ("norm_bits", "swiglu_bits", "softmax_bits", "act_smooth", "norm_align")
+_ILLM_FIXED_FSBR = ("norm_bits", "swiglu_bits", "softmax_bits", "act_smooth", "act_smooth_alpha", "norm_align")
 
 
 def _illm_fsbr_options(o: dict[str, Any]) -> dict[str, Any]:
