@@ -351,6 +351,7 @@ class FSBRConfig:
     act_bits: int = 8                  # linear inputs
     norm_bits: int = 8                 # norm inputs (I-LLM: 8; 16 keeps them float)
     norm_align: float = 0.5            # norm inputs quantized as x ⊘ a per token, a = amax_c^β (β here; 0: plain)
+    norm_align_train: bool = True      # train each decoder layer's alignments with its block (else: calibrated only)
     swiglu_bits: int = 8               # the SwiGLU product's operands gate' and up'
     attn_bits: int = 8                 # Q, K (after RoPE), V per token and head
     softmax_bits: int = 8              # the softmax output (unsigned, step 1/(2^b - 1))
@@ -392,6 +393,9 @@ class FSBRConfig:
                             f"{cfg.act_smooth_alpha!r}", "e.g. act_smooth_alpha: 0.5 (0: s = 1)")
         if not isinstance(cfg.act_smooth, bool):
             raise PassError(f"FSBR act_smooth is true or false, got {cfg.act_smooth!r}", "e.g. act_smooth: true")
+        if not isinstance(cfg.norm_align_train, bool):
+            raise PassError(f"FSBR norm_align_train is true or false, got {cfg.norm_align_train!r}",
+                            "e.g. norm_align_train: true")
         cfg.allocation()
         train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
         return cfg
@@ -470,7 +474,8 @@ class _Block:
 
     def __init__(self, plan: ScalePlan, prefix: str, index: int, layer: torch.nn.Module, model: torch.nn.Module,
                  qlin: Mapping[str, str], base: Mapping[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype,
-                 aq: EagerActQuant | None = None, smoothers: Mapping[str, SwiGLUSmooth] | None = None):
+                 aq: EagerActQuant | None = None, smoothers: Mapping[str, SwiGLUSmooth] | None = None,
+                 aligns: Mapping[str, str] | None = None):
         self.plan, self.layer, self.model, self.base, self.spec, self.dtype = plan, layer, model, base, spec, dtype
         self.local = local = f"{prefix}.{index}."
         self.groups = [g for g in plan.groups if g.producer.startswith(local)]
@@ -481,6 +486,11 @@ class _Block:
         self.aq = aq
         self.smoothers = {g.name: smoothers[g.name] for g in self.groups
                           if g.kind == "swiglu" and smoothers and g.name in smoothers}
+        # this layer's norm-input alignments (group name -> norm path): effective() hands them to the quantizers
+        self.aligns = {g.name: aligns[g.name] for g in self.groups if g.kind == "norm_align" and aligns
+                       and g.name in aligns}
+        if self.aligns and aq is None:
+            raise PassError("norm-input alignment groups need the activation quantizers", "report a bug")
 
     def set_quantized(self, on: bool) -> None:
         """Activation fake-quant on (the quantized block) or off (the float target)."""
@@ -512,6 +522,8 @@ class _Block:
         typed = {k: v.to(self.dtype) for k, v in scales.items()}
         for name, sm in self.smoothers.items():
             sm.scale = typed[name]
+        for name, path in self.aligns.items():
+            self.aq.norm_align[path] = typed[name]
         out = {}
         for fqn in self.mine:
             w = self.plan.apply_one(fqn, self.base[fqn], typed)
@@ -622,9 +634,31 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     held = heldout_windows(windows, perm, cfg.samples, cfg.holdout)
     dtype = next(t.dtype for t in base.values() if t.is_floating_point())
 
+    if structure is None:
+        structure = _structure_of(cg)
+    sites = find_sites(cg, structure, qlin)
+    # the norm inputs' channel alignment (fxquant.actquant): the residual stream is not changed by any fold, so the
+    # float model's statistics hold for the quantized one. Trained, each decoder layer's alignments are groups of
+    # their own (kind "norm_align", no sites: nothing is folded) in a copy of the plan, so they train, are kept at
+    # their best epoch and are checkpointed like the scales; the final norm's (outside every layer) stays calibrated
+    align = (calibrate_norm_align(model, [p for _, p in sites.norms], batches, cfg.norm_align, params=base)
+             if cfg.norm_bits < 16 and cfg.norm_align > 0 and sites.norms else {})
+    align_groups: dict[str, str] = {}     # group name -> norm module path
+    if align and cfg.norm_align_train and cfg.epochs > 0:
+        extra_groups = []
+        for path, a in align.items():
+            extra_groups.append(ScaleGroup(f"{path}.align", "norm_align", a.numel(), f"{path}.weight", [], [],
+                                           channels=(0, a.numel())))
+            align_groups[extra_groups[-1].name] = path
+        plan = ScalePlan(groups=list(plan.groups) + extra_groups, skipped=list(plan.skipped))
+
     def initial_scales() -> dict[str, torch.Tensor]:
         start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha,
                                                                                 cfg.act_smooth_alpha)
+        for name, path in align_groups.items():
+            start.setdefault(name, align[path])
+            if init is None:
+                start[name] = align[path]
         start = {k: v.detach().float().clone() for k, v in start.items()}
         for g in plan.groups:  # tied groups start tied
             if g.tie_half:
@@ -632,13 +666,6 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                 start[g.name] = blocks.mean(dim=1, keepdim=True).expand_as(blocks).reshape(-1).clone()
         return start
 
-    if structure is None:
-        structure = _structure_of(cg)
-    sites = find_sites(cg, structure, qlin)
-    # the norm inputs' channel alignment (fxquant.actquant): the residual stream is not changed by any fold, so the
-    # float model's statistics hold for the quantized one
-    align = (calibrate_norm_align(model, [p for _, p in sites.norms], batches, cfg.norm_align, params=base)
-             if cfg.norm_bits < 16 and cfg.norm_align > 0 and sites.norms else {})
     if cfg.epochs == 0:        # SmoothQuant alone: the initial scales, no reconstruction, no weight clipping
         start = initial_scales()
         return EquivalentScales(plan=plan, scales=start, losses=[], method="fsbr", init=start,
@@ -656,7 +683,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
         for sm in smoothers.values():
             sm.remove()
         raise
-    blocks = [_Block(plan, prefix, i, layer, model, qlin, base, spec, dtype, aq, smoothers)
+    blocks = [_Block(plan, prefix, i, layer, model, qlin, base, spec, dtype, aq, smoothers, align_groups)
               for i, layer in enumerate(layers)]
 
     def release() -> None:  # the training hooks come off the model (idempotent)
@@ -867,7 +894,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     for g in plan.groups:  # groups outside the decoder layers (none today) keep their init
         scales.setdefault(g.name, start[g.name])
     extra: dict[str, Any] = {"clip": clips, "spec": spec, "act_bits": cfg.act_bits, "block_mse": block_mse,
-                             "kept": "trained", "norm_align": align}
+                             "kept": "trained", "norm_align": align, "norm_align_init": align}
     if held is not None:
         # the model-level guard: each block kept its best parameters on its own objective (MSE to the float block,
         # which on SmolLM2 is dominated by a few massive-activation tokens), but that does not promise a better
@@ -890,6 +917,9 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                         "(%.4f -> %.4f); keeping the SmoothQuant init without clipping", held.shape[0], before, after)
             scales, clips = untrained
             extra.update(kept="init", clip=clips)
+    # the alignments the quantizers keep: each layer's as trained (or kept by the guard), the rest calibrated
+    extra["norm_align"] = {**align, **{path: scales[name].detach().float().clone()
+                                       for name, path in align_groups.items()}}
     return EquivalentScales(plan=plan, scales=scales, losses=losses, method="fsbr", init=start, extra=extra)
 
 
@@ -975,6 +1005,7 @@ class TrainFSBRScales(Pass):
         ctx.artifacts["norm_align"] = record.extra.get("norm_align", {})   # read by quantize_activations
         stats = {"groups": len(plan.groups), "qk_groups": sum(g.kind == "qk" for g in plan.groups),
                  "swiglu_groups": sum(g.kind == "swiglu" for g in plan.groups),
+                 "norm_align_trained": sum(g.kind == "norm_align" for g in record.plan.groups),
                  "skipped": len(plan.skipped), "epochs": len(record.losses),
                  "max_scale_change": round(record.moved(), 5)}
         return PassResult(modified=False, stats=stats)

@@ -275,6 +275,24 @@ def test_fsbr_calibrates_the_norm_alignment_only_for_quantized_norm_inputs():
     assert align(norm_bits=16) == {} and align(norm_align=0.0) == {}
 
 
+def test_fsbr_trains_each_layers_norm_alignment_and_keeps_the_final_norms_calibrated():
+    model, record = _train(norm_bits=4, swiglu_bits=16, attn_bits=16, softmax_bits=16, epochs=4)
+    groups = {g.name: g for g in record.plan.groups if g.kind == "norm_align"}
+    assert sorted(groups) == ["model.layers.0.input_layernorm.align", "model.layers.0.post_attention_layernorm.align",
+                              "model.norm.align"]
+    assert all(not g.sites for g in groups.values())          # nothing is folded: the quantizer keeps them
+    final, init = record.extra["norm_align"], record.extra["norm_align_init"]
+    moved = [float((record.scales[name] / record.init[name] - 1).abs().max()) for name in groups if "layers" in name]
+    assert min(moved) > 1e-3, "a layer's norm alignment never moved"
+    for name in groups:
+        assert torch.equal(final[name[: -len(".align")]], record.scales[name])
+    assert torch.equal(final["model.norm"], init["model.norm"])   # outside every layer: calibrated only
+    assert record.extra["block_mse"][0]["trained"] < record.extra["block_mse"][0]["init"]
+    _, fixed = _train(norm_bits=4, swiglu_bits=16, attn_bits=16, softmax_bits=16, epochs=1, norm_align_train=False)
+    assert not any(g.kind == "norm_align" for g in fixed.plan.groups)
+    assert all(torch.equal(fixed.extra["norm_align"][p], init[p]) for p in init)
+
+
 def test_balanced_act_smooth_init_gives_gate_and_up_the_same_channel_ranges():
     """act_smooth_alpha 0.5: after the fold (the up → down group's row scales included), max|gate'_j| = max|up'_j|
     on the calibration data; 0 keeps METHODS.md's s = 1."""
@@ -318,7 +336,8 @@ def _train(**options):
     model, cg, ctx = _llama((32, 4, 2, 48, 1), 7)
     plan = plan_fsbr(cg, ctx.artifacts["structure"])
     ids = torch.randint(0, 128, (1500,), generator=torch.Generator().manual_seed(3))
-    cfg = FSBRConfig(act_bits=8, epochs=3, samples=3, seq_len=16, progress=False, holdout=0, **options)
+    options = {"epochs": 3, **options}
+    cfg = FSBRConfig(act_bits=8, samples=3, seq_len=16, progress=False, holdout=0, **options)
     return model, train_fsbr(cg, plan, QuantSpec(bits=4), ids, cfg, structure=ctx.artifacts["structure"])
 
 
