@@ -50,7 +50,8 @@ def run_one(name: str, options: dict, ids: torch.Tensor, cal: torch.Tensor, wind
     cfg = FSBRConfig.from_options({k: v for k, v in recipe.options.items() if k not in ("resume", "checkpoint_dir")})
     return {"recipe": name, "options": {k: getattr(cfg, k) for k in
                                         ("act_bits", "norm_bits", "norm_align", "swiglu_bits", "attn_bits",
-                                         "softmax_bits", "act_smooth", "act_smooth_alpha", "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
+                                         "softmax_bits", "act_smooth", "act_smooth_alpha", "norm_align_train",
+                                         "epochs", "samples", "seq_len", "alpha", "lr_scale", "lr_clip",
                                          "clip_init", "seed", "holdout")},
             "ppl": ppl, "quantize_s": seconds, "block_mse": blocks,
             "guard": {k: record.extra[k] for k in ("kept", "heldout_windows", "heldout_loss_init",
@@ -86,6 +87,8 @@ def main() -> None:
                     help="exponent β of the norm inputs' channel alignment amax^β (default: the recipe's 0.5; 0: plain)")
     ap.add_argument("--act-smooth-alpha", type=float, default=None,
                     help="init of the SwiGLU act-smooth (max|up'|/max|gate'|)^γ (default: the recipe's; 0: s = 1)")
+    ap.add_argument("--no-norm-align-train", action="store_true",
+                    help="keep the norm inputs' alignment as calibrated (default: trained with each layer)")
     ap.add_argument("--linear-only", action="store_true",
                     help="quantize the linear inputs only (norm/swiglu/attn/softmax at 16 = float)")
     ap.add_argument("--no-act-smooth", action="store_true", help="leave out the SwiGLU act-smooth groups")
@@ -106,6 +109,8 @@ def main() -> None:
         common.update(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
     if args.no_act_smooth:
         common["act_smooth"] = False
+    if args.no_norm_align_train:
+        common["norm_align_train"] = False
     alphas = {}
     for item in args.alpha:
         name, _, value = item.rpartition("=")

@@ -261,7 +261,7 @@ def _module_of(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[str, torch.Tensor],
-                     batches: torch.Tensor, alpha: float = 0.5, act_smooth_alpha: float = 0.0) -> dict[str, torch.Tensor]:
+                     batches: torch.Tensor, alpha: float = 0.5, act_smooth_alpha: float = 0.5) -> dict[str, torch.Tensor]:
     """``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` per group (q/k: 1), from the consumers' inputs on ``batches``.
 
     Consumer inputs are read by forward pre-hooks; a GQA-expanded consumer channel counts for the producer
@@ -351,12 +351,12 @@ class FSBRConfig:
     act_bits: int = 8                  # linear inputs
     norm_bits: int = 8                 # norm inputs (I-LLM: 8; 16 keeps them float)
     norm_align: float = 0.5            # norm inputs quantized as x ⊘ a per token, a = amax_c^β (β here; 0: plain)
-    norm_align_train: bool = True      # train each decoder layer's alignments with its block (else: calibrated only)
+    norm_align_train: bool = False     # also train each decoder layer's alignments with its block (measured: no gain)
     swiglu_bits: int = 8               # the SwiGLU product's operands gate' and up'
     attn_bits: int = 8                 # Q, K (after RoPE), V per token and head
     softmax_bits: int = 8              # the softmax output (unsigned, step 1/(2^b - 1))
     act_smooth: bool = True            # the SwiGLU act-smooth group (gate' = s ⊙ gate, up' = up ⊘ s)
-    act_smooth_alpha: float = 0.0      # its init (max|up'| / max|gate'|)^γ: 0.5 balances the operands, 0 is s = 1
+    act_smooth_alpha: float = 0.5      # its init (max|up'| / max|gate'|)^γ: 0.5 balances the operands, 0 is s = 1
     epochs: int = 10
     samples: int = 128
     seq_len: int = 512

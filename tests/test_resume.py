@@ -132,8 +132,10 @@ def run_fsbr(checkpoint_dir=None, save_every=0, resume=None, on_step=None, act_b
     from fxquant.quant import QuantSpec
     cg, structure, ids = _captured()
     cfg = FSBRConfig(act_bits=act_bits, epochs=2, samples=3, seq_len=16, progress=False, save_every=save_every,
-                     checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), resume=resume)
-    # asymmetric weights: both clipping logits (lo and hi) are trained and checkpointed
+                     checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), resume=resume,
+                     norm_align_train=True)
+    # asymmetric weights: both clipping logits (lo and hi) are trained and checkpointed; the norm-input alignments
+    # train as groups of their own and must resume bit for bit too
     return train_fsbr(cg, plan_fsbr(cg, structure), QuantSpec(bits=4, symmetric=False, group_size=16), ids, cfg,
                       on_step=on_step)
 
