@@ -87,8 +87,11 @@ def main() -> None:
                     help="exponent β of the norm inputs' channel alignment amax^β (default: the recipe's 0.5; 0: plain)")
     ap.add_argument("--act-smooth-alpha", type=float, default=None,
                     help="init of the SwiGLU act-smooth (max|up'|/max|gate'|)^γ (default: the recipe's; 0: s = 1)")
-    ap.add_argument("--no-norm-align-train", action="store_true",
-                    help="keep the norm inputs' alignment as calibrated (default: trained with each layer)")
+    train = ap.add_mutually_exclusive_group()
+    train.add_argument("--norm-align-train", dest="norm_align_train", action="store_true", default=None,
+                       help="train each layer's norm-input alignment with its block (default: the recipe's, off)")
+    train.add_argument("--no-norm-align-train", dest="norm_align_train", action="store_false",
+                       help="keep the norm inputs' alignment as calibrated")
     ap.add_argument("--linear-only", action="store_true",
                     help="quantize the linear inputs only (norm/swiglu/attn/softmax at 16 = float)")
     ap.add_argument("--no-act-smooth", action="store_true", help="leave out the SwiGLU act-smooth groups")
@@ -109,8 +112,8 @@ def main() -> None:
         common.update(norm_bits=16, swiglu_bits=16, attn_bits=16, softmax_bits=16)
     if args.no_act_smooth:
         common["act_smooth"] = False
-    if args.no_norm_align_train:
-        common["norm_align_train"] = False
+    if args.norm_align_train is not None:
+        common["norm_align_train"] = args.norm_align_train
     alphas = {}
     for item in args.alpha:
         name, _, value = item.rpartition("=")
