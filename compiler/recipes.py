@@ -760,7 +760,7 @@ def _fsbr(name: str, wbits: int, abits: int) -> Callable[[], Recipe]:
 for _name, _w, _a in (("fsbr-w8a8", 8, 8), ("fsbr-w4a8", 4, 8), ("fsbr-w4a4", 4, 4)):
     register_recipe(_name, f"FSBR (I-LLM): smoothing scales (incl. q/k and SwiGLU act-smooth) + weight clipping trained "
                            f"block by block, then {_w}-bit per-channel weights, {_a}-bit per-token linear inputs, "
-                           f"8-bit norm/SwiGLU/Q/K/V/softmax activations", _fsbr(_name, _w, _a))
+                           f"8-bit norm (channel-aligned)/SwiGLU/Q/K/V/softmax activations", _fsbr(_name, _w, _a))
 
 
 # ---- integer-only (I-LLM; passes/lower_integer_only.py) ------------------------------------------------------------
