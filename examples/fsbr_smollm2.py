@@ -142,8 +142,9 @@ def main() -> None:
     lines = [f"\n## {out['date']} — `{cmd}`\n",
              f"SmolLM2-135M-Instruct, WikiText-2 test, first {args.windows} windows of 512 tokens; fake-quant "
              f"(per-channel symmetric RTN weights, dynamic per-token symmetric activations on every linear input; "
-             f"other activation widths ({widths}; 16 = float), SwiGLU act-smooth "
-             f"{'on' if o.get('act_smooth') else 'off'}); "
+             f"other activation widths ({widths}; 16 = float), norm inputs aligned with β {o.get('norm_align')} "
+             f"({'trained' if o.get('norm_align_train') else 'calibrated'}), SwiGLU act-smooth "
+             f"{'on' if o.get('act_smooth') else 'off'} (init γ {o.get('act_smooth_alpha')})); "
              f"torch {torch.__version__}, {platform.machine()} CPU, {args.threads} thread(s), {total / 60:.0f} min "
              f"in all. FSBR budget: {args.epochs} epochs x {args.samples} sequences x {args.seq_len} tokens "
              f"(WikiText-2 validation), per decoder layer.\n",
