@@ -56,7 +56,8 @@ from .capture import CapturedGraph, fxmeta
 from .errors import PassError
 
 __all__ = ["ActAllocation", "ActSites", "EagerActQuant", "SwiGLUSmooth", "ATTENTION_NAME", "act_fake_quantize",
-           "unit_fake_quantize", "aligned_fake_quantize", "calibrate_norm_align", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path",
+           "unit_fake_quantize", "aligned_fake_quantize", "channel_absmax", "norm_align_from_absmax",
+           "calibrate_norm_align", "find_sites", "insert_graph_quantizers", "smooth_swiglu_in_graph", "module_path",
            "remember_runtime", "runtime_state", "install_runtime"]
 
 #: the name of fxquant's fake-quant attention in Hugging Face's attention registry
@@ -244,25 +245,25 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
 
 
 @torch.no_grad()
-def calibrate_norm_align(model: torch.nn.Module, paths: Iterable[str], batches: torch.Tensor, beta: float = 0.5, *,
-                         params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The per-channel alignment ``a`` of each norm input (module docstring): ``amax_c^β / max_c amax_c^β`` over
-    the float model's forwards on ``batches`` (token ids, one row per sequence). A channel quieter than a tenth of
-    the median counts as a tenth of the median, so a channel that was silent in calibration is not blown up by
-    ``⊘ a`` when it wakes. ``params``: run with these tensors in place of the model's own (``functional_call``)."""
-    if not 0.0 <= beta <= 1.0:
-        raise PassError(f"the norm-input alignment exponent must lie in [0, 1], got {beta!r}",
-                        "e.g. norm_align: 0.5 (0: plain per-token quantization)")
-    paths = list(dict.fromkeys(p for p in paths if p is not None))
-    amax: dict[str, torch.Tensor] = {}
+def channel_absmax(model: torch.nn.Module, batches: torch.Tensor, *, inputs: Iterable[str] = (),
+                   outputs: Iterable[str] = (), params: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-channel ``max |x|`` (float32, last dim) of the first input of every module in ``inputs`` and of the
+    output of every module in ``outputs`` (module paths), over one forward per row of ``batches`` (token ids) —
+    one pass for all the statistics a calibration needs. ``params``: run with these tensors in place of the
+    model's own (``functional_call``). Raises if a module never ran."""
+    seen_in: dict[str, torch.Tensor] = {}
+    seen_out: dict[str, torch.Tensor] = {}
 
-    def hook(path: str):
-        def record(mod, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            amax[path] = torch.maximum(amax[path], x) if path in amax else x
-        return record
+    def record(into: dict[str, torch.Tensor], path: str, t: torch.Tensor) -> None:
+        v = t.detach().abs().reshape(-1, t.shape[-1]).amax(dim=0).float()
+        into[path] = torch.maximum(into[path], v) if path in into else v
 
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    inputs, outputs = list(dict.fromkeys(inputs)), list(dict.fromkeys(outputs))
+    handles = [model.get_submodule(p).register_forward_pre_hook(
+        lambda mod, args, p=p: record(seen_in, p, args[0])) for p in inputs]
+    handles += [model.get_submodule(p).register_forward_hook(
+        lambda mod, args, out, p=p: record(seen_out, p, out)) for p in outputs]
     try:
         for b in range(batches.shape[0]):
             kwargs = {"input_ids": batches[b:b + 1], "use_cache": False}
@@ -273,14 +274,38 @@ def calibrate_norm_align(model: torch.nn.Module, paths: Iterable[str], batches: 
     finally:
         for h in handles:
             h.remove()
+    missing = [p for p in inputs if p not in seen_in] + [p for p in outputs if p not in seen_out]
+    if missing:
+        raise PassError(f"module {missing[0]} was not run by the calibration forwards", "report the model")
+    return seen_in, seen_out
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise PassError(f"the norm-input alignment exponent must lie in [0, 1], got {beta!r}",
+                        "e.g. norm_align: 0.5 (0: plain per-token quantization)")
+
+
+def norm_align_from_absmax(absmax: dict[str, torch.Tensor], beta: float = 0.5) -> dict[str, torch.Tensor]:
+    """The per-channel alignment ``a`` of each norm input (module docstring) from its per-channel ``max |x|``:
+    ``amax_c^β / max_c amax_c^β``. A channel quieter than a tenth of the median counts as a tenth of the median,
+    so a channel that was silent in calibration is not blown up by ``⊘ a`` when it wakes."""
+    _check_beta(beta)
     out = {}
-    for p in paths:
-        if p not in amax:
-            raise PassError(f"norm {p} was not run by the calibration forwards", "report the model")
-        m = amax[p].cpu()
+    for p, m in absmax.items():
+        m = m.cpu()
         a = m.clamp(min=float(m.median()) * 0.1 + 1e-12) ** beta
         out[p] = a / a.max()
     return out
+
+
+def calibrate_norm_align(model: torch.nn.Module, paths: Iterable[str], batches: torch.Tensor, beta: float = 0.5, *,
+                         params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`norm_align_from_absmax` of the norm modules ``paths``' inputs over the float model's forwards on
+    ``batches`` (:func:`channel_absmax`)."""
+    _check_beta(beta)   # before the forwards
+    absmax, _ = channel_absmax(model, batches, inputs=[p for p in paths if p is not None], params=params)
+    return norm_align_from_absmax(absmax, beta)
 
 
 # ---- the eager model -------------------------------------------------------------------------------------------
@@ -695,20 +720,17 @@ def install_runtime(model: torch.nn.Module, info: dict[str, Any], tensors: dict[
     """Re-install on a loaded model the hooks :func:`runtime_state` describes; returns them (each has ``remove``)."""
     hooks: list[Any] = []
     dtype = next(model.parameters()).dtype
-    for path in info.get("swiglu_smooth", []):
-        key = f"swiglu_smooth.{path}"
+
+    def stored(key: str, what: str) -> torch.Tensor:
         if key not in tensors:
-            raise PassError(f"the checkpoint lacks the act-smooth scale {key}", "the checkpoint is corrupted; quantize again")
-        s = tensors[key].to(dtype)
+            raise PassError(f"the checkpoint lacks the {what} {key}", "the checkpoint is corrupted; quantize again")
+        return tensors[key].to(dtype)
+
+    for path in info.get("swiglu_smooth", []):
+        s = stored(f"swiglu_smooth.{path}", "act-smooth scale")
         hooks.append(SwiGLUSmooth(model, path, s))
         remember_runtime(model, swiglu=(path, s))
-    align = {}
-    for path in info.get("norm_align", []):
-        key = f"norm_align.{path}"
-        if key not in tensors:
-            raise PassError(f"the checkpoint lacks the norm-input alignment {key}",
-                            "the checkpoint is corrupted; quantize again")
-        align[path] = tensors[key].to(dtype)
+    align = {path: stored(f"norm_align.{path}", "norm-input alignment") for path in info.get("norm_align", [])}
     act = info.get("activations")
     if act:
         alloc = ActAllocation(**act["allocation"])

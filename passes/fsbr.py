@@ -72,8 +72,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, calibrate_norm_align,
-                              find_sites, insert_graph_quantizers, module_path, remember_runtime,
+from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fake_quantize, channel_absmax,
+                              find_sites, insert_graph_quantizers, module_path, norm_align_from_absmax,
+                              remember_runtime,
                               round_ste as _round_ste)
 from fxquant.capture import CapturedGraph
 from fxquant import train_state
@@ -259,22 +260,10 @@ def _module_of(model: torch.nn.Module, fqn: str) -> torch.nn.Module:
     return model.get_submodule(fqn.rsplit(".", 1)[0])
 
 
-@torch.no_grad()
-def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[str, torch.Tensor],
-                     batches: torch.Tensor, alpha: float = 0.5, act_smooth_alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` per group (q/k: 1), from the consumers' inputs on ``batches``.
-
-    Consumer inputs are read by forward pre-hooks; a GQA-expanded consumer channel counts for the producer
-    channel it reads (the max over the query heads sharing it).
-
-    The act-smooth (kind ``swiglu``) starts at ``s_j = (max|up'_j| / max|gate'_j|)^γ`` with ``γ =
-    act_smooth_alpha``, where ``gate'``/``up'`` are the gate/up outputs after the other groups' row scales (the
-    up → down group divides up's rows): ``γ = 0.5`` gives the product's two 8-bit operands the same per-channel
-    range, ``γ = 0`` is METHODS.md's init of 1.
-    """
-    stats: dict[str, torch.Tensor] = {}
-    out_amax: dict[str, torch.Tensor] = {}     # per-channel max |output| of the act-smooth groups' gate/up
-    hooks = []
+def _smoothquant_sites(plan: ScalePlan, act_smooth_alpha: float
+                       ) -> tuple[dict[str, list[tuple[str, ScaleSite]]], list[ScaleGroup]]:
+    """(consumer weight fqn -> the (group, site) pairs it reads for, the act-smooth groups that need gate/up
+    output statistics)."""
     consumer_of: dict[str, list[tuple[str, ScaleSite]]] = {}
     for g in plan.groups:
         if g.kind in ("qk", "swiglu"):
@@ -282,36 +271,46 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
         for site in g.sites:
             if site.power > 0:
                 consumer_of.setdefault(site.fqn, []).append((g.name, site))
-
-    def make_hook(fqn: str):
-        def hook(mod, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            for name, site in consumer_of[fqn]:
-                per = torch.zeros(plan.group(name).size, device=x.device).scatter_reduce(
-                    0, site.index.to(x.device), x[site.positions.to(x.device)], reduce="amax")
-                stats[name] = torch.maximum(stats[name], per) if name in stats else per
-        return hook
-
-    def out_hook(fqn: str):
-        def hook(mod, args, y):
-            v = y.detach().abs().reshape(-1, y.shape[-1]).amax(dim=0).float()
-            out_amax[fqn] = torch.maximum(out_amax[fqn], v) if fqn in out_amax else v
-        return hook
-
-    for fqn in consumer_of:
-        hooks.append(_module_of(model, fqn).register_forward_pre_hook(make_hook(fqn)))
     smooth = [g for g in plan.groups if g.kind == "swiglu"] if act_smooth_alpha > 0 else []
-    for g in smooth:
-        for fqn in g.consumers:   # [gate weight, up weight]
-            hooks.append(_module_of(model, fqn).register_forward_hook(out_hook(fqn)))
-    try:
-        params = {k: v for k, v in tensors.items()}
-        for b in range(batches.shape[0]):
-            torch.func.functional_call(model, params, args=(), kwargs={"input_ids": batches[b:b + 1], "use_cache": False},
-                                       strict=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    return consumer_of, smooth
+
+
+def smoothquant_modules(plan: ScalePlan, act_smooth_alpha: float = 0.5) -> tuple[list[str], list[str]]:
+    """The module paths whose inputs and outputs :func:`smoothquant_init` reads (for one shared
+    :func:`~fxquant.actquant.channel_absmax` pass)."""
+    consumer_of, smooth = _smoothquant_sites(plan, act_smooth_alpha)
+    return ([f.rsplit(".", 1)[0] for f in consumer_of],
+            [f.rsplit(".", 1)[0] for g in smooth for f in g.consumers])   # [gate weight, up weight]
+
+
+@torch.no_grad()
+def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[str, torch.Tensor],
+                     batches: torch.Tensor, alpha: float = 0.5, act_smooth_alpha: float = 0.5, *,
+                     absmax: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """``s_j = max|x_j|^α / max_i |W_ij|^{1-α}`` per group (q/k: 1), from the consumers' inputs on ``batches``.
+
+    A GQA-expanded consumer channel counts for the producer channel it reads (the max over the query heads sharing
+    it). ``absmax``: the (inputs, outputs) statistics of :func:`smoothquant_modules` already taken (by
+    :func:`~fxquant.actquant.channel_absmax` with ``tensors`` as ``params``); None: taken here.
+
+    The act-smooth (kind ``swiglu``) starts at ``s_j = (max|up'_j| / max|gate'_j|)^γ`` with ``γ =
+    act_smooth_alpha``, where ``gate'``/``up'`` are the gate/up outputs after the other groups' row scales (the
+    up → down group divides up's rows): ``γ = 0.5`` gives the product's two 8-bit operands the same per-channel
+    range, ``γ = 0`` is METHODS.md's init of 1.
+    """
+    consumer_of, smooth = _smoothquant_sites(plan, act_smooth_alpha)
+    if absmax is None:
+        ins, outs = smoothquant_modules(plan, act_smooth_alpha)
+        absmax = channel_absmax(model, batches, inputs=ins, outputs=outs, params=dict(tensors))
+    in_amax, out_amax = absmax
+    stats: dict[str, torch.Tensor] = {}
+    for fqn, pairs in consumer_of.items():
+        x = in_amax[fqn.rsplit(".", 1)[0]]
+        for name, site in pairs:
+            per = torch.zeros(plan.group(name).size, device=x.device).scatter_reduce(
+                0, site.index.to(x.device), x[site.positions.to(x.device)], reduce="amax")
+            stats[name] = torch.maximum(stats[name], per) if name in stats else per
     out = {}
     for g in plan.groups:
         if g.kind in ("qk", "swiglu") or g.name not in stats:
@@ -337,7 +336,7 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
                 for site in h.sites:
                     if site.fqn == fqn and site.axis == 0:
                         f[site.positions] *= out[h.name][site.index] ** site.power
-            eff[fqn] = out_amax[fqn].cpu() * f
+            eff[fqn] = out_amax[fqn.rsplit(".", 1)[0]].cpu() * f
         s = (eff[up].clamp(min=1e-5) / eff[gate].clamp(min=1e-5)) ** act_smooth_alpha
         out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
     return out
@@ -641,8 +640,12 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     # float model's statistics hold for the quantized one. Trained, each decoder layer's alignments are groups of
     # their own (kind "norm_align", no sites: nothing is folded) in a copy of the plan, so they train, are kept at
     # their best epoch and are checkpointed like the scales; the final norm's (outside every layer) stays calibrated
-    align = (calibrate_norm_align(model, [p for _, p in sites.norms], batches, cfg.norm_align, params=base)
-             if cfg.norm_bits < 16 and cfg.norm_align > 0 and sites.norms else {})
+    norms = [p for _, p in sites.norms if p is not None] if cfg.norm_bits < 16 and cfg.norm_align > 0 else []
+    # one calibration pass for the SmoothQuant init and the alignment (none when both come from elsewhere)
+    sq_in, sq_out = smoothquant_modules(plan, cfg.act_smooth_alpha) if init is None else ([], [])
+    absmax = (channel_absmax(model, batches, inputs=sq_in + norms, outputs=sq_out, params=base)
+              if sq_in or sq_out or norms else ({}, {}))
+    align = norm_align_from_absmax({p: absmax[0][p] for p in norms}, cfg.norm_align)
     align_groups: dict[str, str] = {}     # group name -> norm module path
     if align and cfg.norm_align_train and cfg.epochs > 0:
         extra_groups = []
@@ -654,10 +657,9 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
 
     def initial_scales() -> dict[str, torch.Tensor]:
         start = dict(init) if init is not None else smoothquant_init(model, plan, base, batches, cfg.alpha,
-                                                                                cfg.act_smooth_alpha)
-        for name, path in align_groups.items():
-            start.setdefault(name, align[path])
-            if init is None:
+                                                                                cfg.act_smooth_alpha, absmax=absmax)
+        for name, path in align_groups.items():   # the calibrated alignment, unless ``init`` brings one
+            if init is None or name not in start:
                 start[name] = align[path]
         start = {k: v.detach().float().clone() for k, v in start.items()}
         for g in plan.groups:  # tied groups start tied
