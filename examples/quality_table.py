@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe option for recipes that take options (value parsed as YAML: true, 8, 0.5); "
+                         "repeatable, and part of the row's label, e.g. --option clip_scale_up=true")
     args = ap.parse_args()
     command = ("python examples/quality_table.py " + " ".join(sys.argv[1:])).strip()
 
@@ -58,18 +61,23 @@ def main() -> None:
     meta = {"model": args.model, "windows": args.windows, "seq_len": 512, "command": command,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "fxquant": fxquant.__version__}
+    extra = _parse_options(args.option)
     rows = [] if args.fresh else _previous_rows(args.out, meta)
     calib = None
     for name in args.recipes:
         recipe = get_recipe(name)
         label = name
+        if extra and recipe.data_free:
+            raise SystemExit(f"--option is for recipes trained on data (teq-*); {name} takes none")
         if not recipe.data_free:
             if calib is None:
                 calib = tokenize_text(lm.tokenizer, calibration_text()[0])
             budget = {k: v for k, v in (("steps", args.steps), ("seq_len", args.seq_len),
                                         ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-            recipe.options.update(budget, progress=False)
-            label = f"{name} ({recipe.options.get('steps')} steps)"
+            recipe.options.update(budget, **extra, progress=False)
+            recipe.validate()   # a misspelt --option stops here, before any work
+            label = f"{name} ({recipe.options.get('steps')} steps" + "".join(
+                f", {k}={v}" for k, v in extra.items()) + ")"
         lm.model.load_state_dict(float_state)
         start = time.perf_counter()
         result = quantize(lm.model, recipe, calibration=calib)
@@ -85,6 +93,17 @@ def main() -> None:
         print(f"{label:<18} ppl {r.ppl:9.3f}  weights {row['weight_bytes'] / 2**20:7.2f} MiB", flush=True)
         _write(args.out, meta, rows)  # after every row: a long run that is cut off keeps what it measured
     print(Path(args.out + ".md").read_text())
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option takes KEY=VALUE, got {item!r} (e.g. --option clip_scale_up=true)")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _previous_rows(out: str, meta: dict) -> list[dict]:

@@ -15,7 +15,16 @@ of a candidate then costs no pass over the tokens). ``Q`` is the recipe's own we
 exactly what quantization will do (symmetric or not, integer or minifloat, absmax or searched scale). ``r = 1``
 is a candidate, so no group's output error is above plain round-to-nearest's on these activations. The chosen
 clamp is written into the float weights; the quantization pass that follows then derives its scales from the
-clipped range, as usual, and stores nothing extra.
+clipped range, as usual.
+
+**Minifloat weights** (FP6 and siblings) with ``clip_scale_up: true`` also try scale ratios above 1, from just above
+1 up to where the row's largest weight lands on the bottom of the top binade (E3M2: 28/16 = 1.75), another
+``clip_grid`` candidates. A minifloat's values are spaced relative to its top value, so such a scale moves every
+weight of the group against the grid without clipping any; it cannot be written into the weight, so the ratios
+go to the FP quantization pass through ``ctx.artifacts["weight_scale_ratios"]`` (``{fqn: [out, groups]}``,
+1 where the group was clipped or kept) and end up in the packed weight's stored scales. Off by default: on
+SmolLM2 ``teq-fp6`` most rows pick a ratio above 1 and the searched output error drops, but the perplexity does
+not follow (README, "Measured").
 
 Contract
 --------
@@ -28,8 +37,8 @@ Contract
   SmolLM2 clipping them too is better (W4g128, 40 windows: 38.171 with, 40.442 without, from RTN's 44.248).
   A weight it cannot clip (its module's input was never seen) is logged and listed in
   ``ctx.artifacts["clip_search_skipped"]``.
-* **ensures** every clipped weight lies inside its original groups' ranges and every chosen ratio inside
-  ``[1 − shrink, 1]``; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the
+* **ensures** every clipped weight lies inside its original groups' ranges, every chosen ratio inside
+  ``[1 − shrink, 1]`` (or the scale-up range), the kept scale ratios are the search's; ``ctx.artifacts["clip_search"]`` holds per weight the ratios ``[out, groups]`` and the
   per-group output error (as :func:`clip_search` sums it) before and after, on the calibration activations.
 
 Memory: the search keeps, per linear, the diagonal blocks of its input's Gram matrix until the windows have
@@ -37,7 +46,7 @@ run — ``in × group`` floats with groups, ``in × in`` per channel (SmolLM2: �
 groups of 128).
 
 Options (recipe ``options:``, method ``teq``): ``clip`` (true/false), ``clip_grid`` (40), ``clip_shrink`` (0.5),
-``clip_windows`` (32), ``clip_qk`` (true). On SmolLM2 W4g128 from the searched TEQ init (40 test windows), grid
+``clip_windows`` (32), ``clip_qk`` (true), ``clip_scale_up`` (false; minifloat weights only). On SmolLM2 W4g128 from the searched TEQ init (40 test windows), grid
 20 / 8 windows gave 38.124, grid 40 37.546, 32 windows 37.507, both 37.150 (RTN 44.248, FP32 28.738).
 """
 from __future__ import annotations
@@ -67,6 +76,7 @@ class ClipConfig:
     clip_shrink: float = 0.5   # the smallest ratio is 1 - shrink * (grid - 1) / grid
     clip_windows: int = 32     # calibration windows whose activations the search uses
     clip_qk: bool = True       # also clip the attention's q and k projections (AWQ skips them)
+    clip_scale_up: bool = False  # minifloat weights: also try scales that put the top weight inside the top binade
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "ClipConfig":
@@ -79,12 +89,25 @@ class ClipConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PassError(f"{key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 8}}")
+        for key in ("clip", "clip_qk", "clip_scale_up"):
+            if not isinstance(getattr(self, key), bool):
+                raise PassError(f"{key} is true or false, got {getattr(self, key)!r}", f"e.g. options: {{{key}: false}}")
         if isinstance(self.clip_shrink, bool) or not 0 < self.clip_shrink < 1:
             raise PassError(f"clip_shrink is the largest fraction of a group's range that may be cut, in (0, 1); "
                             f"got {self.clip_shrink!r}", "e.g. options: {clip_shrink: 0.5} (AWQ's)")
 
     def ratios(self) -> list[float]:
         return [1.0 - self.clip_shrink * i / self.clip_grid for i in range(self.clip_grid)]
+
+    def up_ratios(self, spec: Any) -> list[float]:
+        """Scale ratios above 1 for a minifloat ``spec`` (none for integer weights, whose levels are uniform): from
+        just above 1 to ``top = max_value / 2^⌊log2 max_value⌋`` (E3M2: 28 / 16 = 1.75), where the largest weight
+        lands on the bottom of the top binade; past it the top binade would go unused."""
+        fmt = getattr(spec, "format", None)
+        if not self.clip_scale_up or fmt is None or not hasattr(fmt, "max_value"):
+            return []
+        top = fmt.max_value / 2.0 ** math.floor(math.log2(fmt.max_value))
+        return [1.0 + (top - 1.0) * i / self.clip_grid for i in range(1, self.clip_grid + 1)] if top > 1 else []
 
 
 def _grouping(spec: Any, in_features: int) -> tuple[int, int]:
@@ -100,14 +123,20 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_search(w: torch.Tensor, blocks: torch.Tensor, quantizer: Any, group: int,
-                ratios: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Search one weight's clip ratios.
+                ratios: Sequence[float], up_ratios: Sequence[float] = (),
+                scaled_quantizer: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Search one weight's clip ratios (and, with ``up_ratios``, scale ratios above 1).
 
     ``w``: ``[out, in]`` float weight; ``blocks``: ``[groups, group, group]``, the diagonal blocks of ``XᵀX`` over
     the calibration inputs (the input zero-padded to ``groups · group`` channels); ``quantizer``: ``[out, in] ->
-    [out, in]`` fake quantizer. Returns ``(clipped weight, ratios [out, groups], error before, error after)``,
-    the errors being ``Σ_g ‖X_g (Q(·)_g − W_g)ᵀ‖²``: each group's own share of the output error, summed (the
-    cross terms between groups of a row are what a per-group choice cannot see, and are left out, as in AWQ).
+    [out, in]`` fake quantizer. ``up_ratios`` (all > 1) are tried through ``scaled_quantizer(w, ratio [out,
+    groups])``, the quantizer with its scales multiplied by the ratios: a minifloat's values are spaced
+    relative to its top value, so a scale that puts the group's largest weight inside the top binade rather than
+    on the top value moves every other weight against the grid too — without clipping anything. Returns
+    ``(clipped weight, ratios [out, groups], error before, error after)``: the weight is clamped where the ratio
+    is below 1 and untouched where it is 1 or more (those ratios go to the quantizer as ``scale_ratio``); the
+    errors are ``Σ_g ‖X_g (Q(·)_g − W_g)ᵀ‖²``: each group's own share of the output error, summed (the cross
+    terms between groups of a row are what a per-group choice cannot see, and are left out, as in AWQ).
     """
     out, k = w.shape
     ng = blocks.shape[0]
@@ -132,7 +161,19 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, quantizer: Any, group: in
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    clipped = torch.minimum(torch.maximum(w32, expand(lo * best_r)), expand(hi * best_r)).to(w.dtype)
+    if up_ratios:
+        if scaled_quantizer is None:
+            raise ValueError("clip_search: up_ratios need a scaled_quantizer")
+        for r in up_ratios:
+            full = torch.full_like(best_r, r)
+            delta = _pad(scaled_quantizer(w32.to(w.dtype), full).float() - w32, ng * group)
+            delta = delta.view(out, ng, group).transpose(0, 1)
+            err = ((delta @ blocks) * delta).sum(dim=2).t()
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, full, best_r)
+    cut = best_r.clamp(max=1)
+    clipped = torch.minimum(torch.maximum(w32, expand(lo * cut)), expand(hi * cut)).to(w.dtype)
     return clipped, best_r, before, float(best_err.sum())
 
 
@@ -149,6 +190,11 @@ class SearchWeightClipping(Pass):
         self.options = dict(options or {})
         self.config = ClipConfig.from_options(self.options)
         self.quantizer = weight_quantizer(spec)
+        self.up_ratios = self.config.up_ratios(spec)
+        self.scaled_quantizer = None
+        if self.up_ratios:
+            from fxquant.fpformats import fp_fake_quantize
+            self.scaled_quantizer = lambda w, r: fp_fake_quantize(w, spec, ste=False, scale_ratio=r)
 
     def requires(self, cg: CapturedGraph, ctx: PassContext) -> None:
         if ctx.calibration is None:
@@ -212,6 +258,7 @@ class SearchWeightClipping(Pass):
         for ph, fqn in cg.fqn.items():
             names_of.setdefault(fqn, []).append(ph)
         record: dict[str, dict] = {}
+        scale_ratios: dict[str, torch.Tensor] = {}
         ratios = cfg.ratios()
         total_before = total_after = 0.0
         for fqn, layout in todo.items():
@@ -229,19 +276,24 @@ class SearchWeightClipping(Pass):
             group = h.shape[1]
             # the row ranges before clipping (replace_weight may overwrite the tensor in place)
             rng = (w_oi.float().amin(dim=1).cpu(), w_oi.float().amax(dim=1).cpu())
-            clipped, r, before, after = clip_search(w_oi, h, self.quantizer, group, ratios)
+            clipped, r, before, after = clip_search(w_oi, h, self.quantizer, group, ratios, self.up_ratios,
+                                                    self.scaled_quantizer)
             new = clipped.t().contiguous() if layout == "in_out" else clipped
             replace_weight(cg, ctx, names_of[fqn], new)
+            if bool((r > 1).any()):
+                scale_ratios[fqn] = r.clamp(min=1).cpu()
             record[fqn] = {"ratios": r.cpu(), "error_before": before, "error_after": after, "range": rng}
             total_before += before
             total_after += after
         for fqn, why in skipped.items():
             log.info("search_weight_clipping: left %s unclipped: %s", fqn, why)
         ctx.artifacts["clip_search"] = record
+        ctx.artifacts["weight_scale_ratios"] = scale_ratios
         ctx.artifacts["clip_search_skipped"] = dict(skipped)
         all_r = torch.cat([v["ratios"].reshape(-1) for v in record.values()]) if record else torch.ones(1)
         stats = {"clipped": len(record), "skipped": len(skipped), "windows": int(picked.shape[0]),
                  "groups_clipped": round(float((all_r < 1).float().mean()), 4),
+                 "groups_scaled_up": round(float((all_r > 1).float().mean()), 4),
                  "mean_ratio": round(float(all_r.mean()), 4),
                  "output_error_ratio": round(total_after / total_before, 4) if total_before > 0 else 1.0}
         log.info("search_weight_clipping: %s", stats)
@@ -249,13 +301,18 @@ class SearchWeightClipping(Pass):
 
     def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
         low = 1.0 - self.config.clip_shrink - 1e-6
+        high = max(self.up_ratios, default=1.0) + 1e-6
         tensors = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
         from fxquant.passes.train_teq_scales import quantized_linears
         layouts = quantized_linears(cg, self.exclude)
         for fqn, rec in ctx.artifacts.get("clip_search", {}).items():
             r = rec["ratios"]
-            if not bool(((r >= low) & (r <= 1)).all()):
-                raise PassError(f"search_weight_clipping chose a ratio outside [{low:.3f}, 1] for {fqn}",
+            if not bool(((r >= low) & (r <= high)).all()):
+                raise PassError(f"search_weight_clipping chose a ratio outside [{low:.3f}, {high:.3f}] for {fqn}",
+                                "report a bug")
+            up = ctx.artifacts.get("weight_scale_ratios", {}).get(fqn)
+            if not torch.equal(up if up is not None else torch.ones_like(r), r.clamp(min=1)):
+                raise PassError(f"search_weight_clipping: the scale ratios kept for {fqn} are not its search's",
                                 "report a bug")
             w = tensors[fqn]
             w = (w.t() if layouts.get(fqn) == "in_out" else w).float()

@@ -77,6 +77,55 @@ def test_the_chosen_ratios_never_lose_to_plain_rounding_per_group(seed, spec, ou
     assert torch.equal(cp[same], wp[same])
 
 
+FP_SPECS = [FPQuantSpec(format="e3m2", group_size=None), FPQuantSpec(format="e3m2", group_size=16),
+            FPQuantSpec(format="e2m3", group_size=None), FPQuantSpec(format="e2m1", group_size=8, scale_search="mse")]
+
+
+@settings(max_examples=FEW, deadline=None)
+@given(seed=st.integers(0, 2**16), spec=st.sampled_from(FP_SPECS), out=st.integers(1, 12), k=st.integers(5, 70),
+       tokens=st.integers(3, 40), outliers=st.integers(0, 6))
+def test_minifloat_scale_ratios_above_one_are_what_the_packed_weight_gets(seed, spec, out, k, tokens, outliers):
+    """With the scale-up candidates the search keeps ratios in [1 - shrink, top]; the weight the FP quantizer
+    then packs (clipped weight, scales times ``r.clamp(min=1)``) has exactly the error the search reported, and no
+    group is worse than with the clip candidates alone (those are a subset)."""
+    from fxquant.fpformats import fp_fake_quantize, quantize_fp
+    w, x = _case(seed, out, k, tokens, outliers)
+    group, ng = _grouping(spec, k)
+    cfg = ClipConfig(clip_scale_up=True)
+    up = cfg.up_ratios(spec)
+    top = spec.format.max_value / 2.0 ** math.floor(math.log2(spec.format.max_value))
+    assert up and max(up) == pytest.approx(top) and min(up) > 1
+    q = weight_quantizer(spec)
+    scaled = lambda w_, r_: fp_fake_quantize(w_, spec, ste=False, scale_ratio=r_)   # noqa: E731
+    blocks = _blocks(x, group, ng)
+    c_only, r_only, _, _ = clip_search(w, blocks, q, group, cfg.ratios())
+    clipped, ratios, before, after = clip_search(w, blocks, q, group, cfg.ratios(), up, scaled)
+    assert bool(((ratios >= 1 - cfg.clip_shrink) & (ratios <= top + 1e-6)).all())
+    packed = quantize_fp(clipped, spec, scale_ratio=ratios.clamp(min=1)).dequantize()
+    assert torch.equal(packed, scaled(clipped, ratios.clamp(min=1)))    # fake quant == packed dequant, bit for bit
+    e_final = _direct_error(x, w, packed, group)
+    assert math.isclose(after, float(e_final.sum()), rel_tol=1e-3, abs_tol=1e-6)
+    e_clip = _direct_error(x, w, q(c_only), group)
+    assert bool((e_final <= e_clip * (1 + 1e-4) + 1e-6).all()), (e_final - e_clip).max()
+    # a ratio above 1 never clips: those groups' float weights are untouched
+    wp, cp = _pad(w, ng * group).view(out, ng, group), _pad(clipped, ng * group).view(out, ng, group)
+    assert torch.equal(cp[ratios >= 1], wp[ratios >= 1])
+    assert ClipConfig().up_ratios(spec) == [] and cfg.up_ratios(SPECS[0]) == []   # off by default; int: none
+
+
+def test_scale_ratios_are_checked():
+    from fxquant.errors import WeightError
+    from fxquant.fpformats import quantize_fp
+    w = torch.randn(4, 32)
+    ok = quantize_fp(w, "e3m2", scale_ratio=torch.full((4, 1), 1.5))
+    torch.testing.assert_close(ok.scale, quantize_fp(w, "e3m2").scale * 1.5)
+    with pytest.raises(WeightError, match="shape"):
+        quantize_fp(w, "e3m2", scale_ratio=torch.ones(4, 2))
+    for bad in (0.9, 2.0, float("nan")):
+        with pytest.raises(WeightError, match=r"\[1, 2\)"):
+            quantize_fp(w, "e3m2", scale_ratio=torch.full((4, 1), bad))
+
+
 def test_an_outlier_in_a_quiet_channel_is_clipped():
     """One huge weight on an input channel that barely fires: rounding around it costs the group its precision,
     cutting it costs almost nothing. The search must cut it as deep as it may and lower the output error."""
@@ -97,7 +146,8 @@ def test_an_outlier_in_a_quiet_channel_is_clipped():
 def test_options_are_checked_before_anything_runs():
     r = get_recipe("teq-w4g128")
     assert r.options.get("clip", ClipConfig.clip) is True
-    for bad in ({"clip_shrink": 1.5}, {"clip_grid": 0}, {"clip_windows": -1}, {"clip_qk": "no"}):
+    for bad in ({"clip_shrink": 1.5}, {"clip_grid": 0}, {"clip_windows": -1}, {"clip_qk": "no"},
+                {"clip_scale_up": 1}):
         r2 = get_recipe("teq-w4g128")
         with pytest.raises(RecipeError):
             r2.options.update(bad)
@@ -127,7 +177,7 @@ def test_on_a_tiny_llama_the_quantized_model_is_the_clipped_one(name, qk):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     recipe = get_recipe(name)
     recipe.options.update(steps=0, init="ones", seq_len=16, batch_size=1, progress=False, clip_qk=qk,
-                          clip_windows=4)   # init ones: the fold is the identity, so `before` is the folded weight
+                          clip_windows=4, clip_scale_up=name == "teq-fp6")   # init ones: the fold is the identity, so `before` is the folded weight
     ids = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(0))
     result = quantize(model, recipe, calibration=ids, verify=True)
     stats = next(r.stats for r in result.records if r.name == "search_weight_clipping")
@@ -138,13 +188,23 @@ def test_on_a_tiny_llama_the_quantized_model_is_the_clipped_one(name, qk):
     assert 0 < stats["output_error_ratio"] <= 1.0
     assert all(v["error_after"] <= v["error_before"] * (1 + 1e-5) for v in record.values())
     down = "model.layers.0.mlp.down_proj.weight"
-    assert bool((record[down]["ratios"] < 1).any())
+    assert bool((record[down]["ratios"] < 1).any()) if name != "teq-fp6" else bool((record[down]["ratios"] != 1).any())
     # the stored weights are the clipped ones, quantized: down_proj has one group per row (64 inputs), and both
-    # quantizers map a group's largest magnitude onto their largest level, so each row's largest magnitude is
-    # its chosen ratio times the original's
+    # quantizers map a group's largest magnitude onto their largest level, so each clipped (or kept) row's largest
+    # magnitude is its chosen ratio times the original's
+    r = record[down]["ratios"][:, 0]
     stored = model.get_parameter(down).detach().abs().amax(dim=1)
-    want = record[down]["ratios"][:, 0] * before[down].abs().amax(dim=1)
-    torch.testing.assert_close(stored, want, rtol=1e-5, atol=1e-7)
+    want = r.clamp(max=1) * before[down].abs().amax(dim=1)
+    torch.testing.assert_close(stored[r <= 1], want[r <= 1], rtol=1e-5, atol=1e-7)
+    ups = result.artifacts["weight_scale_ratios"]
+    if name == "teq-fp6":
+        # FP6 rows may take a scale above absmax instead: it is in the packed weight's stored scales
+        scale = result.quantized[down].scale[:, 0]
+        torch.testing.assert_close(scale, want * r.clamp(min=1) / 28, rtol=1e-6, atol=0)
+        assert (down in ups) == bool((r > 1).any())
+        assert all(bool((v >= 1).all()) for v in ups.values()) and len(ups) > 0
+    else:
+        assert bool((r <= 1).all()) and ups == {}
 
 
 def test_per_tensor_scales_are_refused_with_a_hint():
