@@ -42,6 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "checkpoints (safetensors + JSON) to step-<N>/ folders here")
     p.add_argument("--save-every", type=int, default=None,
                    help="with --checkpoint-dir: a checkpoint every N training steps (default: only at the end)")
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="with --checkpoint-dir: keep only the newest N checkpoints (default: keep every one)")
     p.add_argument("--resume", default=None,
                    help="continue training from a checkpoint folder, a checkpoint directory (its latest complete "
                         "checkpoint) or 'auto' (the latest in --checkpoint-dir; start fresh if there is none)")
@@ -218,20 +220,29 @@ def _checkpoint_result(args, lm, recipe):
 
 
 def _apply_checkpoint_args(args, recipe) -> None:
-    """--checkpoint-dir / --save-every / --resume become the recipe's training options (checked before loading)."""
-    ckpt, every, resume = (getattr(args, k, None) for k in ("checkpoint_dir", "save_every", "resume"))
-    if ckpt is None and every is None and resume is None:
+    """--checkpoint-dir / --save-every / --keep-last / --resume become the recipe's training options (checked before
+    loading)."""
+    ckpt, every, keep, resume = (getattr(args, k, None) for k in ("checkpoint_dir", "save_every", "keep_last", "resume"))
+    if ckpt is None and every is None and keep is None and resume is None:
         return
     if recipe.data_free:
-        raise RecipeError(f"--checkpoint-dir/--save-every/--resume were given but recipe {recipe.name!r} does not train",
+        raise RecipeError(f"--checkpoint-dir/--save-every/--keep-last/--resume were given but recipe {recipe.name!r} "
+                          "does not train",
                           "drop them, or use a trained recipe (teq-*, fsbr-*, illm-* with --steps, paretoq-*)")
     if every is not None and every < 1:
         raise RecipeError(f"--save-every must be at least 1, got {every}", "e.g. --save-every 50")
     if every is not None and ckpt is None:
         raise RecipeError("--save-every needs --checkpoint-dir (where to write the checkpoints)",
                           "e.g. --checkpoint-dir ckpt/ --save-every 50")
+    if keep is not None and keep < 1:
+        raise RecipeError(f"--keep-last must be at least 1, got {keep}", "e.g. --keep-last 2")
+    if keep is not None and ckpt is None:
+        raise RecipeError("--keep-last needs --checkpoint-dir (the folder to prune)",
+                          "e.g. --checkpoint-dir ckpt/ --save-every 50 --keep-last 2")
     if ckpt is not None:
         recipe.options["checkpoint_dir"] = ckpt
+    if keep is not None:
+        recipe.options["keep_last"] = keep
     if every is not None:
         recipe.options["save_every"] = every
     if resume is not None:

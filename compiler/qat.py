@@ -68,6 +68,7 @@ class QATConfig:
     eval_windows: int = 4
     eval_seq_len: int = 512
     save_every: int = 0              # 0: no intermediate checkpoints
+    keep_last: int = 0               # keep only the newest N checkpoints (0: keep every one)
     grad_clip: float | None = 1.0
     progress: bool = True
     sharding: str = "ddp"            # under torch.distributed: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
@@ -82,6 +83,9 @@ class QATConfig:
                 raise RecipeError(f"QAT {name} must be a positive integer, got {value!r}", f"e.g. --{name.replace('_', '-')} 4")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise RecipeError(f"QAT learning rate must be a positive number, got {self.lr!r}", "e.g. --lr 2e-5")
+        if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 0:
+            raise RecipeError(f"QAT keep_last must be a number of checkpoints >= 0 (0: keep all), got {self.keep_last!r}",
+                              "e.g. --keep-last 2")
 
 
 @dataclass
@@ -274,6 +278,8 @@ def train_qat(model: nn.Module, ids: torch.Tensor, config: QATConfig | None = No
                                     scheduler, at, gen, config=config)
         elif rank == 0:
             save_qat_checkpoint(path, model, optimizer, scheduler, at, gen, config=config)
+        if rank == 0 and config.keep_last:
+            train_state.prune_checkpoints(checkpoint_dir, config.keep_last, kind="qat", protect=path)
         if world > 1:
             _barrier()
 
@@ -469,6 +475,8 @@ def add_qat_parser(sub: Any) -> Any:
     p.add_argument("--data", default=None, help="evaluation text (default: WikiText-2 test)")
     p.add_argument("--checkpoint-dir", default=None, help="folder for resumable checkpoints (step-<N>/ inside)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (with --checkpoint-dir)")
+    p.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the newest N checkpoints in --checkpoint-dir (default 0: keep every one)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint folder (a step-<N>/ folder), a checkpoint "
                    "directory (its latest complete checkpoint), or 'auto' (the latest in --checkpoint-dir, else start)")
     p.add_argument("--out", default=None, help="save the quantized model here (safetensors + packed codes)")
@@ -529,7 +537,7 @@ def _cmd_qat(args: Any) -> int:
     steps = args.steps if args.steps is not None else int(recipe.options.get("steps", 200))
     config = QATConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                        eval_every=args.eval_every, eval_windows=args.eval_windows, progress=not args.no_progress,
-                       save_every=args.save_every, sharding=getattr(args, "sharding", "ddp"))
+                       save_every=args.save_every, keep_last=args.keep_last, sharding=getattr(args, "sharding", "ddp"))
     rank, world = _dist_info()
     _check_global_batch(config.batch_size, world)  # before the slow load
     device = torch.device("cpu")

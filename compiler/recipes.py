@@ -496,10 +496,10 @@ def _check_weight(recipe: Recipe) -> None:
 # ---- options: what each method's passes read ----------------------------------------------------------------
 
 #: options every trained method accepts for checkpointing (TEQConfig / FSBRConfig fields; the ParetoQ pass reads them)
-CHECKPOINT_OPTIONS = ("save_every", "checkpoint_dir", "resume")
+CHECKPOINT_OPTIONS = ("save_every", "checkpoint_dir", "resume", "keep_last")
 #: the QATConfig fields the ParetoQ pass (passes/train_paretoq.py, TrainParetoQ.call) fills from recipe options
 #: (tests/test_recipes.py reads that file and checks this against every ``options.get`` there)
-_PARETOQ_QAT_FIELDS = ("steps", "lr", "batch_size", "seq_len", "seed", "progress", "save_every")
+_PARETOQ_QAT_FIELDS = ("steps", "lr", "batch_size", "seq_len", "seed", "progress", "save_every", "keep_last")
 #: illm options that configure the integer-only lowering: option -> (type, default), see :func:`illm_integer_config`
 _ILLM_INTEGER_OPTIONS: dict[str, tuple[type, Any]] = {
     "act_bits": (int, 8), "inner_bits": (int, 16), "attn_bits": (int, 8), "exp_order": (int, 2),
@@ -638,7 +638,8 @@ def _paretoq_values(o: dict) -> None:
         raise RecipeError(f"option lr must be a number, or null for the bit width's default, got {lr!r}",
                           "e.g. options: {lr: 2.0e-5} (YAML reads 2e-5 as text: write 2.0e-5 or 0.00002)")
     QATConfig(**{k: o[k] for k in _PARETOQ_QAT_FIELDS if k in o})
-    check_checkpoint_options(o.get("save_every", 0), o.get("checkpoint_dir"), o.get("resume"), "ParetoQ")
+    check_checkpoint_options(o.get("save_every", 0), o.get("checkpoint_dir"), o.get("resume"), "ParetoQ",
+                             o.get("keep_last", 0))
 
 
 _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {

@@ -39,7 +39,7 @@ from .errors import TrainingError
 
 __all__ = ["FORMAT", "TENSORS_FILE", "META_FILE", "RUN_CONTROL", "TrainState", "fingerprint", "tensor_digest",
            "save_train_state", "load_train_state", "copy_tensors", "step_dir", "is_complete", "latest_checkpoint",
-           "resolve_resume", "check_checkpoint_options"]
+           "resolve_resume", "check_checkpoint_options", "prune_checkpoints"]
 
 log = logging.getLogger("fxquant")
 
@@ -47,7 +47,7 @@ FORMAT = "fxquant-train-state-v1"
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
 #: settings that control *how* a run is carried out, not *what* it computes: left out of fingerprints
-RUN_CONTROL = frozenset({"progress", "save_every", "checkpoint_dir", "resume", "tokenizer"})
+RUN_CONTROL = frozenset({"progress", "save_every", "checkpoint_dir", "resume", "tokenizer", "keep_last"})
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RESUME_HINT = ("resume with the recipe, options, calibration data and model the checkpoint was written with, or "
                 "start again without --resume (or with another --checkpoint-dir)")
@@ -147,12 +147,14 @@ def save_train_state(path: str | os.PathLike, *, kind: str, step: int,
                      optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                      generators: Mapping[str, torch.Generator] | None = None,
                      extras: Mapping[str, Any] | None = None,
-                     fingerprint: Mapping[str, Any] | None = None) -> Path:
+                     fingerprint: Mapping[str, Any] | None = None, keep_last: int = 0) -> Path:
     """Write one checkpoint folder (see the module docstring) and return it.
 
     ``tensors`` are cloned to the CPU (tied weights share storage, which safetensors refuses); ``extras`` must be
     JSON data (floats round-trip exactly). The folder may already exist (a re-run of the same step): its files
-    are replaced one by one and the nonce keeps a half-replaced folder from counting as complete.
+    are replaced one by one and the nonce keeps a half-replaced folder from counting as complete. With
+    ``keep_last`` N > 0, once this checkpoint is complete the older ones of the same kind in its parent folder
+    beyond the newest N are deleted (:func:`prune_checkpoints`).
     """
     from safetensors.torch import save_file
     path = Path(path)
@@ -193,7 +195,45 @@ def save_train_state(path: str | os.PathLike, *, kind: str, step: int,
     tmp = path / (META_FILE + suffix)
     tmp.write_text(text)
     _replace(tmp, path / META_FILE)  # last: from now on the folder is a complete checkpoint
+    if keep_last:
+        prune_checkpoints(path.parent, keep_last, kind=kind, protect=path)
     return path
+
+
+def prune_checkpoints(checkpoint_dir: str | os.PathLike, keep_last: int, *, kind: str,
+                      protect: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the complete ``step-<N>/`` checkpoints of ``kind`` in ``checkpoint_dir`` but the ``keep_last`` with
+    the largest ``N``; return the folders deleted. ``protect`` (the checkpoint just written) is always kept and
+    counts as one of the ``keep_last`` — it may not be the largest ``N`` when a run resumed from an older one.
+
+    Only what a checkpoint consists of is removed (its two files and leftover temporary files of them); a folder
+    holding anything else keeps that, with a warning. Incomplete folders and other kinds' checkpoints are never
+    touched, so a run killed mid-save still finds the newest complete checkpoint to resume from.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise TrainingError(f"keep_last must be a number of checkpoints >= 1, got {keep_last!r}")
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    keep = Path(protect).resolve() if protect is not None else None
+    found = []
+    for p in folder.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and p.resolve() != keep and is_complete(p) and (_read_meta(p) or {}).get("kind") == kind:
+            found.append((int(m.group(1)), p))
+    removed = []
+    for _, p in sorted(found, reverse=True)[keep_last - (keep is not None):]:
+        ours = [f for f in p.iterdir() if f.name in (TENSORS_FILE, META_FILE)
+                or f.name.startswith((TENSORS_FILE + ".tmp", META_FILE + ".tmp"))]
+        (p / META_FILE).unlink()            # first: from now on the folder is not a complete checkpoint
+        for f in ours:
+            f.unlink(missing_ok=True)
+        try:
+            p.rmdir()
+        except OSError:
+            log.warning("pruned checkpoint %s: left the folder, it holds files fxquant did not write", p)
+        removed.append(p)
+    return removed
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
@@ -266,8 +306,8 @@ def resolve_resume(resume: Any, checkpoint_dir: str | os.PathLike | None, where:
     return found
 
 
-def check_checkpoint_options(save_every: Any, checkpoint_dir: Any, resume: Any, where: str) -> None:
-    """Validate the three checkpoint options a training config carries (raises TrainingError)."""
+def check_checkpoint_options(save_every: Any, checkpoint_dir: Any, resume: Any, where: str, keep_last: Any = 0) -> None:
+    """Validate the checkpoint options a training config carries (raises TrainingError)."""
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise TrainingError(f"{where}: save_every must be a number of steps >= 0 (0: no intermediate checkpoints), "
                             f"got {save_every!r}", "e.g. options: {save_every: 50, checkpoint_dir: ckpt/}")
@@ -278,6 +318,9 @@ def check_checkpoint_options(save_every: Any, checkpoint_dir: Any, resume: Any, 
                             "set checkpoint_dir (--checkpoint-dir)")
     if not (resume is None or isinstance(resume, (bool, str, os.PathLike))):
         raise TrainingError(f"{where}: resume must be a checkpoint folder, true or 'auto', got {resume!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise TrainingError(f"{where}: keep_last must be a number of checkpoints >= 0 (0: keep all), got {keep_last!r}",
+                            "e.g. options: {save_every: 50, keep_last: 2, checkpoint_dir: ckpt/}")
 
 
 @dataclass

@@ -370,6 +370,7 @@ class FSBRConfig:
     save_every: int = 0                 # checkpoint every N steps (0: only at the end, when checkpoint_dir is set)
     checkpoint_dir: str | None = None   # where step-<N>/ checkpoints go (None: no checkpoints)
     resume: Any = None                  # a checkpoint folder, or True / "auto": the latest in checkpoint_dir
+    keep_last: int = 0                  # keep only the newest N checkpoints (0: keep every one)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "FSBRConfig":
@@ -396,7 +397,7 @@ class FSBRConfig:
             raise PassError(f"FSBR norm_align_train is true or false, got {cfg.norm_align_train!r}",
                             "e.g. norm_align_train: true")
         cfg.allocation()
-        train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
+        train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR", cfg.keep_last)
         return cfg
 
     def allocation(self) -> ActAllocation:
@@ -621,7 +622,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     model = cg.model
     if model is None:
         raise PassError("FSBR trains on the eager model, but the captured graph has none", "capture with fxquant.capture(model)")
-    train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR")
+    train_state.check_checkpoint_options(cfg.save_every, cfg.checkpoint_dir, cfg.resume, "FSBR", cfg.keep_last)
     base = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
     qlin = {f: lay for f, lay in quantized_linears(cg, exclude).items() if lay == "out_in"}
     ids = calibration_ids(calibration, model, tokenizer)
@@ -752,7 +753,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
             opt = live["opt"]
         train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, at), kind="fsbr", step=at,
                                      tensors=tensors, optimizer=opt, generators={"data": gen}, extras=extras,
-                                     fingerprint=fp)
+                                     fingerprint=fp, keep_last=cfg.keep_last)
 
     def save_due(at: int) -> bool:
         return cfg.checkpoint_dir is not None and ((cfg.save_every > 0 and at % cfg.save_every == 0)

@@ -105,7 +105,8 @@ class TrainParetoQ(Pass):
             config = QATConfig(steps=int(options.get("steps", 200)), lr=options.get("lr"),
                                batch_size=int(options.get("batch_size", 4)), seq_len=int(options.get("seq_len", 256)),
                                seed=int(options.get("seed", 0)), progress=bool(options.get("progress", False)),
-                               save_every=int(options.get("save_every", 0) or 0))
+                               save_every=int(options.get("save_every", 0) or 0),
+                               keep_last=int(options.get("keep_last", 0) or 0))
             history = train_qat(model, ids, config, bits=spec.bits, checkpoint_dir=options.get("checkpoint_dir"),
                                 resume=options.get("resume"))
             ctx.artifacts["qat_history"] = history

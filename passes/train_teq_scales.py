@@ -91,6 +91,7 @@ class TEQConfig:
     save_every: int = 0                 # checkpoint every N steps (0: only at the end, when checkpoint_dir is set)
     checkpoint_dir: str | None = None   # where step-<N>/ checkpoints go (None: no checkpoints)
     resume: Any = None                  # a checkpoint folder, or True / "auto": the latest in checkpoint_dir
+    keep_last: int = 0                  # keep only the newest N checkpoints (0: keep every one)
     holdout: int = 8                    # calibration windows never trained on, to check the result (0: no check)
     init: str = "awq"                   # "awq": searched activation-aware scales | "ones" (the paper's identity)
     init_grid: int = 20                 # "awq": exponents alpha = 0, 1/grid, ..., (grid - 1)/grid tried per group
@@ -130,7 +131,7 @@ class TEQConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PassError(f"TEQ {key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 4}}")
-        train_state.check_checkpoint_options(self.save_every, self.checkpoint_dir, self.resume, "TEQ")
+        train_state.check_checkpoint_options(self.save_every, self.checkpoint_dir, self.resume, "TEQ", self.keep_last)
 
 
 def weight_quantizer(spec: Any) -> Quantizer:
@@ -518,7 +519,8 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     def save(step: int) -> None:
         train_state.save_train_state(train_state.step_dir(cfg.checkpoint_dir, step), kind="teq", step=step,
                                      tensors=state_tensors(), optimizer=opt, scheduler=sched, generators={"data": gen},
-                                     extras={"losses": losses, "checks": checks}, fingerprint=fp)
+                                     extras={"losses": losses, "checks": checks}, fingerprint=fp,
+                                     keep_last=cfg.keep_last)
 
     first = 0
     resume_from = train_state.resolve_resume(cfg.resume, cfg.checkpoint_dir, "TEQ")

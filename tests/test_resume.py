@@ -330,3 +330,90 @@ def test_cli_checkpoint_flags_resume_to_the_same_packed_weights(tmp_path, capsys
                  "--out", str(tmp_path / "c")]) == 2
     assert "does not train" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# ---- keeping only the newest checkpoints -----------------------------------------------------------------------------
+def _steps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_keep_last_prunes_older_checkpoints_of_its_kind_only(tmp_path):
+    """keep_last N leaves the N newest complete checkpoints of the kind being written; an incomplete folder,
+    another kind's checkpoint and files fxquant did not write are left alone, and the checkpoint just written is
+    kept even when an older step is being re-trained (resumed from an earlier checkpoint)."""
+    from fxquant.train_state import prune_checkpoints, save_train_state, step_dir
+    t = {"w": torch.arange(4.0)}
+    save_train_state(step_dir(tmp_path, 1), kind="fsbr", step=1, tensors=t)            # another kind
+    (tmp_path / "step-000002").mkdir()                                                  # incomplete
+    (tmp_path / "step-000002" / TENSORS_FILE).write_bytes(b"cut short")
+    for step in (3, 4, 5, 6):
+        save_train_state(step_dir(tmp_path, step), kind="teq", step=step, tensors=t, keep_last=2)
+    assert _steps(tmp_path) == ["step-000001", "step-000002", "step-000005", "step-000006"]
+    assert all(is_complete(tmp_path / f"step-00000{i}") for i in (1, 5, 6))
+    # a foreign file in an old checkpoint's folder survives (the checkpoint itself does not)
+    (tmp_path / "step-000005" / "notes.txt").write_text("mine")
+    save_train_state(step_dir(tmp_path, 7), kind="teq", step=7, tensors=t, keep_last=2)
+    assert _steps(tmp_path) == ["step-000001", "step-000002", "step-000005", "step-000006", "step-000007"]
+    assert (tmp_path / "step-000005" / "notes.txt").read_text() == "mine" and not is_complete(tmp_path / "step-000005")
+    # resumed from step 4 (gone) in spirit: writing step 5 again keeps it and the newest other one (step 7)
+    save_train_state(step_dir(tmp_path, 5), kind="teq", step=5, tensors=t, keep_last=2)
+    assert is_complete(tmp_path / "step-000005") and is_complete(tmp_path / "step-000007")
+    assert not (tmp_path / "step-000006").exists()
+    assert latest_checkpoint(tmp_path).name == "step-000007"
+    with pytest.raises(TrainingError, match="keep_last"):
+        prune_checkpoints(tmp_path, 0, kind="teq")
+
+
+def test_keep_last_in_teq_qat_and_fsbr_runs_and_the_result_is_unchanged(tmp_path):
+    """The trainers prune as they save; the result equals a run that keeps everything, and the newest checkpoint
+    still resumes."""
+    from fxquant.passes.train_teq_scales import TEQConfig
+    full = run_teq(checkpoint_dir=tmp_path / "all", save_every=1)
+    assert len(_steps(tmp_path / "all")) == TEQ_STEPS
+    from fxquant.passes.fold_equivalent_scales import plan_scales
+    from fxquant.passes.train_teq_scales import train_scales, weight_quantizer
+    from fxquant.quant import QuantSpec
+    cg, structure, ids = _captured()
+    spec = QuantSpec(bits=3, group_size=16)
+    cfg = TEQConfig(steps=TEQ_STEPS, lr=1e-2, seq_len=16, batch_size=2, distill=0.5, progress=False, save_every=1,
+                    checkpoint_dir=str(tmp_path / "two"), keep_last=2, check_every=3)
+    two = train_scales(cg, plan_scales(cg, structure), weight_quantizer(spec), ids, cfg, quantizer_name=repr(spec))
+    assert _steps(tmp_path / "two") == [f"step-{TEQ_STEPS - 1:06d}", f"step-{TEQ_STEPS:06d}"]
+    assert all(torch.equal(full.scales[k], two.scales[k]) for k in full.scales)
+
+    from fxquant.paretoq import ParetoQSpec, prepare_qat
+    from fxquant.qat import QATConfig, train_qat
+    model = make_tiny_llama(seed=1)
+    prepare_qat(model, ParetoQSpec(2))
+    train_qat(model, _qat_ids(), QATConfig(steps=QAT_STEPS, batch_size=2, seq_len=32, lr=2e-3, save_every=1,
+                                           keep_last=1, progress=False), checkpoint_dir=tmp_path / "qat")
+    assert _steps(tmp_path / "qat") == [f"step-{QAT_STEPS:06d}"]
+    with pytest.raises(Exception, match="keep_last"):
+        QATConfig(keep_last=-1)
+
+    from fxquant.passes.fsbr import FSBRConfig, plan_fsbr, train_fsbr
+    cfg = FSBRConfig(act_bits=8, epochs=2, samples=3, seq_len=16, progress=False, save_every=2, keep_last=1,
+                     checkpoint_dir=str(tmp_path / "fsbr"))
+    train_fsbr(cg, plan_fsbr(cg, structure), QuantSpec(bits=4, group_size=16), ids, cfg)
+    assert _steps(tmp_path / "fsbr") == [f"step-{FSBR_STEPS:06d}"]
+
+
+def test_keep_last_options_and_flags_are_checked(tmp_path, capsys):
+    from fxquant.cli import main
+    from fxquant.errors import RecipeError
+    from fxquant.recipes import get_recipe
+    for name in ("teq-w4g128", "fsbr-w8a8", "paretoq-w2"):
+        r = get_recipe(name)
+        r.options.update(keep_last=-1)
+        with pytest.raises(RecipeError, match="keep_last"):
+            r.validate()
+        r.options.update(keep_last=2, checkpoint_dir=str(tmp_path))
+        r.validate()
+    from conftest import make_tiny_model_folder
+    folder, calib = make_tiny_model_folder(tmp_path)
+    base = ["quantize", "--model", str(folder), "--recipe", "teq-w4g128", "--steps", "2", "--calib", str(calib),
+            "--out", str(tmp_path / "o")]
+    assert main([*base, "--keep-last", "2"]) == 2
+    assert "--keep-last needs --checkpoint-dir" in capsys.readouterr().err
+    assert main([*base, "--keep-last", "0", "--checkpoint-dir", str(tmp_path / "c")]) == 2
+    assert "at least 1" in capsys.readouterr().err
