@@ -240,3 +240,20 @@ def test_manifest_and_config_checksums_must_agree(saved, tmp_path):
     (dst / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="checksums in .*config.json do not match"):
         load_quantized(dst)
+
+
+def test_searched_fp6_scales_survive_save_and_load(tmp_path):
+    """teq-fp6 with clip_scale_up stores scales above absmax in the packed weights; the checkpoint keeps them (it
+    stores scales, it does not re-derive them from the weights), so the loaded model is bit-identical."""
+    model = make_tiny_llama(layers=2)
+    recipe = fxquant.get_recipe({"base": "teq-fp6", "options": {
+        "steps": 0, "init": "ones", "seq_len": 16, "batch_size": 1, "clip_windows": 4, "clip_scale_up": True,
+        "progress": False}})
+    result = fxquant.quantize(model, recipe, calibration=CALIB)
+    ups = result.artifacts["weight_scale_ratios"]
+    assert ups, "the search should pick some ratio above 1 on random weights"
+    before = _logits(result.eval_model)
+    ckpt = fxquant.load(result.save(tmp_path / "ckpt"))
+    assert torch.equal(_logits(ckpt.eval_model), before)
+    for fqn in ups:
+        assert torch.equal(ckpt.quantized[fqn].scale, result.quantized[fqn].scale)
