@@ -148,30 +148,24 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, quantizer: Any, group: in
     def expand(v: torch.Tensor) -> torch.Tensor:           # [out, groups] -> [out, in]
         return v.repeat_interleave(group, dim=1)[:, :k]
 
-    def error(clipped: torch.Tensor) -> torch.Tensor:     # [out, groups]
-        delta = _pad(quantizer(clipped.to(w.dtype)).float() - w32, ng * group).view(out, ng, group).transpose(0, 1)
+    def error(deq: torch.Tensor) -> torch.Tensor:          # [out, groups], of a quantize-dequantized weight
+        delta = _pad(deq.float() - w32, ng * group).view(out, ng, group).transpose(0, 1)
         return ((delta @ blocks) * delta).sum(dim=2).t()
 
-    best_err = error(w32)
+    if up_ratios and scaled_quantizer is None:
+        raise ValueError("clip_search: up_ratios need a scaled_quantizer")
+    best_err = error(quantizer(w))
     before = float(best_err.sum())
     best_r = torch.ones(out, ng, dtype=torch.float32, device=w.device)
-    for r in ratios[1:]:
-        cand = torch.minimum(torch.maximum(w32, expand(lo * r)), expand(hi * r))
-        err = error(cand)
+    for r in [*ratios[1:], *up_ratios]:
+        if r <= 1:   # clip the group to r of its range; the quantizer takes its scale from the clipped range
+            deq = quantizer(torch.minimum(torch.maximum(w32, expand(lo * r)), expand(hi * r)).to(w.dtype))
+        else:        # keep the weight, multiply the quantizer's scales by r
+            deq = scaled_quantizer(w, torch.full_like(best_r, r))
+        err = error(deq)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    if up_ratios:
-        if scaled_quantizer is None:
-            raise ValueError("clip_search: up_ratios need a scaled_quantizer")
-        for r in up_ratios:
-            full = torch.full_like(best_r, r)
-            delta = _pad(scaled_quantizer(w32.to(w.dtype), full).float() - w32, ng * group)
-            delta = delta.view(out, ng, group).transpose(0, 1)
-            err = ((delta @ blocks) * delta).sum(dim=2).t()
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, full, best_r)
     cut = best_r.clamp(max=1)
     clipped = torch.minimum(torch.maximum(w32, expand(lo * cut)), expand(hi * cut)).to(w.dtype)
     return clipped, best_r, before, float(best_err.sum())
