@@ -84,13 +84,13 @@ def _qat_ids() -> torch.Tensor:
     return base.repeat(100)[:2000]
 
 
-def run_qat(checkpoint_dir=None, save_every=0, resume=None, on_step=None, seed=0, bits=1.58):
+def run_qat(checkpoint_dir=None, save_every=0, resume=None, on_step=None, seed=0, bits=1.58, keep_last=0):
     from fxquant.paretoq import ParetoQSpec, prepare_qat
     from fxquant.qat import QATConfig, train_qat
     model = make_tiny_llama(seed=1)
     prepare_qat(model, ParetoQSpec(bits))
     cfg = QATConfig(steps=QAT_STEPS, batch_size=2, seq_len=32, lr=2e-3, seed=seed, save_every=save_every,
-                    progress=False)
+                    keep_last=keep_last, progress=False)
     hist = train_qat(model, _qat_ids(), cfg, checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step)
     return model, hist
 
@@ -111,7 +111,7 @@ def _captured():
 TEQ_STEPS = 8
 
 
-def run_teq(checkpoint_dir=None, save_every=0, resume=None, on_step=None, lr=1e-2, seed=0):
+def run_teq(checkpoint_dir=None, save_every=0, resume=None, on_step=None, lr=1e-2, seed=0, keep_last=0):
     from fxquant.passes.fold_equivalent_scales import plan_scales
     from fxquant.passes.train_teq_scales import TEQConfig, train_scales, weight_quantizer
     from fxquant.quant import QuantSpec
@@ -119,7 +119,7 @@ def run_teq(checkpoint_dir=None, save_every=0, resume=None, on_step=None, lr=1e-
     spec = QuantSpec(bits=3, group_size=16)
     cfg = TEQConfig(steps=TEQ_STEPS, lr=lr, seq_len=16, batch_size=2, distill=0.5, seed=seed, progress=False,
                     save_every=save_every, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-                    resume=resume, check_every=3)   # a held-out check (step 3) falls before the resumed step 4
+                    resume=resume, keep_last=keep_last, check_every=3)   # a held-out check (step 3) falls before the resumed step 4
     return train_scales(cg, plan_scales(cg, structure), weight_quantizer(spec), ids, cfg, quantizer_name=repr(spec),
                         on_step=on_step)
 
@@ -127,13 +127,13 @@ def run_teq(checkpoint_dir=None, save_every=0, resume=None, on_step=None, lr=1e-
 FSBR_STEPS = 2 * 2 * 3  # layers x epochs x samples
 
 
-def run_fsbr(checkpoint_dir=None, save_every=0, resume=None, on_step=None, act_bits=8):
+def run_fsbr(checkpoint_dir=None, save_every=0, resume=None, on_step=None, act_bits=8, keep_last=0):
     from fxquant.passes.fsbr import FSBRConfig, plan_fsbr, train_fsbr
     from fxquant.quant import QuantSpec
     cg, structure, ids = _captured()
     cfg = FSBRConfig(act_bits=act_bits, epochs=2, samples=3, seq_len=16, progress=False, save_every=save_every,
                      checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), resume=resume,
-                     norm_align_train=True)
+                     keep_last=keep_last, norm_align_train=True)
     # asymmetric weights: both clipping logits (lo and hi) are trained and checkpointed; the norm-input alignments
     # train as groups of their own and must resume bit for bit too
     return train_fsbr(cg, plan_fsbr(cg, structure), QuantSpec(bits=4, symmetric=False, group_size=16), ids, cfg,
@@ -365,37 +365,29 @@ def test_keep_last_prunes_older_checkpoints_of_its_kind_only(tmp_path):
 
 
 def test_keep_last_in_teq_qat_and_fsbr_runs_and_the_result_is_unchanged(tmp_path):
-    """The trainers prune as they save; the result equals a run that keeps everything, and the newest checkpoint
-    still resumes."""
-    from fxquant.passes.train_teq_scales import TEQConfig
-    full = run_teq(checkpoint_dir=tmp_path / "all", save_every=1)
-    assert len(_steps(tmp_path / "all")) == TEQ_STEPS
-    from fxquant.passes.fold_equivalent_scales import plan_scales
-    from fxquant.passes.train_teq_scales import train_scales, weight_quantizer
-    from fxquant.quant import QuantSpec
-    cg, structure, ids = _captured()
-    spec = QuantSpec(bits=3, group_size=16)
-    cfg = TEQConfig(steps=TEQ_STEPS, lr=1e-2, seq_len=16, batch_size=2, distill=0.5, progress=False, save_every=1,
-                    checkpoint_dir=str(tmp_path / "two"), keep_last=2, check_every=3)
-    two = train_scales(cg, plan_scales(cg, structure), weight_quantizer(spec), ids, cfg, quantizer_name=repr(spec))
-    assert _steps(tmp_path / "two") == [f"step-{TEQ_STEPS - 1:06d}", f"step-{TEQ_STEPS:06d}"]
-    assert all(torch.equal(full.scales[k], two.scales[k]) for k in full.scales)
+    """The trainers prune as they save; the result equals a run that keeps every checkpoint, and the newest
+    checkpoint still resumes."""
+    from fxquant.qat import QATConfig
+    full = run_teq(checkpoint_dir=tmp_path / "teq-all", save_every=1)
+    assert len(_steps(tmp_path / "teq-all")) == TEQ_STEPS
+    two = run_teq(checkpoint_dir=tmp_path / "teq-two", save_every=1, keep_last=2)
+    assert _steps(tmp_path / "teq-two") == [f"step-{TEQ_STEPS - 1:06d}", f"step-{TEQ_STEPS:06d}"]
+    _assert_equal(two.scales, full.scales)
 
-    from fxquant.paretoq import ParetoQSpec, prepare_qat
-    from fxquant.qat import QATConfig, train_qat
-    model = make_tiny_llama(seed=1)
-    prepare_qat(model, ParetoQSpec(2))
-    train_qat(model, _qat_ids(), QATConfig(steps=QAT_STEPS, batch_size=2, seq_len=32, lr=2e-3, save_every=1,
-                                           keep_last=1, progress=False), checkpoint_dir=tmp_path / "qat")
-    assert _steps(tmp_path / "qat") == [f"step-{QAT_STEPS:06d}"]
+    model_all, _ = run_qat(checkpoint_dir=tmp_path / "qat-all", save_every=1)
+    model_one, _ = run_qat(checkpoint_dir=tmp_path / "qat-one", save_every=1, keep_last=1)
+    assert _steps(tmp_path / "qat-one") == [f"step-{QAT_STEPS:06d}"]
+    _assert_equal(model_one.state_dict(), model_all.state_dict())
+    model_res, _ = run_qat(checkpoint_dir=tmp_path / "qat-one", save_every=1, keep_last=1, resume="auto")
+    _assert_equal(model_res.state_dict(), model_all.state_dict())   # resumed at the end: nothing left to train
     with pytest.raises(Exception, match="keep_last"):
         QATConfig(keep_last=-1)
 
-    from fxquant.passes.fsbr import FSBRConfig, plan_fsbr, train_fsbr
-    cfg = FSBRConfig(act_bits=8, epochs=2, samples=3, seq_len=16, progress=False, save_every=2, keep_last=1,
-                     checkpoint_dir=str(tmp_path / "fsbr"))
-    train_fsbr(cg, plan_fsbr(cg, structure), QuantSpec(bits=4, group_size=16), ids, cfg)
-    assert _steps(tmp_path / "fsbr") == [f"step-{FSBR_STEPS:06d}"]
+    fsbr_all = run_fsbr(checkpoint_dir=tmp_path / "fsbr-all", save_every=2)
+    fsbr_one = run_fsbr(checkpoint_dir=tmp_path / "fsbr-one", save_every=2, keep_last=1)
+    assert len(_steps(tmp_path / "fsbr-all")) == FSBR_STEPS // 2
+    assert _steps(tmp_path / "fsbr-one") == [f"step-{FSBR_STEPS:06d}"]
+    _assert_equal(_fsbr_params(fsbr_one), _fsbr_params(fsbr_all))
 
 
 def test_keep_last_options_and_flags_are_checked(tmp_path, capsys):
