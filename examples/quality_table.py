@@ -12,7 +12,8 @@ The model is loaded once; each recipe starts from a fresh copy of the float weig
 recipe, the other rows are kept if they were measured with the same ``--model`` and ``--windows`` (``--fresh``
 drops them), and every row records the command that made it. Recipes that need calibration data (TEQ) train on
 the WikiText-2 train text with the ``--steps`` / ``--seq-len`` / ``--batch-size`` / ``--lr`` budget, which is
-part of the row's label (``teq-fp6 (60 steps)``) so a short run is never mistaken for the default budget.
+part of the row's label (``teq-fp6 (60 steps)``, ``teq-fp6 (40 steps, lr=0.0001)``) so a short run is never
+mistaken for the default budget and runs with different budgets keep their own rows.
 """
 from __future__ import annotations
 
@@ -76,8 +77,10 @@ def main() -> None:
                                         ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
             recipe.options.update(budget, **extra, progress=False)
             recipe.validate()   # a misspelt --option stops here, before any work
+            # every budget flag and option given is in the label: runs that differ in any of them keep their own rows
+            given = {**{k: v for k, v in budget.items() if k != "steps"}, **extra}
             label = f"{name} ({recipe.options.get('steps')} steps" + "".join(
-                f", {k}={v}" for k, v in extra.items()) + ")"
+                f", {k}={v}" for k, v in given.items()) + ")"
         lm.model.load_state_dict(float_state)
         start = time.perf_counter()
         result = quantize(lm.model, recipe, calibration=calib)

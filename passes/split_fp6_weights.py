@@ -6,8 +6,8 @@ Contract
 * **call** quantizes, once per tensor, every parameter that feeds a linear weight operand and is selected by
   ``include`` / ``exclude`` (the RTN pass's glob rules; ``lm_head`` stays float by default) with
   ``fxquant.fpformats.quantize_fp`` (row or group scales; times the scale ratios above 1 that
-  ``search_weight_clipping`` left in ``ctx.artifacts["weight_scale_ratios"]``, if any), then splits each 6-bit code into the contiguous
-  2-bit plane ``[S E2]`` and 4-bit plane ``[E1 E0 M1 M0]`` of :class:`~fxquant.fpformats.FP6PackedWeight`
+  ``search_weight_clipping`` left in ``ctx.artifacts["weight_scale_ratios"]``, if any), then splits each 6-bit
+  code into the contiguous 2-bit plane ``[S E2]`` and 4-bit plane ``[E1 E0 M1 M0]`` of :class:`~fxquant.fpformats.FP6PackedWeight`
   (the order is documented there; it is the order the Triton kernel's wide loads expect). It
 
   - puts the dequantized weight (a new tensor, the weight's dtype) into ``cg.tensors`` — the model's parameter is
