@@ -499,7 +499,7 @@ def _check_weight(recipe: Recipe) -> None:
 CHECKPOINT_OPTIONS = ("save_every", "checkpoint_dir", "resume", "keep_last")
 #: the QATConfig fields the ParetoQ pass (passes/train_paretoq.py, TrainParetoQ.call) fills from recipe options
 #: (tests/test_recipes.py reads that file and checks this against every ``options.get`` there)
-_PARETOQ_QAT_FIELDS = ("steps", "lr", "batch_size", "seq_len", "seed", "progress", "save_every", "keep_last")
+_PARETOQ_QAT_FIELDS = ("steps", "lr", "scale_lr", "batch_size", "seq_len", "seed", "progress", "save_every", "keep_last")
 #: illm options that configure the integer-only lowering: option -> (type, default), see :func:`illm_integer_config`
 _ILLM_INTEGER_OPTIONS: dict[str, tuple[type, Any]] = {
     "act_bits": (int, 8), "inner_bits": (int, 16), "attn_bits": (int, 8), "exp_order": (int, 2),
@@ -633,10 +633,12 @@ def _illm_values(o: dict) -> None:
 def _paretoq_values(o: dict) -> None:
     from .qat import QATConfig
     from .train_state import check_checkpoint_options
-    lr = o.get("lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
-        raise RecipeError(f"option lr must be a number, or null for the bit width's default, got {lr!r}",
-                          "e.g. options: {lr: 2.0e-5} (YAML reads 2e-5 as text: write 2.0e-5 or 0.00002)")
+    for key, default, example in (("lr", "the bit width's default", "2.0e-5"), ("scale_lr", "lr's", "1.0e-2")):
+        lr = o.get(key)
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+            raise RecipeError(f"option {key} must be a number, or null for {default}, got {lr!r}",
+                              f"e.g. options: {{{key}: {example}}} (YAML reads {example.replace('.0', '')} as text: "
+                              f"write {example})")
     QATConfig(**{k: o[k] for k in _PARETOQ_QAT_FIELDS if k in o})
     check_checkpoint_options(o.get("save_every", 0), o.get("checkpoint_dir"), o.get("resume"), "ParetoQ",
                              o.get("keep_last", 0))

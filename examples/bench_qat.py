@@ -24,6 +24,9 @@ Run (the issue's budget: 300 steps of 4 x 256 tokens; on a 2-core CPU pass fewer
 
     python examples/bench_qat.py --steps 300 --eval-every 50 --eval-windows 5
 
+``--scale-lr 1e-2`` trains ParetoQ's scales at their own learning rate (:class:`fxquant.qat.QATConfig`'s
+``scale_lr``): at the paper's shared lr they stay at their initial values over a budget this short.
+
 Writes ``examples/results/qat_smollm2.{json,md,png}`` (``--out`` changes the stem), after every method, so an
 interrupted run keeps what it measured. torchao is optional (``pip install fxquant[bench]``): without it the
 torchao variant is skipped with a printed line.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
     p.add_argument("--lr", type=float, default=None, help="peak lr for every method (default: ParetoQ's, 2e-5 <= 2 bit)")
+    p.add_argument("--scale-lr", type=float, default=None,
+                   help="peak lr of ParetoQ's scales (default: --lr, the paper's recipe); torchao has no learned scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (default 50; 0: start and end)")
     p.add_argument("--eval-windows", type=int, default=5, help="WikiText-2 test windows per evaluation (default 5)")
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config_of = {b: QATConfig(steps=args.steps, lr=lr_of[b], batch_size=args.batch_size, seq_len=args.seq_len,
                               seed=args.seed, eval_every=args.eval_every, eval_windows=args.eval_windows,
                               eval_seq_len=args.eval_seq_len, progress=not args.no_progress) for b in widths}
+    # ParetoQ's config: the same, plus its scales' own lr when asked (torchao's linears have no weight_alpha)
+    paretoq_config_of = {b: dataclasses.replace(c, scale_lr=args.scale_lr) for b, c in config_of.items()}
     eval_steps = sorted({0, args.steps, *(range(args.eval_every, args.steps, args.eval_every) if args.eval_every else ())})
 
     def ppl(model: nn.Module) -> tuple[float, float]:
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model, "command": command,
         "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "tokens": args.steps * args.batch_size * args.seq_len, "issue_steps": ISSUE_STEPS,
+                   "paretoq_scale_lr": args.scale_lr,
                    "reduced_from_issue": args.steps < ISSUE_STEPS, "seed": args.seed,
                    "optimizer": "AdamW (no weight decay) over every parameter, cosine to zero, grad clip 1.0 "
                                 "(fxquant.qat.train_qat, the same call for every trained method)",
@@ -232,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = copy.deepcopy(pristine)
             if method == "paretoq":
                 prepare_qat(model, spec)
-                quantizer = f"fxquant.paretoq.prepare_qat({spec.describe()}: per-row learnable alpha)"
+                quantizer = f"fxquant.paretoq.prepare_qat({spec.describe()}: per-row learnable alpha)" + (
+                    "" if args.scale_lr is None else f", alpha trained at peak lr {args.scale_lr:g}")
             else:
                 quantizer = prepare_torchao(model, bits, ao, targets)
             start_ppl, _ = ppl(model)
@@ -240,11 +250,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{args.batch_size}x{args.seq_len} tokens", flush=True)
             timer = StepTimer(args.eval_every)
             t0 = timer.last
-            history = train_qat(model, ids, config, bits=bits, eval_ids=eval_ids, on_step=timer)
+            history = train_qat(model, ids, paretoq_config_of[bits] if method == "paretoq" else config, bits=bits,
+                                eval_ids=eval_ids, on_step=timer)
             curve = [{"step": 0, "ppl": start_ppl}] + [{"step": int(e["step"]), "ppl": float(e["ppl"])}
                                                        for e in history.evals]
             step_s = statistics.median(timer.times) if timer.times else float("nan")
-            result = {"label": LABELS[method], "trained_steps": len(history.losses), "quantizer": quantizer,
+            label = LABELS[method] + ("" if method != "paretoq" or args.scale_lr is None
+                                      else f", scales at lr {args.scale_lr:g}")
+            result = {"label": label, "trained_steps": len(history.losses), "quantizer": quantizer,
                       "curve": curve, "final_ppl": curve[-1]["ppl"], "losses": history.losses,
                       "seconds": time.perf_counter() - t0, "step_seconds_median": step_s, "width": spec.label}
             entry["methods"][method] = result
@@ -292,6 +305,9 @@ def write_results(report: dict[str, Any], out: Path, plot: bool = True) -> None:
              f"Command: `{report['command']}`", "",
              f"- Budget, every trained method: **{b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens** = "
              f"{b['tokens']:,} tokens of {b['train_data']} (same seed, same windows, same order); {b['optimizer']}."
+             + ("" if b.get("paretoq_scale_lr") is None else
+                f" ParetoQ's scales (weight_alpha) form their own AdamW group at peak lr {b['paretoq_scale_lr']:g}, "
+                "same schedule (`--scale-lr`); every other parameter, of every method, trains at the lr in each heading.")
              + (f" **Reduced from the issue's {b['issue_steps']} steps** to fit the CPU time available."
                 if b["reduced_from_issue"] else ""),
              f"- Perplexity: WikiText-2 test, first {ev['windows']} windows of {ev['seq_len']} tokens (fxquant's "

@@ -8,8 +8,8 @@ Contract
 * **call** trains in eager mode, where autograd, the KV cache and the user's dtype behave as the model's
   authors intended: :func:`fxquant.paretoq.prepare_qat` swaps the graph's selected linears for ``QATLinear``
   (starting from the graph's scales), :func:`fxquant.qat.train_qat` runs the paper's optimizer for
-  ``recipe.options["steps"]`` steps (default 200; ``lr``, ``batch_size``, ``seq_len``, ``seed`` also read from
-  the options), then the linears are swapped back (same Parameter objects) and the trained weights and scales are
+  ``recipe.options["steps"]`` steps (default 200; ``lr``, ``scale_lr``, ``batch_size``, ``seq_len``, ``seed``
+  also read from the options), then the linears are swapped back (same Parameter objects) and the trained weights and scales are
   put into ``cg.tensors``. The graph is unchanged: it still computes the fake-quant model, now with trained tensors.
   The loss history is ``ctx.artifacts["qat_history"]``.
 * **ensures** every scale placeholder holds a finite, positive tensor of its original shape.
@@ -103,6 +103,7 @@ class TrainParetoQ(Pass):
                                 f"({sorted(set(modules) ^ set(prepared))[:3]})",
                                 "ParetoQ QAT trains torch.nn.Linear modules; other linear-like modules are not supported")
             config = QATConfig(steps=int(options.get("steps", 200)), lr=options.get("lr"),
+                               scale_lr=options.get("scale_lr"),
                                batch_size=int(options.get("batch_size", 4)), seq_len=int(options.get("seq_len", 256)),
                                seed=int(options.get("seed", 0)), progress=bool(options.get("progress", False)),
                                save_every=int(options.get("save_every", 0) or 0),

@@ -26,13 +26,13 @@ def _bench():
     return module
 
 
-def _run(tmp_path, methods: str) -> tuple[dict, Path]:
+def _run(tmp_path, methods: str, *extra: str) -> tuple[dict, Path]:
     folder, text = make_tiny_model_folder(tmp_path)
-    out = tmp_path / "results" / "qat_tiny"
+    out = tmp_path / "results" / ("qat_tiny_extra" if extra else "qat_tiny")
     report = _bench().main(["--model", str(folder), "--calib", str(text), "--data", str(text), "--methods", methods,
                             "--steps", str(STEPS), "--eval-every", str(EVERY), "--batch-size", "2", "--seq-len", "32",
                             "--eval-windows", "2", "--eval-seq-len", "64", "--lr", "1e-3", "--threads", "1",
-                            "--no-progress", "--out", str(out)])
+                            "--no-progress", "--out", str(out), *extra])
     return report, out
 
 
@@ -76,3 +76,18 @@ def test_bench_qat_with_torchao(tmp_path):
     assert ternary["curve"] == two["curve"]
     # torchao and ParetoQ saw the same data: the same number of steps and tokens, and the same quantized linears
     assert len(two["losses"]) == len(report["widths"]["2"]["methods"]["paretoq"]["losses"])
+
+
+def test_bench_qat_scale_lr_trains_only_paretoq_scales_at_their_own_lr(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    plain, _ = _run(tmp_path, "rtn,paretoq")
+    report, out = _run(tmp_path, "rtn,paretoq", "--scale-lr", "0.05")
+    _check(report, out, ["rtn", "paretoq"])
+    assert report["budget"]["paretoq_scale_lr"] == 0.05 and plain["budget"]["paretoq_scale_lr"] is None
+    md = out.with_suffix(".md").read_text()
+    assert "ParetoQ QAT (fxquant), scales at lr 0.05" in md and "own AdamW group at peak lr 0.05" in md
+    for width in ("2", "1.58"):
+        fast, slow = report["widths"][width]["methods"]["paretoq"], plain["widths"][width]["methods"]["paretoq"]
+        assert fast["curve"][0] == slow["curve"][0]      # the same start (RTN) ...
+        assert fast["losses"][0] == slow["losses"][0]    # ... and the same first batch
+        assert fast["losses"][1:] != slow["losses"][1:]  # then the scales' own lr changes the run

@@ -51,7 +51,8 @@ def test_parsers_and_defaults():
     add_qat_parser(sub)
     add_pareto_parser(sub)
     a = parser.parse_args(["qat", "--model", "m", "--recipe", "paretoq-w1.58", "--steps", "5", "--resume", "ck/step-000002"])
-    assert (a.model, a.recipe, a.steps, a.resume) == ("m", "paretoq-w1.58", 5, "ck/step-000002")
+    assert (a.model, a.recipe, a.steps, a.resume, a.scale_lr) == ("m", "paretoq-w1.58", 5, "ck/step-000002", None)
+    assert parser.parse_args(["qat", "--scale-lr", "1e-2"]).scale_lr == 1e-2
     b = parser.parse_args(["pareto", "--model", "m", "--recipes", "rtn-w4", "paretoq-w2", "--steps", "3"])
     assert b.recipes == ["rtn-w4", "paretoq-w2"] and b.steps == 3
     assert default_lr(2) == 2e-5 and default_lr(1.58) == 2e-5 and default_lr(3) == 1e-5

@@ -177,3 +177,49 @@ def test_quantize_api_runs_the_recipe_and_lowers_to_packed_ops():
     Pipeline([LowerQuantizedLinears()]).run(result.captured, ctx, verify=True)
     assert set(ctx.artifacts["lowering"].values()) == {"pq_w2"}
     torch.testing.assert_close(result.captured(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_lr_trains_the_scales_in_their_own_group_and_resumes_only_into_the_same_setting(tmp_path):
+    from fxquant.qat import make_optimizer
+    ids = _ids()
+    # the optimizer: the scales alone in a second group at scale_lr, on the same cosine schedule
+    model = prepare_qat(make_tiny_llama(seed=1), ParetoQSpec(1.58))
+    opt, sched = make_optimizer(model, 1e-4, steps=4, scale_lr=1e-2)
+    alphas = {id(m.weight_alpha) for m in qat_modules(model).values()}
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-2]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == alphas
+    assert not alphas & {id(p) for p in opt.param_groups[0]["params"]}
+    assert len(opt.param_groups[0]["params"]) + len(alphas) == len(list(model.parameters()))
+    opt.step()
+    sched.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-5, 5e-3])
+    with pytest.raises(RecipeError, match="no ParetoQ scales"):
+        make_optimizer(make_tiny_llama(seed=1), 1e-4, steps=4, scale_lr=1e-2)
+
+    # at a small shared lr the scales barely move; with their own lr they move ~that lr per step (Adam)
+    cfg = {**CFG, "lr": 1e-5}
+    moved = {}
+    for scale_lr in (None, 1e-2):
+        m = prepare_qat(make_tiny_llama(seed=1), ParetoQSpec(1.58))
+        start = scales(m)
+        train_qat(m, ids, QATConfig(steps=4, scale_lr=scale_lr, **cfg))
+        moved[scale_lr] = max(float((scales(m)[k] - start[k]).abs().max()) for k in start)
+    assert moved[None] < 1e-4 < 5e-3 < moved[1e-2]
+
+    # resumable with the same scale_lr (bit for bit), refused with another one
+    m = prepare_qat(make_tiny_llama(seed=1), ParetoQSpec(1.58))
+    train_qat(m, ids, QATConfig(steps=4, save_every=2, scale_lr=1e-2, **cfg), checkpoint_dir=tmp_path)
+    again = prepare_qat(make_tiny_llama(seed=1), ParetoQSpec(1.58))
+    train_qat(again, ids, QATConfig(steps=4, scale_lr=1e-2, **cfg), resume=tmp_path / "step-000002")
+    for (k, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    other = prepare_qat(make_tiny_llama(seed=1), ParetoQSpec(1.58))
+    with pytest.raises(TrainingError):
+        train_qat(other, ids, QATConfig(steps=4, **cfg), resume=tmp_path / "step-000002")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), True, "1e-2"])
+def test_scale_lr_must_be_a_positive_number(bad):
+    with pytest.raises(RecipeError, match="scale learning rate"):
+        QATConfig(scale_lr=bad)

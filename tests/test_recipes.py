@@ -365,6 +365,8 @@ def test_option_values_are_checked_when_the_recipe_is_built(options, needle):
     ("paretoq-w2", {"lr": -1.0}, "learning rate must be a positive number"),
     ("paretoq-w2", {"save_every": 3}, "needs a checkpoint_dir"),
     ("paretoq-w2", {"lr": "2e-5"}, "option lr must be a number, or null"),
+    ("paretoq-w2", {"scale_lr": "1e-2"}, "option scale_lr must be a number, or null for lr's"),
+    ("paretoq-w2", {"scale_lr": 0.0}, "scale learning rate must be a positive number"),
 ])
 def test_option_values_of_every_trained_method_are_checked(base, options, needle):
     with pytest.raises(RecipeError, match=re.escape(needle)):
