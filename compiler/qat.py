@@ -9,8 +9,9 @@ The recipe is the paper's: AdamW without weight decay over every parameter (late
 parts), a cosine schedule to zero, lr 2e-5 for ≤ 2 bits and 1e-5 for 3–4 bits. ``scale_lr`` gives the ParetoQ
 scales (``weight_alpha``) a learning rate of their own: at the paper's lr, Adam moves a scale of ~0.6 by at most
 ~2e-5 a step, so over a CPU-sized budget of a few hundred steps the scales stay where ``init_alpha`` put them (and
-after global gradient clipping their gradients sit at Adam's ``eps``). On SmolLM2, ``scale_lr=1e-2`` made
-ternary QAT reach in 25 steps what the shared lr did not reach in 100 (``examples/results/qat_smollm2*.md``). Batches are random windows of
+after global gradient clipping their gradients sit at Adam's ``eps``). The built-in ternary and 2-bit recipes set
+``scale_lr: 3e-2``: on SmolLM2, 100 steps (``examples/results/qat_smollm2_scale_lr.md``) then reach perplexity
+1,052 (2-bit) and 3,101 (ternary) where the shared lr reached 4,126 and 5.6e5. Batches are random windows of
 the calibration text (WikiText-2 *validation*); the periodic evaluation is the perplexity protocol of
 :mod:`fxquant.evaluate` on a few windows of WikiText-2 *test*. Everything random draws from one seeded
 generator, whose state is part of the checkpoint, so a run resumed from a checkpoint ends bit for bit where the
@@ -482,7 +483,8 @@ def add_qat_parser(sub: Any) -> Any:
     """Add ``fxquant qat`` to the CLI's subparsers (``build_parser`` calls this)."""
     p = sub.add_parser("qat", help="ParetoQ quantization-aware training, then packed low-bit weights",
                        description="Train a ParetoQ recipe (paretoq-w1, -w1.58, -w2, -w3, -w4) with the paper's "
-                                   "optimizer (AdamW, no weight decay, cosine to zero, lr 2e-5 <= 2 bit / 1e-5 3-4 bit) "
+                                   "optimizer (AdamW, no weight decay, cosine to zero, lr 2e-5 <= 2 bit / 1e-5 3-4 bit; "
+                                   "the ternary and 2-bit recipes train their scales at 3e-2, see --scale-lr) "
                                    "on WikiText-2 validation windows, evaluate on WikiText-2 test windows, and "
                                    "optionally save the quantized model.")
     p.add_argument("--model", default="smollm2", help="built-in name, model folder, .gguf file or hub id")
@@ -490,8 +492,8 @@ def add_qat_parser(sub: Any) -> Any:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, 200)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 <= 2 bit, 1e-5 above)")
     p.add_argument("--scale-lr", type=float, default=None,
-                   help="peak learning rate of the ParetoQ scales (default: --lr, the paper's; 1e-2 trains them within "
-                        "a few hundred steps)")
+                   help="peak learning rate of the ParetoQ scales (default: the recipe's: 3e-2 for paretoq-w1.58 and "
+                        "-w2, whose scales start at max|W|; the paper's shared --lr for the others)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
@@ -561,7 +563,8 @@ def _cmd_qat(args: Any) -> int:
         raise RecipeError(f"fxquant qat trains ParetoQ recipes, not {recipe.name!r}",
                           "use paretoq-w1, paretoq-w1.58, paretoq-w2, paretoq-w3 or paretoq-w4")
     steps = args.steps if args.steps is not None else int(recipe.options.get("steps", 200))
-    config = QATConfig(steps=steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
+    scale_lr = args.scale_lr if args.scale_lr is not None else recipe.options.get("scale_lr")
+    config = QATConfig(steps=steps, lr=args.lr, scale_lr=scale_lr, batch_size=args.batch_size,
                        seq_len=args.seq_len, seed=args.seed,
                        eval_every=args.eval_every, eval_windows=args.eval_windows, progress=not args.no_progress,
                        save_every=args.save_every, keep_last=args.keep_last, sharding=getattr(args, "sharding", "ddp"))

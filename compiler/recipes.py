@@ -703,17 +703,26 @@ def _paretoq_passes(recipe: Recipe) -> list:
 PIPELINE_BUILDERS["paretoq"] = _paretoq_passes
 
 
+#: the scales' own peak lr of the built-in SEQ recipes (ternary, 2-bit; their scales start at max|W|, ~0.6 on
+#: SmolLM2): at the paper's shared 2e-5 they do not move within a few hundred steps. Measured with
+#: examples/bench_qat.py (README, "Quantization-aware training"). Binary and LSQ (3/4-bit) scales start an order of
+#: magnitude smaller (mean|W|, max|W|/Qp), so an absolute lr tuned for SEQ does not carry over: they keep the paper's.
+SEQ_SCALE_LR = 3e-2
+
+
 def _paretoq(bits: str, description: str) -> Callable[[], Recipe]:
     def make() -> Recipe:
         from .paretoq import ParetoQSpec
-        return Recipe(name=f"paretoq-w{bits}", method="paretoq", weight=ParetoQSpec(float(bits)),
-                      description=description, options={"steps": 200})
+        spec = ParetoQSpec(float(bits))
+        defaults: dict[str, Any] = {"steps": 200, **({"scale_lr": SEQ_SCALE_LR} if spec.method == "seq" else {})}
+        return Recipe(name=f"paretoq-w{bits}", method="paretoq", weight=spec, description=description, options=defaults)
     return make
 
 
 for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary SEQ, packed 5 per byte"),
                      ("2", "2-bit SEQ"), ("3", "3-bit LSQ, 2+1 bit planes"), ("4", "4-bit LSQ")):
-    _d = f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
+    _d = (f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
+          + (f", scales at their own lr {SEQ_SCALE_LR:g} (options.scale_lr)" if _bits in ("1.58", "2") else ""))
     register_recipe(f"paretoq-w{_bits}", _d, _paretoq(_bits, _d))
 
 

@@ -202,6 +202,8 @@ def test_fxquant_qat_under_torchrun_fsdp_matches_one_process(tmp_path):
     assert proc.stdout.count("model: ") == 1 and "2 processes, fsdp" in proc.stdout  # rank 0 prints, once
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == WORLD and two["config"]["sharding"] == "fsdp" and len(two["losses"]) == 3
+    # the recipe's own scale lr reached the trainer (no --scale-lr given), and FSDP2 kept the scales' group
+    assert one["config"]["scale_lr"] == two["config"]["scale_lr"] == 3e-2
     _close(two["losses"], one["losses"])
     _close([two["ppl_final"], two["ppl_init"]], [one["ppl_final"], one["ppl_init"]])
     assert (tmp_path / "out").is_dir() and any((tmp_path / "out").glob("*.safetensors"))

@@ -505,3 +505,12 @@ def test_cli_steps_and_checkpoint_flags_pass_validation(recipe, tmp_path, monkey
     assert r.options.get("distill") == (0.25 if from_file else None)
     r.validate()
     r.pipeline()
+
+
+def test_seq_paretoq_recipes_train_their_scales_at_their_own_lr_and_null_gives_the_papers_back():
+    from fxquant.recipes import SEQ_SCALE_LR
+    for name in ("paretoq-w1.58", "paretoq-w2"):
+        assert get_recipe(name).options["scale_lr"] == SEQ_SCALE_LR == 3e-2
+    for name in ("paretoq-w1", "paretoq-w3", "paretoq-w4"):  # scales an order of magnitude smaller: the paper's lr
+        assert "scale_lr" not in get_recipe(name).options
+    assert get_recipe({"base": "paretoq-w2", "options": {"scale_lr": None}}).options["scale_lr"] is None
