@@ -299,6 +299,12 @@ def _from_mapping(data: dict, source: str) -> Recipe:
                               "drop the quantization keys, or choose method: rtn")
     spec = _weight_spec(method, name, data, base)
     options = {**(base.options if base is not None else {}), **own}
+    if method == "paretoq" and "scale_lr" not in own:
+        # the scales' own lr follows the width the file ends up with, not the base's (SEQ: SEQ_SCALE_LR; binary and
+        # LSQ scales start an order of magnitude smaller and keep the paper's shared lr); null in the file keeps it off
+        options.pop("scale_lr", None)
+        if spec.method == "seq":
+            options.update(scale_lr=SEQ_SCALE_LR)
     changed = sorted(k for k in data if k in _WEIGHT_KEYS or k in ("exclude", "options", "method"))
     if "description" in data:
         description = str(data["description"])

@@ -514,3 +514,8 @@ def test_seq_paretoq_recipes_train_their_scales_at_their_own_lr_and_null_gives_t
     for name in ("paretoq-w1", "paretoq-w3", "paretoq-w4"):  # scales an order of magnitude smaller: the paper's lr
         assert "scale_lr" not in get_recipe(name).options
     assert get_recipe({"base": "paretoq-w2", "options": {"scale_lr": None}}).options["scale_lr"] is None
+    # a file's width decides, not its base's: 2-bit base -> 4-bit LSQ drops it, a 1-bit base -> ternary gains it
+    assert "scale_lr" not in get_recipe({"base": "paretoq-w2", "bits": 4}).options
+    assert get_recipe({"base": "paretoq-w1", "bits": 1.58}).options["scale_lr"] == SEQ_SCALE_LR
+    assert get_recipe({"method": "paretoq", "bits": 2}).options["scale_lr"] == SEQ_SCALE_LR
+    assert get_recipe({"base": "paretoq-w2", "bits": 4, "options": {"scale_lr": 1e-3}}).options["scale_lr"] == 1e-3
