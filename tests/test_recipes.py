@@ -387,6 +387,7 @@ README_EXAMPLES = """
 {method: fsbr, bits: 4, group_size: 128, options: {act_bits: 8, epochs: 2, samples: 32}}
 {base: illm-w8a8, options: {fsbr: false}}
 {method: paretoq, bits: 1.58, group_size: 64, options: {steps: 300, lr: 2.0e-5}}
+{base: paretoq-w2, options: {scale_lr: null}}
 """.strip().splitlines()
 
 
