@@ -24,8 +24,9 @@ Run (the issue's budget: 300 steps of 4 x 256 tokens; on a 2-core CPU pass fewer
 
     python examples/bench_qat.py --steps 300 --eval-every 50 --eval-windows 5
 
-``--scale-lr 1e-2`` trains ParetoQ's scales at their own learning rate (:class:`fxquant.qat.QATConfig`'s
-``scale_lr``): at the paper's shared lr they stay at their initial values over a budget this short.
+``--scale-lr 3e-2`` trains ParetoQ's scales at their own learning rate (:class:`fxquant.qat.QATConfig`'s
+``scale_lr``, what the ``paretoq-w1.58`` / ``paretoq-w2`` recipes do by default): at the paper's shared lr, this
+script's default, they stay at their initial values over a budget this short.
 
 Writes ``examples/results/qat_smollm2.{json,md,png}`` (``--out`` changes the stem), after every method, so an
 interrupted run keeps what it measured. torchao is optional (``pip install fxquant[bench]``): without it the

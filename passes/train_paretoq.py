@@ -9,8 +9,8 @@ Contract
   authors intended: :func:`fxquant.paretoq.prepare_qat` swaps the graph's selected linears for ``QATLinear``
   (starting from the graph's scales), :func:`fxquant.qat.train_qat` runs the paper's optimizer for
   ``recipe.options["steps"]`` steps (default 200; ``lr``, ``scale_lr``, ``batch_size``, ``seq_len``, ``seed``
-  also read from the options), then the linears are swapped back (same Parameter objects) and the trained weights and scales are
-  put into ``cg.tensors``. The graph is unchanged: it still computes the fake-quant model, now with trained tensors.
+  also read from the options), then the linears are swapped back (same Parameter objects) and the trained weights
+  and scales are put into ``cg.tensors``. The graph is unchanged: it still computes the fake-quant model, now with trained tensors.
   The loss history is ``ctx.artifacts["qat_history"]``.
 * **ensures** every scale placeholder holds a finite, positive tensor of its original shape.
 """
