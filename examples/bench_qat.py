@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in ("paretoq", "torchao"):
             if method not in methods or (method == "torchao" and ao is None):
                 continue
-            key = (TORCHAO_DTYPE[bits], lr_of[bits])
+            if method == "torchao" and bits not in TORCHAO_DTYPE:
+                why = f"torchao at {width_label(bits)}: no torchao config is compared at this width (2-bit and ternary only)"
+                print(f"{why}: SKIPPED", flush=True)
+                report["skipped"].append(why)
+                continue
+            key = (TORCHAO_DTYPE.get(bits), lr_of[bits])
             if method == "torchao" and key in torchao_runs:
                 reused = copy.deepcopy(torchao_runs[key])
                 reused["note"] = (f"{width_label(bits)} uses the same torchao config ({reused['quantizer']}) and lr as the "

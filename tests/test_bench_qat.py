@@ -91,3 +91,17 @@ def test_bench_qat_scale_lr_trains_only_paretoq_scales_at_their_own_lr(tmp_path,
         assert fast["curve"][0] == slow["curve"][0]      # the same start (RTN) ...
         assert fast["losses"][0] == slow["losses"][0]    # ... and the same first batch
         assert fast["losses"][1:] != slow["losses"][1:]  # then the scales' own lr changes the run
+
+
+def test_bench_qat_runs_a_width_torchao_is_not_compared_at(tmp_path, monkeypatch, capsys):
+    """--widths 4: RTN and ParetoQ run; torchao (compared at 2-bit and ternary only) is skipped with a line."""
+    folder, text = make_tiny_model_folder(tmp_path)
+    out = tmp_path / "w4"
+    report = _bench().main(["--model", str(folder), "--calib", str(text), "--data", str(text), "--widths", "4",
+                            "--steps", "2", "--eval-every", "0", "--batch-size", "2", "--seq-len", "32",
+                            "--eval-windows", "1", "--eval-seq-len", "64", "--lr", "1e-3", "--threads", "1",
+                            "--no-progress", "--no-plot", "--out", str(out)])
+    entry = report["widths"]["4"]
+    if "torchao" in sys.modules and sys.modules["torchao"] is not None:
+        assert any("torchao at 4-bit" in s for s in report["skipped"]) and "SKIPPED" in capsys.readouterr().out
+    assert set(entry["methods"]) == {"rtn", "paretoq"} and entry["methods"]["paretoq"]["trained_steps"] == 2
