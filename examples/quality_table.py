@@ -22,6 +22,7 @@ import copy
 import json
 import platform
 import sys
+import logging
 import time
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def main() -> None:
                     help="a recipe option for recipes that take options (value parsed as YAML: true, 8, 0.5); "
                          "repeatable, and part of the row's label, e.g. --option clip_scale_up=true")
     args = ap.parse_args()
+    # the passes' progress lines (TEQ's init search, each trained block, the clip search) on stderr
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fxquant").setLevel(logging.INFO)
     command = ("python examples/quality_table.py " + " ".join(sys.argv[1:])).strip()
 
     # 1. load the float model once and tokenize the evaluation text once

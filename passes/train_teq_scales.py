@@ -43,6 +43,15 @@ the identity on the held-out windows), ``check_every`` (100: the held-out loss i
 the best scales seen are returned when they beat both the end of training and the init — a long schedule that
 drifts keeps its best point, not only its start; 0: the end only; checks and the best scales are in checkpoints).
 ``steps: 0`` trains nothing: with ``init: awq`` that is AWQ's scales alone.
+
+``objective`` ("model", the paper's: the whole model's next-token loss, the options above) or "block"
+(:func:`train_blocks`: one decoder layer at a time, the output error of the quantized layer against the float
+layer, FSBR's schedule; it reads ``block_samples`` (32 calibration windows), ``block_epochs`` (4), ``block_lr``
+(5e-3, Adam on ``log s``) and ``block_loss`` ("mse" or "relative": :func:`block_error`) and ignores ``steps``,
+``lr``, ``batch_size``, ``warmup``, ``distill`` and
+``check_every``). The block objective's quantizer is the recipe's with the gradient of its range added
+(:func:`range_aware_quantizer`); it ends with the same held-out guard, and does not checkpoint (one pass over the
+layers: minutes on SmolLM2).
 """
 from __future__ import annotations
 
@@ -65,7 +74,8 @@ from fxquant.pipeline import Pass, PassContext, PassResult
 
 log = logging.getLogger("fxquant")
 
-__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "awq_init", "quantized_loss", "teq_objective",
+__all__ = ["TrainTEQScales", "TEQConfig", "train_scales", "train_blocks", "block_error", "range_aware_quantizer",
+           "awq_init", "quantized_loss", "teq_objective",
            "weight_quantizer", "calibration_ids", "calibration_windows", "spread_windows", "run_windows",
            "linear_warmup_decay"]
 
@@ -74,6 +84,10 @@ Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 #: how TEQ's scales start (option ``init``)
 INITS = ("ones", "awq")
+#: what TEQ's scales are trained to minimise (option ``objective``)
+OBJECTIVES = ("model", "block")
+#: the block objective's error measure (option ``block_loss``, :func:`block_error`)
+BLOCK_LOSSES = ("mse", "relative")
 
 
 @dataclass
@@ -97,6 +111,11 @@ class TEQConfig:
     init_grid: int = 20                 # "awq": exponents alpha = 0, 1/grid, ..., (grid - 1)/grid tried per group
     init_windows: int = 8               # "awq": calibration windows whose activations the search uses
     check_every: int = 100              # held-out loss every N steps; the best scales seen are kept (0: end only)
+    objective: str = "model"            # "model": next-token loss of the whole model | "block": layer by layer
+    block_samples: int = 32             # "block": calibration windows whose layer inputs are cached
+    block_epochs: int = 4               # "block": epochs over them per decoder layer
+    block_lr: float = 5e-3              # "block": Adam lr of the log-scales (a relative step per scale)
+    block_loss: str = "mse"             # "block": "mse" over all elements | "relative": per-token relative error
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "TEQConfig":
@@ -127,7 +146,23 @@ class TEQConfig:
         if not isinstance(self.check_every, int) or isinstance(self.check_every, bool) or self.check_every < 0:
             raise PassError(f"TEQ check_every is a number of steps (>= 0), got {self.check_every!r}",
                             "e.g. options: {check_every: 20}; 0 checks the held-out loss at the end only")
-        for key in ("init_grid", "init_windows"):
+        if self.objective not in OBJECTIVES:
+            raise PassError(f"TEQ objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+                            "model: the whole model's next-token loss (the paper); block: each decoder layer's output "
+                            "error against the float layer, one layer at a time")
+        if isinstance(self.block_lr, bool) or not isinstance(self.block_lr, (int, float)) or not self.block_lr > 0:
+            raise PassError(f"TEQ block_lr must be a positive number, got {self.block_lr!r}",
+                            "e.g. options: {block_lr: 5.0e-3}")
+        if self.block_loss not in BLOCK_LOSSES:
+            raise PassError(f"TEQ block_loss must be one of {', '.join(BLOCK_LOSSES)}, got {self.block_loss!r}",
+                            "mse: squared error over all elements; relative: per-token error over the token's norm")
+        if self.objective == "block" and (self.checkpoint_dir is not None or self.resume not in (None, False)):
+            raise PassError("TEQ's block objective does not checkpoint (one pass over the layers, minutes long)",
+                            "drop checkpoint_dir / resume, or use objective: model")
+        if not isinstance(self.block_epochs, int) or isinstance(self.block_epochs, bool) or self.block_epochs < 0:
+            raise PassError(f"TEQ block_epochs must be a non-negative integer, got {self.block_epochs!r}",
+                            "e.g. options: {block_epochs: 4}; 0 keeps the init")
+        for key in ("init_grid", "init_windows", "block_samples"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PassError(f"TEQ {key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 4}}")
@@ -441,10 +476,165 @@ def awq_init(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, windows: 
     return scales, info
 
 
+def range_aware_quantizer(quantizer: Quantizer, spec: Any) -> Quantizer:
+    """``quantizer`` (a straight-through fake quantizer) with the gradient of its *range* added, for the formats
+    whose scale is proportional to the row's (group's) ``max |w|``: FP formats (absmax, or a searched ratio of it)
+    and symmetric integers. The value is ``quantizer(w)`` bit for bit; the gradient is the identity plus, through
+    the element that sets each row's range, ``Σ (FQ(w) - w)`` weighted by the upstream gradient over ``amax`` — so
+    stretching one channel is seen to coarsen the step of every other in its row (LSQ's point; FSBR's clipping
+    quantizer keeps it the same way). Any other spec (asymmetric integers, none) gets ``quantizer`` unchanged."""
+    from fxquant.fpformats import FPQuantSpec, _expand, _group_amax
+    from fxquant.quant import QuantSpec
+    if isinstance(spec, FPQuantSpec):
+        group = spec.group_size
+    elif isinstance(spec, QuantSpec) and spec.symmetric and not spec.per_tensor:
+        group = spec.group_size
+    else:
+        return quantizer
+
+    def fq(w: torch.Tensor) -> torch.Tensor:
+        out = quantizer(w)
+        if not w.requires_grad:
+            return out
+        size = None if group is None or group >= w.shape[1] else group
+        amax = _group_amax(w, size)
+        ratio = _expand(amax / amax.detach().clamp(min=1e-30), w.shape[1], size)  # value 1, gradient 1 / amax
+        return out + (ratio - ratio.detach()) * (out - w).detach()
+    return fq
+
+
+def block_error(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The block objective: ``mse`` — mean squared error over every element; ``relative`` — each token's squared
+    error over its float output's squared norm, averaged over tokens, so the few massive-activation tokens of a
+    model such as SmolLM2 (residual norms hundreds of times the rest) do not decide every scale."""
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    err = (out - target).pow(2).sum(dim=-1)
+    return (err / target.pow(2).sum(dim=-1).clamp(min=1e-12)).mean()
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def train_blocks(model: torch.nn.Module, plan: ScalePlan, fq: Callable[[str, torch.Tensor], torch.Tensor],
+                 base: Mapping[str, torch.Tensor], qlin: Mapping[str, str], start: Mapping[str, torch.Tensor],
+                 windows: torch.Tensor, cfg: TEQConfig) -> tuple[dict[str, torch.Tensor], list[float], list[dict]]:
+    """TEQ's scales trained block by block (option ``objective: block``): for each decoder layer in order, the
+    scales of the groups inside it minimise the mean squared error between the layer's output with its weights
+    folded and fake-quantized (``fq(fqn, w)``), run on the *quantized* chain's input (the output of the layers
+    already done), and the float layer's output on the float chain's input — FSBR's schedule (I-LLM, OmniQuant),
+    here for TEQ's weight-only scales. Per layer: the inputs of ``block_samples`` calibration windows are cached,
+    ``block_epochs`` epochs of Adam (lr ``block_lr``) on ``log s`` (one parameter per RoPE pair of a tied group), and
+    the block objective, measured on all the samples for the init and after every epoch, picks the scales kept: no
+    layer ends worse than its init on its own objective. Returns ``(scales, mean loss of each epoch, per-layer
+    records {"layer", "init", "epochs", "best"})``; groups outside the decoder layers keep ``start``."""
+    from fxquant.passes.fsbr import LOG_MIN_SCALE, _decoder_layers, _layer_inputs
+    prefix, layers = _decoder_layers(model, plan)
+    device = next(iter(base.values())).device
+    dtype = next((t.dtype for t in base.values() if t.is_floating_point()), torch.float32)
+    batches = spread_windows(windows, cfg.block_samples).to(device)
+    n = batches.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = {k: v.detach().clone() for k, v in start.items()}
+    losses: list[float] = []
+    records: list[dict] = []
+    float_in = _layer_inputs(model, layers[0], batches)
+    quant_in = [(h.clone(), kw) for h, kw in float_in]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(layers) * cfg.block_epochs, desc="teq blocks", unit="epoch", leave=False)
+    try:
+        for i, layer in enumerate(layers):
+            local = f"{prefix}.{i}."
+            groups = [g for g in plan.groups
+                      if g.producer.startswith(local) and all(site.fqn.startswith(local) for site in g.sites)]
+            mine = sorted({site.fqn for g in groups for site in g.sites} | {f for f in qlin if f.startswith(local)})
+
+            def effective(sc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                typed = {k: v.to(dtype) for k, v in sc.items()}
+                out = {}
+                for fqn in mine:
+                    w = plan.apply_one(fqn, base[fqn], typed)
+                    out[fqn[len(local):]] = fq(fqn, w) if fqn in qlin else w
+                return out
+
+            def run(params: Mapping[str, torch.Tensor], h: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
+                return _block_output(torch.func.functional_call(layer, dict(params), args=(h,), kwargs=dict(kw),
+                                                                strict=False))
+
+            def expand(log_s: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                out = {}
+                for g in groups:
+                    t = log_s[g.name]
+                    if g.tie_half:
+                        t = t.view(-1, 1, g.tie_half).expand(-1, 2, g.tie_half).reshape(-1)
+                    out[g.name] = t.exp()
+                return out
+
+            with torch.no_grad():
+                targets = [_block_output(layer(h, **kw)) for h, kw in float_in]
+
+                def objective(sc: Mapping[str, torch.Tensor]) -> float:
+                    params = effective(sc)
+                    return sum(float(block_error(run(params, h, kw), t, cfg.block_loss))
+                               for (h, kw), t in zip(quant_in, targets)) / n
+
+                kept = {g.name: result[g.name] for g in groups}
+                best_loss = objective(kept)
+            record: dict[str, Any] = {"layer": i, "init": best_loss, "epochs": [], "best": "init"}
+            if groups and cfg.block_epochs:
+                log_s = {}
+                for g in groups:
+                    t = result[g.name].clamp(min=MIN_SCALE).log()
+                    if g.tie_half:
+                        t = t.view(-1, 2, g.tie_half)[:, 0, :].reshape(-1)
+                    log_s[g.name] = torch.nn.Parameter(t.clone())
+                opt = torch.optim.Adam(list(log_s.values()), lr=cfg.block_lr)
+                for epoch in range(cfg.block_epochs):
+                    running = 0.0
+                    for b in torch.randperm(n, generator=gen).tolist():
+                        h, kw = quant_in[b]
+                        loss = block_error(run(effective(expand(log_s)), h, kw), targets[b], cfg.block_loss)
+                        running += check_finite_loss(loss, epoch * n + b + 1, f"TEQ block {i}")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        with torch.no_grad():
+                            for t in log_s.values():
+                                t.clamp_(min=LOG_MIN_SCALE)
+                    losses.append(running / n)
+                    with torch.no_grad():
+                        now = {k: v.detach().clone() for k, v in expand(log_s).items()}
+                        score = objective(now)
+                    record["epochs"].append(score)
+                    if score < best_loss:
+                        best_loss, kept, record["best"] = score, now, f"epoch {epoch + 1}"
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(layer=i, mse=f"{score:.3g}", init=f"{record['init']:.3g}")
+            elif bar is not None:
+                bar.update(cfg.block_epochs)
+            record["trained"] = best_loss
+            records.append(record)
+            result.update(kept)
+            with torch.no_grad():
+                params = effective(kept)
+                quant_in = [(run(params, h, kw), kw) for h, kw in quant_in]
+            float_in = [(t, kw) for t, (_, kw) in zip(targets, float_in)]
+            log.info("teq: block %d: output MSE %.4g -> %.4g (%s)", i, record["init"], best_loss, record["best"])
+    finally:
+        if bar is not None:
+            bar.close()
+    return result, losses, records
+
+
 def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calibration: Any, cfg: TEQConfig, *,
                  exclude: Sequence[str] = ("lm_head*",), tokenizer: Any = None,
                  init: Mapping[str, torch.Tensor] | None = None, quantizer_name: str | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> EquivalentScales:
+                 on_step: Callable[[int, float], None] | None = None, spec: Any = None) -> EquivalentScales:
     """Train the plan's scales on ``cg.model`` (see the module docstring) and return them with the loss curve.
 
     ``quantizer_name`` identifies the quantizer in checkpoint fingerprints (the pass gives its spec), so a run
@@ -543,45 +733,55 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
         p.requires_grad_(False)
     model.eval()
     bar = None
-    if cfg.progress:
+    if cfg.progress and cfg.objective == "model":
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=first, desc="teq", unit="step", leave=False)
+    block_mse: list[dict] = []
     try:
-        for step in range(first, cfg.steps):
-            pick = torch.randint(0, train_windows.shape[0], (cfg.batch_size,), generator=gen)
-            batch = train_windows[pick].to(device)
-            loss = _loss(model, build(scales), batch, cfg.distill)
-            value = check_finite_loss(loss, step + 1, "TEQ")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        if cfg.objective == "block":
+            ranged = range_aware_quantizer(quantizer, spec)
+            trained, losses, block_mse = train_blocks(
+                model, plan, lambda fqn, w: ranged(w.t()).t() if qlin[fqn] == "in_out" else ranged(w),
+                base, qlin, init_copy, train_windows, cfg)
             with torch.no_grad():
-                for g in plan.groups:
-                    s = scales[g.name]
-                    s.clamp_(min=MIN_SCALE)
-                    if g.tie_half:  # keep RoPE pairs tied: average the two halves' updates
-                        blocks = s.view(-1, 2, g.tie_half)
-                        blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
-            losses.append(value)
-            done = step + 1
-            if held is not None and cfg.check_every and done % cfg.check_every == 0 and done < cfg.steps:
+                for k, v in scales.items():
+                    v.copy_(trained[k])
+        else:
+            for step in range(first, cfg.steps):
+                pick = torch.randint(0, train_windows.shape[0], (cfg.batch_size,), generator=gen)
+                batch = train_windows[pick].to(device)
+                loss = _loss(model, build(scales), batch, cfg.distill)
+                value = check_finite_loss(loss, step + 1, "TEQ")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
                 with torch.no_grad():
-                    check = _heldout_loss(model, build(scales), held, cfg, device)
-                if not checks or check < min(c[1] for c in checks):
+                    for g in plan.groups:
+                        s = scales[g.name]
+                        s.clamp_(min=MIN_SCALE)
+                        if g.tie_half:  # keep RoPE pairs tied: average the two halves' updates
+                            blocks = s.view(-1, 2, g.tie_half)
+                            blocks.copy_(blocks.mean(dim=1, keepdim=True).expand_as(blocks))
+                losses.append(value)
+                done = step + 1
+                if held is not None and cfg.check_every and done % cfg.check_every == 0 and done < cfg.steps:
                     with torch.no_grad():
-                        for k, v in scales.items():
-                            best[k].copy_(v)
-                checks.append([done, check])
-                log.info("teq: step %d: held-out loss %.4f", done, check)
-            if cfg.checkpoint_dir is not None and (
-                    (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-                save(done)
-            if on_step is not None:
-                on_step(done, value)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                        check = _heldout_loss(model, build(scales), held, cfg, device)
+                    if not checks or check < min(c[1] for c in checks):
+                        with torch.no_grad():
+                            for k, v in scales.items():
+                                best[k].copy_(v)
+                    checks.append([done, check])
+                    log.info("teq: step %d: held-out loss %.4f", done, check)
+                if cfg.checkpoint_dir is not None and (
+                        (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+                    save(done)
+                if on_step is not None:
+                    on_step(done, value)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
     finally:
         if bar is not None:
             bar.close()
@@ -592,6 +792,8 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
     extra: dict[str, Any] = {"kept": "trained"}
     if alphas:
         extra["awq"] = dict(alphas)
+    if block_mse:
+        extra["block_mse"] = block_mse
     if held is not None:
         # the guard: training must not make the quantized model worse on text it never saw (too high a learning
         # rate does: SmolLM2 W4g128 at lr 5e-3 went from 44.2 to 60.7 perplexity); if it did, keep the init —
@@ -684,7 +886,7 @@ class TrainTEQScales(Pass):
             log.info("teq: skipped %s: %s", what, why)
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
         record = train_scales(cg, plan, self.quantizer, ctx.calibration, self.config, exclude=self.exclude,
-                              tokenizer=tokenizer, quantizer_name=repr(self.spec))
+                              tokenizer=tokenizer, quantizer_name=repr(self.spec), spec=self.spec)
         ctx.artifacts["teq"] = record
         n = len(record.losses)
         k = max(1, n // 20)

@@ -435,3 +435,170 @@ def test_periodic_held_out_checks_keep_the_best_scales(tmp_path, monkeypatch):
     for bad in (-1, 1.5, True):
         with pytest.raises(PassError, match="check_every"):
             TEQConfig(check_every=bad).validate()
+
+
+# ---- the block objective (objective: block) --------------------------------------------------------------------
+def _range_reference(w: torch.Tensor, spec) -> torch.Tensor:
+    """Fake quantization written with a differentiable range: ``scale(w) · R(w / scale(w))``, ``scale = amax / top``
+    per row (group) from autograd's own ``amax``, only the rounding ``R`` straight-through."""
+    from fxquant.fpformats import FPQuantSpec, round_to_format
+    group = spec.group_size
+    cols = w.shape[1]
+    size = group if group is not None and group < cols else cols
+    pad = -cols % size
+    wp = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], -1, size)
+    amax = wp.abs().amax(dim=2, keepdim=True)
+    if isinstance(spec, FPQuantSpec):
+        scale = torch.where(amax > 0, amax / spec.format.max_value, torch.ones_like(amax))
+        x = wp / scale
+        r = round_to_format(x.detach(), spec.format)
+    else:
+        top = 2 ** (spec.bits - 1) - 1
+        scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+        x = wp / scale
+        r = torch.round(x.detach()).clamp(-top, top)
+    out = scale * (x + (r - x).detach())
+    return out.reshape(w.shape[0], -1)[:, :cols]
+
+
+@settings(max_examples=FEW * 2, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 70), seed=st.integers(0, 2**16),
+       kind=st.sampled_from(["e3m2", "e2m3", "int4", "int3"]), group=st.sampled_from([None, 8, 32]),
+       outlier=st.floats(1.0, 100.0), zero_row=st.booleans())
+def test_range_aware_quantizer_value_and_gradient(rows, cols, seed, kind, group, outlier, zero_row):
+    """The block objective's quantizer: the recipe's fake-quant value bit for bit, and the gradient of a quantizer
+    whose range is differentiable (checked against autograd on that formula), outliers and zero rows included."""
+    from fxquant.fpformats import FPQuantSpec
+    from fxquant.passes.train_teq_scales import range_aware_quantizer
+    spec = FPQuantSpec(format=kind, group_size=group) if kind.startswith("e") else \
+        QuantSpec(bits=int(kind[3:]), symmetric=True, group_size=group)
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(rows, cols, generator=g)
+    w0[:, int(torch.randint(0, cols, (1,), generator=g))] *= outlier
+    if zero_row:
+        w0[0] = 0.0
+    up = torch.randn(rows, cols, generator=g)
+    fq = range_aware_quantizer(weight_quantizer(spec), spec)
+    w = w0.clone().requires_grad_(True)
+    out = fq(w)
+    assert torch.equal(out.detach(), weight_quantizer(spec)(w0)), "the value is not the recipe's fake quant"
+    (out * up).sum().backward()
+    ref_w = w0.clone().requires_grad_(True)
+    ref = _range_reference(ref_w, spec)
+    torch.testing.assert_close(ref.detach(), out.detach(), rtol=0, atol=1e-6 * float(w0.abs().max()))
+    (ref * up).sum().backward()
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-4, atol=1e-5)
+    plain = w0.clone().requires_grad_(True)
+    (weight_quantizer(spec)(plain) * up).sum().backward()
+    if not torch.equal(out.detach(), w0):   # some rounding error: the range's gradient is not zero
+        assert not torch.equal(w.grad, plain.grad), "no range gradient: the quantizer is plain straight-through"
+
+
+def test_range_aware_quantizer_leaves_asymmetric_integers_alone():
+    from fxquant.passes.train_teq_scales import range_aware_quantizer
+    spec = QuantSpec(bits=4, symmetric=False, group_size=32)
+    q = weight_quantizer(spec)
+    assert range_aware_quantizer(q, spec) is q
+
+
+@functools.lru_cache(maxsize=None)
+def _block_setup():
+    model = make_tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128)
+    randomize(model, 13, outliers=2, outlier_gain=10.0)
+    cg = capture(model)
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    plan = plan_scales(cg, ctx.artifacts["structure"])
+    ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(7))
+    return cg, plan, ids
+
+
+def _block_train(**kw):
+    cg, plan, ids = _block_setup()
+    spec = QuantSpec(bits=3, group_size=32)
+    opts = dict(steps=0, seq_len=32, init="ones", objective="block", block_samples=8, block_epochs=4, block_lr=2e-2,
+                progress=False, holdout=0)
+    cfg = TEQConfig(**{**opts, **kw})
+    return train_scales(cg, plan, weight_quantizer(spec), ids, cfg, spec=spec)
+
+
+@torch.no_grad()
+def _logit_error(cg, plan, scales, batch) -> float:
+    """Mean squared error of the quantized model's logits (scales folded, W3 g32 fake quant) against the float's."""
+    from fxquant.passes.train_teq_scales import _logits, _quantized_params
+    q = weight_quantizer(QuantSpec(bits=3, group_size=32))
+    params = _quantized_params(cg, plan, q, scales, ("lm_head*",))
+    return float(torch.nn.functional.mse_loss(_logits(cg.model, params, batch), _logits(cg.model, {}, batch)))
+
+
+def test_block_objective_trains_each_layer_and_lowers_the_model_output_error():
+    """Layer by layer: every layer ends at or below its init on its own objective, at least one improves, the
+    scales move (RoPE pairs stay tied, scales stay positive), and — a check outside the block objective — the
+    whole quantized model's logits are closer to the float model's on text it never trained on."""
+    cg, plan, ids = _block_setup()
+    record = _block_train()
+    blocks = record.extra["block_mse"]
+    assert [b["layer"] for b in blocks] == [0, 1]
+    assert all(b["trained"] <= b["init"] and len(b["epochs"]) == 4 for b in blocks)
+    assert any(b["best"] != "init" and b["trained"] < 0.95 * b["init"] for b in blocks), blocks
+    assert record.moved() > 1e-2 and record.extra["kept"] == "trained" and len(record.losses) == 2 * 4
+    for g in plan.groups:
+        s = record.scales[g.name]
+        assert bool((s > 0).all())
+        if g.tie_half:
+            halves = s.view(-1, 2, g.tie_half)
+            assert torch.equal(halves[:, 0], halves[:, 1])
+    unseen = ids[-8 * 32:].reshape(8, 32)
+    assert _logit_error(cg, plan, record.scales, unseen) < 0.9 * _logit_error(cg, plan, plan.init_scales(), unseen)
+
+
+def test_block_objective_is_deterministic_and_zero_epochs_keep_the_init():
+    a, b, c = _block_train(seed=1, block_epochs=2), _block_train(seed=1, block_epochs=2), _block_train(seed=2,
+                                                                                                    block_epochs=2)
+    assert all(torch.equal(a.scales[k], b.scales[k]) for k in a.scales) and a.losses == b.losses
+    assert any(not torch.equal(a.scales[k], c.scales[k]) for k in a.scales)
+    none = _block_train(block_epochs=0)
+    assert none.moved() == 0.0 and none.losses == [] and all(r["best"] == "init" for r in none.extra["block_mse"])
+
+
+def test_block_objective_goes_through_the_held_out_guard():
+    record = _block_train(holdout=8)
+    assert record.extra["heldout_windows"] == 8 and record.extra["kept"] in ("trained", "init")
+    if record.extra["kept"] == "trained":
+        assert record.extra["heldout_loss_trained"] <= record.extra["heldout_loss_init"]
+    else:
+        assert record.moved() == 0.0
+
+
+def test_block_error_measures():
+    """``mse`` is the plain mean over elements; ``relative`` weighs every token by its own norm, so a massive token
+    (x1000) counts once, not a million times."""
+    from fxquant.passes.train_teq_scales import block_error
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    target[0, 0] *= 1000.0
+    out = target * 1.1                               # every token 10 % off
+    assert float(block_error(out, target)) == pytest.approx(float(((out - target) ** 2).mean()))
+    assert float(block_error(out, target, "relative")) == pytest.approx(0.01)
+    out2 = out.clone()
+    out2[0, 0] = target[0, 0]                        # the massive token exact: mse collapses, relative barely moves
+    assert float(block_error(out2, target)) < 1e-3 * float(block_error(out, target))
+    assert float(block_error(out2, target, "relative")) == pytest.approx(0.01 * 9 / 10)
+
+
+@pytest.mark.parametrize("bad, match", [({"objective": "layer"}, "objective"), ({"block_loss": "l1"}, "block_loss"), ({"block_lr": 0.0}, "block_lr"),
+                                        ({"block_epochs": -1}, "block_epochs"), ({"block_samples": 0}, "block_samples"),
+                                        ({"objective": "block", "checkpoint_dir": "x"}, "checkpoint")])
+def test_block_options_are_validated(bad, match):
+    with pytest.raises(PassError, match=match):
+        TEQConfig(**bad).validate()
+
+
+def test_block_objective_is_a_recipe_option():
+    from fxquant.errors import RecipeError
+    recipe = get_recipe("teq-fp6")
+    recipe.options.update(objective="block", block_epochs=2)
+    recipe.validate()
+    recipe.options.update(objective="blocks")
+    with pytest.raises(RecipeError, match="objective"):
+        recipe.validate()
