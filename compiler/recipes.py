@@ -300,11 +300,11 @@ def _from_mapping(data: dict, source: str) -> Recipe:
     spec = _weight_spec(method, name, data, base)
     options = {**(base.options if base is not None else {}), **own}
     if method == "paretoq" and "scale_lr" not in own:
-        # the scales' own lr follows the width the file ends up with, not the base's (SEQ: SEQ_SCALE_LR; binary and
-        # LSQ scales start an order of magnitude smaller and keep the paper's shared lr); null in the file keeps it off
+        # the scales' own lr follows the width the file ends up with, not the base's (SEQ: SEQ_SCALE_LR, LSQ:
+        # LSQ_SCALE_LR; binary scales keep the paper's shared lr); null in the file keeps it off
         options.pop("scale_lr", None)
-        if spec.method == "seq":
-            options.update(scale_lr=SEQ_SCALE_LR)
+        if default_scale_lr(spec) is not None:
+            options.update(scale_lr=default_scale_lr(spec))
     changed = sorted(k for k in data if k in _WEIGHT_KEYS or k in ("exclude", "options", "method"))
     if "description" in data:
         description = str(data["description"])
@@ -712,23 +712,33 @@ PIPELINE_BUILDERS["paretoq"] = _paretoq_passes
 #: the scales' own peak lr of the built-in SEQ recipes (ternary, 2-bit; their scales start at max|W|, ~0.6 on
 #: SmolLM2): at the paper's shared 2e-5 they do not move within a few hundred steps. Measured with
 #: examples/bench_qat.py (README, "Quantization-aware training"). Binary and LSQ (3/4-bit) scales start an order of
-#: magnitude smaller (mean|W|, max|W|/Qp), so an absolute lr tuned for SEQ does not carry over: they keep the paper's.
+#: magnitude smaller (mean|W|, max|W|/Qp), so an absolute lr tuned for SEQ does not carry over to them.
 SEQ_SCALE_LR = 3e-2
+#: the same for the LSQ recipes (3, 4 bit; scales start at max|W| / Qp): at 4 bits, 50 steps, the paper's shared
+#: 1e-5 reached 43.03 and scales at 5e-3 34.06 (RTN 60.29); at 3 bits see the README. Binary keeps the paper's.
+LSQ_SCALE_LR = 5e-3
+
+
+def default_scale_lr(spec: Any) -> float | None:
+    """The built-in scale lr of a ParetoQ width (None: the paper's single lr for every parameter)."""
+    return {"seq": SEQ_SCALE_LR, "lsq": LSQ_SCALE_LR}.get(spec.method)
 
 
 def _paretoq(bits: str, description: str) -> Callable[[], Recipe]:
     def make() -> Recipe:
         from .paretoq import ParetoQSpec
         spec = ParetoQSpec(float(bits))
-        defaults: dict[str, Any] = {"steps": 200, **({"scale_lr": SEQ_SCALE_LR} if spec.method == "seq" else {})}
+        lr = default_scale_lr(spec)
+        defaults: dict[str, Any] = {"steps": 200, **({"scale_lr": lr} if lr is not None else {})}
         return Recipe(name=f"paretoq-w{bits}", method="paretoq", weight=spec, description=description, options=defaults)
     return make
 
 
 for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary SEQ, packed 5 per byte"),
                      ("2", "2-bit SEQ"), ("3", "3-bit LSQ, 2+1 bit planes"), ("4", "4-bit LSQ")):
+    _lr = {"1.58": SEQ_SCALE_LR, "2": SEQ_SCALE_LR, "3": LSQ_SCALE_LR, "4": LSQ_SCALE_LR}.get(_bits)
     _d = (f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
-          + (f", scales at their own lr {SEQ_SCALE_LR:g} (options.scale_lr)" if _bits in ("1.58", "2") else ""))
+          + (f", scales at their own lr {_lr:g} (options.scale_lr)" if _lr is not None else ""))
     register_recipe(f"paretoq-w{_bits}", _d, _paretoq(_bits, _d))
 
 

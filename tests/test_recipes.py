@@ -508,15 +508,20 @@ def test_cli_steps_and_checkpoint_flags_pass_validation(recipe, tmp_path, monkey
     r.pipeline()
 
 
-def test_seq_paretoq_recipes_train_their_scales_at_their_own_lr_and_null_gives_the_papers_back():
-    from fxquant.recipes import SEQ_SCALE_LR
+def test_paretoq_recipes_train_their_scales_at_their_own_lr_and_null_gives_the_papers_back():
+    from fxquant.recipes import LSQ_SCALE_LR, SEQ_SCALE_LR
     for name in ("paretoq-w1.58", "paretoq-w2"):
         assert get_recipe(name).options["scale_lr"] == SEQ_SCALE_LR == 3e-2
-    for name in ("paretoq-w1", "paretoq-w3", "paretoq-w4"):  # scales an order of magnitude smaller: the paper's lr
-        assert "scale_lr" not in get_recipe(name).options
+        assert "own lr 0.03" in get_recipe(name).description
+    for name in ("paretoq-w3", "paretoq-w4"):
+        assert get_recipe(name).options["scale_lr"] == LSQ_SCALE_LR == 5e-3
+        assert "own lr 0.005" in get_recipe(name).description
+    assert "scale_lr" not in get_recipe("paretoq-w1").options   # binary: the paper's shared lr
     assert get_recipe({"base": "paretoq-w2", "options": {"scale_lr": None}}).options["scale_lr"] is None
-    # a file's width decides, not its base's: 2-bit base -> 4-bit LSQ drops it, a 1-bit base -> ternary gains it
-    assert "scale_lr" not in get_recipe({"base": "paretoq-w2", "bits": 4}).options
+    # a file's width decides, not its base's: 2-bit base -> 4-bit LSQ takes LSQ's, 2-bit -> binary drops it,
+    # a 1-bit base -> ternary gains SEQ's
+    assert get_recipe({"base": "paretoq-w2", "bits": 4}).options["scale_lr"] == LSQ_SCALE_LR
+    assert "scale_lr" not in get_recipe({"base": "paretoq-w2", "bits": 1}).options
     assert get_recipe({"base": "paretoq-w1", "bits": 1.58}).options["scale_lr"] == SEQ_SCALE_LR
     assert get_recipe({"method": "paretoq", "bits": 2}).options["scale_lr"] == SEQ_SCALE_LR
     assert get_recipe({"base": "paretoq-w2", "bits": 4, "options": {"scale_lr": 1e-3}}).options["scale_lr"] == 1e-3
