@@ -406,6 +406,17 @@ class FSBRConfig:
                              softmax=self.softmax_bits)
 
 
+def step_log_scales(opt: torch.optim.Optimizer, loss: torch.Tensor, log_scales: Any) -> None:
+    """One optimizer step on ``loss``, then every log-scale clamped to ``log(MIN_SCALE)`` (FSBR's and TEQ's block
+    training both keep their scales as ``log s``)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for t in log_scales:
+            t.clamp_(min=LOG_MIN_SCALE)
+
+
 def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch.nn.ModuleList]:
     """The ModuleList of decoder layers (found from a grouped parameter's name ``<prefix>.<i>.<rest>``)."""
     for g in plan.groups:
@@ -846,12 +857,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
                         out = block.quantized(block.effective(block.scales(log_s), c_params), h, kw)
                         loss = F.mse_loss(out.float(), targets[b].float())
                         value = check_finite_loss(loss, epoch * n + b + 1, f"FSBR layer {i}")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        with torch.no_grad():
-                            for t in log_s.values():
-                                t.clamp_(min=LOG_MIN_SCALE)
+                        step_log_scales(opt, loss, log_s.values())
                         live["running"] += value
                         step += 1
                         if b == n - 1:  # end of an epoch: score it on the block objective, keep the best

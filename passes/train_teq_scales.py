@@ -530,7 +530,7 @@ def train_blocks(model: torch.nn.Module, plan: ScalePlan, fq: Callable[[str, tor
     the block objective, measured on all the samples for the init and after every epoch, picks the scales kept: no
     layer ends worse than its init on its own objective. Returns ``(scales, mean loss of each epoch, per-layer
     records {"layer", "init", "epochs", "best"})``; groups outside the decoder layers keep ``start``."""
-    from fxquant.passes.fsbr import LOG_MIN_SCALE, _decoder_layers, _layer_inputs
+    from fxquant.passes.fsbr import _decoder_layers, _layer_inputs, step_log_scales
     prefix, layers = _decoder_layers(model, plan)
     device = next(iter(base.values())).device
     dtype = next((t.dtype for t in base.values() if t.is_floating_point()), torch.float32)
@@ -599,12 +599,7 @@ def train_blocks(model: torch.nn.Module, plan: ScalePlan, fq: Callable[[str, tor
                         h, kw = quant_in[b]
                         loss = block_error(run(effective(expand(log_s)), h, kw), targets[b], cfg.block_loss)
                         running += check_finite_loss(loss, epoch * n + b + 1, f"TEQ block {i}")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        with torch.no_grad():
-                            for t in log_s.values():
-                                t.clamp_(min=LOG_MIN_SCALE)
+                        step_log_scales(opt, loss, log_s.values())
                     losses.append(running / n)
                     with torch.no_grad():
                         now = {k: v.detach().clone() for k, v in expand(log_s).items()}

@@ -170,14 +170,14 @@ def test_linear_warmup_then_decay():
 
 # ---- training --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _train_setup():
-    model = make_tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2, inter=128)
-    randomize(model, 11, outliers=2, outlier_gain=10.0)
+def _train_setup(layers: int = 1, seed: int = 11, data_seed: int = 5):
+    model = make_tiny_llama(layers=layers, hidden=64, heads=4, kv_heads=2, inter=128)
+    randomize(model, seed, outliers=2, outlier_gain=10.0)
     cg = capture(model)
     ctx = PassContext()
     AnalyzeStructure().call(cg, ctx)
     plan = plan_scales(cg, ctx.artifacts["structure"])
-    ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(data_seed))
     return cg, plan, ids
 
 
@@ -501,16 +501,8 @@ def test_range_aware_quantizer_leaves_asymmetric_integers_alone():
     assert range_aware_quantizer(q, spec) is q
 
 
-@functools.lru_cache(maxsize=None)
 def _block_setup():
-    model = make_tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128)
-    randomize(model, 13, outliers=2, outlier_gain=10.0)
-    cg = capture(model)
-    ctx = PassContext()
-    AnalyzeStructure().call(cg, ctx)
-    plan = plan_scales(cg, ctx.artifacts["structure"])
-    ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(7))
-    return cg, plan, ids
+    return _train_setup(layers=2, seed=13, data_seed=7)   # two layers: the second trains on the first's output
 
 
 def _block_train(**kw):
