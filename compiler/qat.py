@@ -11,7 +11,8 @@ scales (``weight_alpha``) a learning rate of their own: at the paper's lr, Adam 
 ~2e-5 a step, so over a CPU-sized budget of a few hundred steps the scales stay where ``init_alpha`` put them (and
 after global gradient clipping their gradients sit at Adam's ``eps``). The built-in ternary and 2-bit recipes set
 ``scale_lr: 3e-2``: on SmolLM2, 100 steps (``examples/results/qat_smollm2_scale_lr.md``) then reach perplexity
-1,052 (2-bit) and 3,101 (ternary) where the shared lr reached 4,126 and 5.6e5. Batches are random windows of
+1,052 (2-bit) and 3,101 (ternary) where the shared lr reached 4,126 and 5.6e5; the 3- and 4-bit ones set
+``scale_lr: 5e-3`` (50 steps: 267 and 34.06 against 1,840 and 43.03). Batches are random windows of
 the calibration text (WikiText-2 *validation*); the periodic evaluation is the perplexity protocol of
 :mod:`fxquant.evaluate` on a few windows of WikiText-2 *test*. Everything random draws from one seeded
 generator, whose state is part of the checkpoint, so a run resumed from a checkpoint ends bit for bit where the
