@@ -303,8 +303,9 @@ def _from_mapping(data: dict, source: str) -> Recipe:
         # the scales' own lr follows the width the file ends up with, not the base's (SEQ: SEQ_SCALE_LR, LSQ:
         # LSQ_SCALE_LR; binary scales keep the paper's shared lr); null in the file keeps it off
         options.pop("scale_lr", None)
-        if default_scale_lr(spec) is not None:
-            options.update(scale_lr=default_scale_lr(spec))
+        lr = default_scale_lr(spec.method)
+        if lr is not None:
+            options.update(scale_lr=lr)
     changed = sorted(k for k in data if k in _WEIGHT_KEYS or k in ("exclude", "options", "method"))
     if "description" in data:
         description = str(data["description"])
@@ -719,24 +720,27 @@ SEQ_SCALE_LR = 3e-2
 LSQ_SCALE_LR = 5e-3
 
 
-def default_scale_lr(spec: Any) -> float | None:
-    """The built-in scale lr of a ParetoQ width (None: the paper's single lr for every parameter)."""
-    return {"seq": SEQ_SCALE_LR, "lsq": LSQ_SCALE_LR}.get(spec.method)
+def default_scale_lr(method: str) -> float | None:
+    """The built-in scale lr of a ParetoQ quantizer family (``ParetoQSpec.method``: binary, seq, lsq); None: the
+    paper's single lr for every parameter."""
+    return {"seq": SEQ_SCALE_LR, "lsq": LSQ_SCALE_LR}.get(method)
 
 
 def _paretoq(bits: str, description: str) -> Callable[[], Recipe]:
     def make() -> Recipe:
         from .paretoq import ParetoQSpec
         spec = ParetoQSpec(float(bits))
-        lr = default_scale_lr(spec)
+        lr = default_scale_lr(spec.method)
         defaults: dict[str, Any] = {"steps": 200, **({"scale_lr": lr} if lr is not None else {})}
         return Recipe(name=f"paretoq-w{bits}", method="paretoq", weight=spec, description=description, options=defaults)
     return make
 
 
-for _bits, _what in (("1", "binary (sign, mean-abs scale)"), ("1.58", "ternary SEQ, packed 5 per byte"),
-                     ("2", "2-bit SEQ"), ("3", "3-bit LSQ, 2+1 bit planes"), ("4", "4-bit LSQ")):
-    _lr = {"1.58": SEQ_SCALE_LR, "2": SEQ_SCALE_LR, "3": LSQ_SCALE_LR, "4": LSQ_SCALE_LR}.get(_bits)
+# (bits, what, ParetoQSpec(bits).method: named here so that registering needs no torch import)
+for _bits, _what, _method in (("1", "binary (sign, mean-abs scale)", "binary"),
+                              ("1.58", "ternary SEQ, packed 5 per byte", "seq"), ("2", "2-bit SEQ", "seq"),
+                              ("3", "3-bit LSQ, 2+1 bit planes", "lsq"), ("4", "4-bit LSQ", "lsq")):
+    _lr = default_scale_lr(_method)
     _d = (f"ParetoQ QAT, {_what}, learnable per-channel scales; 200 steps by default (options.steps)"
           + (f", scales at their own lr {_lr:g} (options.scale_lr)" if _lr is not None else ""))
     register_recipe(f"paretoq-w{_bits}", _d, _paretoq(_bits, _d))

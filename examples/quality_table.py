@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import platform
 import sys
-import logging
 import time
 from pathlib import Path
 
