@@ -417,7 +417,7 @@ def step_log_scales(opt: torch.optim.Optimizer, loss: torch.Tensor, log_scales: 
             t.clamp_(min=LOG_MIN_SCALE)
 
 
-def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch.nn.ModuleList]:
+def _decoder_layers(model: torch.nn.Module, plan: ScalePlan, who: str = "FSBR") -> tuple[str, torch.nn.ModuleList]:
     """The ModuleList of decoder layers (found from a grouped parameter's name ``<prefix>.<i>.<rest>``)."""
     for g in plan.groups:
         parts = g.producer.split(".")
@@ -427,8 +427,8 @@ def _decoder_layers(model: torch.nn.Module, plan: ScalePlan) -> tuple[str, torch
                 mod = model.get_submodule(prefix)
                 if isinstance(mod, torch.nn.ModuleList):
                     return prefix, mod
-    raise PassError("FSBR found no list of decoder layers to train block by block",
-                    "FSBR supports models whose layers live in an nn.ModuleList (LLaMA, Mistral, Qwen, ...)")
+    raise PassError(f"{who} found no list of decoder layers to train block by block",
+                    f"{who} supports models whose layers live in an nn.ModuleList (LLaMA, Mistral, Qwen, ...)")
 
 
 class _Stop(Exception):

@@ -554,12 +554,15 @@ def test_block_objective_is_deterministic_and_zero_epochs_keep_the_init():
 
 
 def test_block_objective_goes_through_the_held_out_guard():
+    """The guard judges the block-trained scales like any others: kept exactly when their held-out loss is not
+    above the init's, else the init comes back (the same verdict as objective: model)."""
     record = _block_train(holdout=8)
-    assert record.extra["heldout_windows"] == 8 and record.extra["kept"] in ("trained", "init")
-    if record.extra["kept"] == "trained":
-        assert record.extra["heldout_loss_trained"] <= record.extra["heldout_loss_init"]
+    assert record.extra["heldout_windows"] == 8
+    before, after = record.extra["heldout_loss_init"], record.extra["heldout_loss_trained"]
+    if after <= before:
+        assert record.extra["kept"] == "trained" and record.moved() > 1e-3   # the trained scales, not the init
     else:
-        assert record.moved() == 0.0
+        assert record.extra["kept"] == "init" and record.moved() == 0.0
 
 
 def test_block_error_measures():
