@@ -365,14 +365,17 @@ class FPQuantizedWeight:
 
 
 def quantize_fp(w: torch.Tensor, spec: FPQuantSpec | FloatFormat | str = E3M2, group_size: int | None = None,
-                *, name: str = "weight", scale_ratio: torch.Tensor | None = None) -> FPQuantizedWeight:
+                *, name: str = "weight", scale_ratio: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> FPQuantizedWeight:
     """Quantize a 2-D weight ``[out_features, in_features]`` to ``spec``'s minifloat with row or group scales.
 
     ``spec`` may be a :class:`FPQuantSpec` or just a format (then ``group_size`` applies). ``scale_ratio``
     (``[O, G]``, the scales' shape, values >= 1) multiplies the spec's scales: a searched scale that puts a row's
     largest weight below the format's top value (``search_weight_clipping`` picks it from calibration
-    activations; ratios below 1 are clipping, which that pass writes into the weight instead). Raises
-    :class:`WeightError` for NaN/Inf values or a weight that is not 2-D.
+    activations; ratios below 1 are clipping, which that pass writes into the weight instead). ``scale``
+    (float32 ``[O, G]``, positive) replaces the computed scales altogether (``round_weights_gptq`` fixes its
+    scales before it rounds; its weights lie on that grid without necessarily reaching its top value); it cannot
+    be combined with ``scale_ratio``. Raises :class:`WeightError` for NaN/Inf values or a weight that is not 2-D.
     """
     if not isinstance(spec, FPQuantSpec):
         spec = FPQuantSpec(format=get_format(spec), group_size=group_size)
@@ -383,7 +386,10 @@ def quantize_fp(w: torch.Tensor, spec: FPQuantSpec | FloatFormat | str = E3M2, g
         raise WeightError(f"{name} has dtype {w.dtype}", "quantize a floating-point weight")
     _check_finite(w, name)
     w32 = w.detach().float()
-    scale = _ratioed(compute_scales(w32, spec.format, spec.group_size, spec.scale_search), scale_ratio, name)
+    if scale is not None:
+        scale = _explicit_scale(scale.to(w32.device), w32.shape[0], _num_groups(w32.shape[1], spec.group_size), scale_ratio, name)
+    else:
+        scale = _ratioed(compute_scales(w32, spec.format, spec.group_size, spec.scale_search), scale_ratio, name)
     codes = encode(w32 / _expand(scale, w32.shape[1], spec.group_size), spec.format)
     return FPQuantizedWeight(codes=codes, scale=scale, format=spec.format, group_size=spec.group_size, dtype=w.dtype,
                              scale_search=spec.scale_search)
@@ -416,6 +422,19 @@ def fp_fake_quantize(w: torch.Tensor, fmt: FloatFormat | str | FPQuantSpec = E3M
         return _FPFakeQuantSTE.apply(w, spec, scale_ratio)
     with torch.no_grad():
         return _quantize_dequantize(w, spec, scale_ratio)
+
+
+def _explicit_scale(scale: torch.Tensor, rows: int, groups: int, ratio: torch.Tensor | None, name: str) -> torch.Tensor:
+    if ratio is not None:
+        raise WeightError(f"{name}: explicit scales and scale ratios were both given",
+                          "fold the ratios into the explicit scales")
+    if tuple(scale.shape) != (rows, groups):
+        raise WeightError(f"{name}: explicit scales have shape {tuple(scale.shape)}, the weight needs {(rows, groups)}",
+                          "give one scale per row (per channel) or per row and group, [out_features, groups]")
+    scale = scale.detach().to(torch.float32).contiguous()
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise WeightError(f"{name}: explicit scales must be finite and positive", "derive them from the weight's range")
+    return scale
 
 
 def _ratioed(scale: torch.Tensor, ratio: torch.Tensor | None, name: str) -> torch.Tensor:

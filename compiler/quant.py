@@ -260,10 +260,37 @@ def check_weight(w: torch.Tensor, name: str | None = None) -> None:
             "(or exclude this layer); fxquant does not quantize NaN/Inf")
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, name: str | None = None) -> QuantizedWeight:
+def _check_explicit(scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, rows: int, n_groups: int,
+                    what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate scales (and zero points) given to :func:`quantize_weight` instead of computed; float32 / int32."""
+    if tuple(scale.shape) != (rows, n_groups):
+        raise WeightError(f"{what}: explicit scales have shape {tuple(scale.shape)}, the weight needs "
+                          f"{(rows, n_groups)} (rows, groups)", "give one scale per row and group")
+    scale = scale.detach().to(torch.float32).contiguous()
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise WeightError(f"{what}: explicit scales must be finite and positive", "derive them from the weight's range")
+    if spec.symmetric:
+        if zero is not None:
+            raise WeightError(f"{what}: symmetric spec {spec.describe()} takes no zero point", "drop zero=")
+        return scale, None
+    if zero is None or tuple(zero.shape) != (rows, n_groups):
+        raise WeightError(f"{what}: asymmetric spec {spec.describe()} needs explicit zero points of shape "
+                          f"{(rows, n_groups)} with its explicit scales", "pass zero= beside scale=")
+    zero = zero.detach().to(torch.int32).contiguous()
+    if int(zero.min()) < 0 or int(zero.max()) > spec.qmax:
+        raise WeightError(f"{what}: zero points must lie in [0, {spec.qmax}]")
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, name: str | None = None, scale: torch.Tensor | None = None,
+                    zero: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w[O, C]`` per ``spec`` (see the module docstring for the formulas).
 
-    ``name`` (e.g. the parameter FQN) is used in error messages. The input is never modified.
+    ``name`` (e.g. the parameter FQN) is used in error messages. The input is never modified. ``scale`` (float32
+    ``[O, n_groups]``) and, for an asymmetric spec, ``zero`` (int ``[O, n_groups]``) replace the scales and zero
+    points computed from the weight's range: the codes are then ``clamp(round(w / scale) [+ zero])`` with them
+    (``round_weights_gptq`` fixes its scales before it rounds, and the weights it leaves lie on that grid, not
+    necessarily reaching the grid's ends).
     """
     if not isinstance(spec, QuantSpec):
         raise QuantSpecError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -272,6 +299,18 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, *, name: str | None = None
     rows, cols = w32.shape
     g = spec.effective_group_size(cols)
     n_groups = -(-cols // g)
+    if scale is not None:
+        zero = None if zero is None else zero.to(w32.device)
+        scale, zero = _check_explicit(scale.to(w32.device), zero, spec, rows, n_groups, f"weight {name!r}" if name else "weight")
+        full = scale.repeat_interleave(g, dim=1)[:, :cols]
+        if zero is None:
+            codes = torch.clamp(torch.round(w32 / full), spec.qmin, spec.qmax).to(torch.int8)
+        else:
+            full_zero = zero.float().repeat_interleave(g, dim=1)[:, :cols]
+            codes = torch.clamp(torch.round(w32 / full) + full_zero, 0, spec.qmax).to(torch.uint8)
+        return QuantizedWeight(codes=codes, scale=scale, zero=zero, spec=spec, group_size=g)
+    if zero is not None:
+        raise WeightError("quantize_weight: zero points were given without scales", "pass scale= with zero=")
     # pad to whole groups with zeros: zeros change neither absmax nor min(.,0)/max(.,0), so the shorter last
     # group gets exactly the statistics of its own columns
     pad = n_groups * g - cols

@@ -14,13 +14,13 @@ every built-in recipe::
 
     name: my-w4              # optional, defaults to the file name
     base: teq-w4g128         # optional: start from a built-in recipe, then override keys and options
-    method: rtn              # fp32 | rtn | fp | teq | fsbr | illm | paretoq (the base's when omitted)
-    bits: 4                  # rtn/teq/fsbr/illm: integer 1-8; paretoq: 1, 1.58, 2, 3, 4
+    method: rtn              # fp32 | rtn | fp | gptq | teq | fsbr | illm | paretoq (the base's when omitted)
+    bits: 4                  # rtn/gptq/teq/fsbr/illm: integer 1-8; paretoq: 1, 1.58, 2, 3, 4
     group_size: 128          # omit or null for per-channel (illm: per-channel only)
     symmetric: true          # integer weights (illm and paretoq: true only)
-    per_tensor: false        # rtn/teq integer weights only
-    format: e3m2             # fp, teq: e3m2/fp6, e2m3, e2m2/fp5, e3m1, e2m1/fp4 (bits, if given, must agree)
-    scale_search: absmax     # fp, teq with a format: absmax | mse
+    per_tensor: false        # rtn/gptq/teq integer weights only
+    format: e3m2             # fp, gptq, teq: e3m2/fp6, e2m3, e2m2/fp5, e3m1, e2m1/fp4 (bits, if given, must agree)
+    scale_search: absmax     # fp, gptq, teq with a format: absmax | mse
     exclude: [lm_head*]      # fnmatch patterns over parameter names that stay float
     options: {steps: 200}    # the settings the method's passes read (see :func:`method_options`)
 
@@ -242,7 +242,7 @@ _WEIGHT_KEYS = ("bits", "group_size", "symmetric", "per_tensor", "format", "scal
 _FILE_KEYS = {"name", "base", "method", "description", "exclude", "options", *_WEIGHT_KEYS}
 _INT_ONLY = ("symmetric", "per_tensor")        # integer weights only
 _FP_ONLY = ("format", "scale_search")          # minifloat weights only
-_TRAINED = "teq, fsbr, illm, paretoq"
+_TRAINED = "gptq, teq, fsbr, illm, paretoq"
 
 
 def _did_you_mean(key: str, allowed) -> str:
@@ -323,7 +323,7 @@ def _from_mapping(data: dict, source: str) -> Recipe:
 
 def _described_methods() -> list[str]:
     """Methods a file can set up without a base (the others need ``base:``)."""
-    return [m for m in ("fp32", "rtn", "fp", "teq", "fsbr", "illm", "paretoq") if m in PIPELINE_BUILDERS]
+    return [m for m in ("fp32", "rtn", "fp", "gptq", "teq", "fsbr", "illm", "paretoq") if m in PIPELINE_BUILDERS]
 
 
 def _named_of(method: str) -> list[str]:
@@ -350,15 +350,15 @@ def _weight_kind(method: str, given: dict, base: Recipe | None, name: str) -> st
         return "fp"
     if method == "paretoq":
         return "paretoq"
-    if method == "teq":  # integer or minifloat weights: the keys say which
+    if method in ("teq", "gptq"):  # integer or minifloat weights: the keys say which
         if any(k in given for k in _FP_ONLY):
             return "fp"
         if any(k in given for k in ("bits", *_INT_ONLY)):
             return "int"
         if base is not None:
             return base.weight.kind
-        raise RecipeError(f"recipe {name!r}: method teq needs bits (integer weights) or format (minifloat weights)",
-                          "e.g. bits: 4 and group_size: 128, or format: e3m2; or base: teq-w4g128")
+        raise RecipeError(f"recipe {name!r}: method {method} needs bits (integer weights) or format (minifloat "
+                          "weights)", f"e.g. bits: 4 and group_size: 128, or format: e3m2; or base: {method}-w4g128")
     if base is not None and base.weight is not None:
         return base.weight.kind
     raise RecipeError(f"recipe {name!r}: method {method!r} cannot be set up from a file without a base",
@@ -483,7 +483,7 @@ def _check_weight(recipe: Recipe) -> None:
     w, m, name = recipe.weight, recipe.method, recipe.name
     kind = getattr(w, "kind", None)
     wants = {"fp32": (None,), "rtn": ("int",), "fsbr": ("int",), "illm": ("int",), "fp": ("fp",),
-             "teq": ("int", "fp"), "paretoq": ("paretoq",)}.get(m)
+             "teq": ("int", "fp"), "gptq": ("int", "fp"), "paretoq": ("paretoq",)}.get(m)
     if wants is None:
         return  # a method registered later: its passes check their spec
     if (w is None and None not in wants) or (w is not None and kind not in wants):
@@ -519,9 +519,17 @@ def _fields(cls) -> dict[str, Any]:
 
 
 def _teq_option_defaults() -> dict[str, Any]:
+    from fxquant.passes.round_weights_gptq import GPTQConfig
     from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
-    return {**_fields(TEQConfig), **_fields(ClipConfig), "tokenizer": None}   # the passes read tokenizer themselves
+    # the passes read tokenizer themselves; gptq: true adds GPTQ rounding after the clip search
+    return {**_fields(TEQConfig), **_fields(ClipConfig), "gptq": False, **_fields(GPTQConfig), "tokenizer": None}
+
+
+def _gptq_option_defaults() -> dict[str, Any]:
+    from fxquant.passes.round_weights_gptq import GPTQConfig
+    from fxquant.passes.train_teq_scales import TEQConfig
+    return {**_fields(GPTQConfig), "seq_len": TEQConfig.seq_len, "progress": True, "tokenizer": None}
 
 
 def _fsbr_option_defaults() -> dict[str, Any]:
@@ -548,7 +556,8 @@ def _paretoq_option_defaults() -> dict[str, Any]:
 #: key set is what :func:`check_options` allows, a bool/int/float default fixes the value's type). A method
 #: registered later adds its entry here, or takes no options.
 OPTION_SOURCES: dict[str, Callable[[], dict[str, Any]]] = {
-    "fp32": dict, "rtn": dict, "fp": dict, "teq": _teq_option_defaults, "fsbr": _fsbr_option_defaults,
+    "fp32": dict, "rtn": dict, "fp": dict, "gptq": _gptq_option_defaults, "teq": _teq_option_defaults,
+    "fsbr": _fsbr_option_defaults,
     "illm": _illm_option_defaults, "paretoq": _paretoq_option_defaults}
 
 
@@ -613,10 +622,24 @@ def _check_type(who: str, key: str, value: Any, default: Any) -> None:
 
 
 def _teq_values(o: dict) -> None:
+    from fxquant.passes.round_weights_gptq import GPTQConfig
     from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
     TEQConfig.from_options(o)
     ClipConfig.from_options(o)
+    GPTQConfig.from_options(o)
+    changed = [k for k in GPTQConfig.__dataclass_fields__ if k in o]
+    if changed and not o.get("gptq", False):
+        raise RecipeError(f"contradicts itself: {', '.join(changed)} set but gptq is off, so they would do nothing",
+                          "add gptq: true, or drop them")
+
+
+def _gptq_values(o: dict) -> None:
+    from fxquant.passes.round_weights_gptq import GPTQConfig
+    GPTQConfig.from_options(o)
+    seq_len = o.get("seq_len", 512)
+    if seq_len < 1:
+        raise RecipeError(f"option seq_len must be a positive integer, got {seq_len!r}", "e.g. options: {seq_len: 512}")
 
 
 def _fsbr_values(o: dict) -> None:
@@ -652,7 +675,7 @@ def _paretoq_values(o: dict) -> None:
 
 
 _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
-    "teq": _teq_values, "fsbr": _fsbr_values, "illm": _illm_values, "paretoq": _paretoq_values}
+    "teq": _teq_values, "gptq": _gptq_values, "fsbr": _fsbr_values, "illm": _illm_values, "paretoq": _paretoq_values}
 
 
 # ---- TEQ (passes/train_teq_scales.py + passes/fold_equivalent_scales.py) ----------------------------------------
@@ -669,10 +692,50 @@ def _teq_passes(recipe: Recipe) -> list:
               FoldEquivalentScales(source="teq")]
     if ClipConfig.from_options(recipe.options).clip:
         passes.append(SearchWeightClipping(recipe.weight, exclude=recipe.exclude, options=recipe.options))
+    if recipe.options.get("gptq", False):   # GPTQ rounds the folded, clipped weights onto the grid the last pass stores
+        from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+        from fxquant.passes.train_teq_scales import TEQConfig
+        passes.append(RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=recipe.options,
+                                       holdout=int(recipe.options.get("holdout", TEQConfig.holdout))))
     return passes + (_fp_passes(recipe) if isinstance(recipe.weight, FPQuantSpec) else _rtn_passes(recipe))
 
 
 PIPELINE_BUILDERS["teq"] = _teq_passes
+
+
+# ---- GPTQ (passes/round_weights_gptq.py): error-compensated rounding onto the RTN / minifloat grid -----------------
+
+def _gptq_passes(recipe: Recipe) -> list:
+    from fxquant.fpformats import FPQuantSpec
+    from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+    return [RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=recipe.options),
+            *(_fp_passes(recipe) if isinstance(recipe.weight, FPQuantSpec) else _rtn_passes(recipe))]
+
+
+PIPELINE_BUILDERS["gptq"] = _gptq_passes
+
+
+def _gptq(name: str, bits: int | None, group: int | None, fmt: str | None = None) -> Callable[[], Recipe]:
+    def make() -> Recipe:
+        if fmt is not None:
+            from .fpformats import FPQuantSpec
+            spec: Any = FPQuantSpec(format=fmt, group_size=group)
+        else:
+            from .quant import QuantSpec
+            spec = QuantSpec(bits=bits, symmetric=True, group_size=group)
+        return Recipe(name=name, method="gptq", weight=spec, description=EXTRA_RECIPES[name][0],
+                      options={"seq_len": 512})
+    return make
+
+
+for _name, _bits, _group, _fmt, _desc in (
+    ("gptq-w4g128", 4, 128, None, "GPTQ: error-compensated rounding to symmetric 4-bit weights, groups of 128"),
+    ("gptq-w4", 4, None, None, "GPTQ: error-compensated rounding to symmetric 4-bit weights per output channel"),
+    ("gptq-w3g128", 3, 128, None, "GPTQ: error-compensated rounding to symmetric 3-bit weights, groups of 128"),
+    ("gptq-fp6", None, None, "e3m2", "GPTQ: error-compensated rounding to FP6 E3M2 per channel, 4+2 bit planes"),
+    ("gptq-fp6-e2m3", None, None, "e2m3", "GPTQ: error-compensated rounding to FP6 E2M3 per channel, 4+2 bit planes"),
+):
+    register_recipe(_name, _desc, _gptq(_name, _bits, _group, _fmt))
 
 
 def _teq(name: str, bits: int | None, group: int | None, fmt: str | None = None) -> Callable[[], Recipe]:

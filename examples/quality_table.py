@@ -30,7 +30,7 @@ import torch
 
 import fxquant
 from fxquant.api import quantize
-from fxquant.recipes import get_recipe
+from fxquant.recipes import get_recipe, method_options
 from fxquant.data import calibration_text, eval_text
 from fxquant.evaluate import perplexity, tokenize_text, weight_bytes
 
@@ -77,14 +77,17 @@ def main() -> None:
         if not recipe.data_free:
             if calib is None:
                 calib = tokenize_text(lm.tokenizer, calibration_text()[0])
+            accepted = method_options(recipe.method)   # gptq-* take no steps/lr/batch size
             budget = {k: v for k, v in (("steps", args.steps), ("seq_len", args.seq_len),
-                                        ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+                                        ("batch_size", args.batch_size), ("lr", args.lr))
+                      if v is not None and k in accepted}
             recipe.options.update(budget, **extra, progress=False)
             recipe.validate()   # a misspelt --option stops here, before any work
             # every budget flag and option given is in the label: runs that differ in any of them keep their own rows
             given = {**{k: v for k, v in budget.items() if k != "steps"}, **extra}
-            label = f"{name} ({recipe.options.get('steps')} steps" + "".join(
-                f", {k}={v}" for k, v in given.items()) + ")"
+            settings = ([f"{recipe.options.get('steps')} steps"] if "steps" in accepted else []) + [
+                f"{k}={v}" for k, v in given.items()]
+            label = f"{name} ({', '.join(settings)})" if settings else name
         lm.model.load_state_dict(float_state)
         start = time.perf_counter()
         result = quantize(lm.model, recipe, calibration=calib)

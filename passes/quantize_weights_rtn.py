@@ -5,7 +5,9 @@ Contract
 * **requires** at least one linear-like op (``aten.linear``, ``aten.addmm``, ``aten.mm``, ``aten.matmul``)
   in the graph.
 * **call** quantizes, once per tensor, every parameter that feeds the weight operand of such an op and is
-  selected by ``include`` / ``exclude``; puts the dequantized weight (a new tensor, the weight's own dtype) into
+  selected by ``include`` / ``exclude`` (with the scales and zero points computed from its range, or, where
+  ``round_weights_gptq`` ran before, exactly the ones it rounded the weight to: ``ctx.artifacts["weight_scales"]``,
+  annotated ``"rounding": "gptq"``); puts the dequantized weight (a new tensor, the weight's own dtype) into
   ``cg.tensors`` (the model's parameter is untouched until ``cg.write_back()``); annotates each consumer node
   with ``fxmeta(node)["quant"] = {"weight", "spec", "bits", "group_size", ...}``; and stores the
   :class:`~fxquant.quant.QuantizedWeight` (always in ``[out, in]`` layout) in
@@ -267,13 +269,18 @@ class QuantizeWeightsRTN(Pass):
                 continue
             original = cg.tensors[first.placeholder.name]
             # NaN/Inf or otherwise unquantizable weights raise WeightError: a clear error, not a skipped layer
-            qw = quantize_weight(original.t() if first.in_out else original, self.spec, name=fqn)
+            # the scales round_weights_gptq rounded to, if it ran: its weights lie on that grid
+            fixed = ctx.artifacts.get("weight_scales", {}).get(fqn)
+            qw = quantize_weight(original.t() if first.in_out else original, self.spec, name=fqn,
+                                 **({"scale": fixed["scale"], "zero": fixed["zero"]} if fixed is not None else {}))
             deq = qw.dequantize(original.dtype)
             replace_weight(cg, ctx, names, (deq.t() if first.in_out else deq).contiguous())
             del deq
             quantized[fqn] = qw
             note = {"weight": fqn, "spec": self.spec.describe(), "bits": self.spec.bits,
                     "group_size": qw.group_size}
+            if fixed is not None:
+                note["rounding"] = "gptq"
             if first.in_out:
                 note["layout"] = "in_out"
             for use in group:

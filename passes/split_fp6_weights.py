@@ -6,7 +6,8 @@ Contract
 * **call** quantizes, once per tensor, every parameter that feeds a linear weight operand and is selected by
   ``include`` / ``exclude`` (the RTN pass's glob rules; ``lm_head`` stays float by default) with
   ``fxquant.fpformats.quantize_fp`` (row or group scales; times the scale ratios above 1 that
-  ``search_weight_clipping`` left in ``ctx.artifacts["weight_scale_ratios"]``, if any), then splits each 6-bit
+  ``search_weight_clipping`` left in ``ctx.artifacts["weight_scale_ratios"]``, if any; or exactly the scales
+  ``round_weights_gptq`` rounded the weight to, from ``ctx.artifacts["weight_scales"]``), then splits each 6-bit
   code into the contiguous 2-bit plane ``[S E2]`` and 4-bit plane ``[E1 E0 M1 M0]`` of :class:`~fxquant.fpformats.FP6PackedWeight`
   (the order is documented there; it is the order the Triton kernel's wide loads expect). It
 
@@ -14,7 +15,7 @@ Contract
     untouched until ``cg.write_back()``;
   - annotates each consumer: ``fxmeta(node)["quant"] = {"weight": fqn, "format": "fp6_e3m2", "group_size": ...,
     "bits": 6, "packing": "fp6_4+2", "scale_search": ...}`` (plus ``"scale_ratio": "searched"`` where searched
-    ratios were applied and ``"layout": "in_out"`` for a Conv1D weight);
+    ratios were applied, ``"rounding": "gptq"`` where GPTQ's scales were and ``"layout": "in_out"`` for a Conv1D weight);
   - stores the packed object in ``ctx.artifacts["quantized_weights"][fqn]``.
 
   FP5 / FP4 formats are split the same way: their codes are shifted into a 6-bit container (zero mantissa bits
@@ -148,7 +149,12 @@ class SplitFP6Weights(Pass):
             weight = original.t() if first.in_out else original
             # scale ratios above 1 that search_weight_clipping chose from calibration activations (teq-fp6)
             ratio = ctx.artifacts.get("weight_scale_ratios", {}).get(fqn)
-            packed = pack_fp6(quantize_fp(weight, self.spec, name=fqn, scale_ratio=ratio))  # WeightError on NaN/Inf
+            # the scales round_weights_gptq rounded to (the ratios, if any, are in them); its weights lie on that grid
+            fixed = ctx.artifacts.get("weight_scales", {}).get(fqn)
+            if fixed is not None:
+                packed = pack_fp6(quantize_fp(weight, self.spec, name=fqn, scale=fixed["scale"]))
+            else:
+                packed = pack_fp6(quantize_fp(weight, self.spec, name=fqn, scale_ratio=ratio))  # WeightError on NaN/Inf
             deq = packed.dequantize(original.dtype)
             replace_weight(cg, ctx, names, (deq.t() if first.in_out else deq).contiguous())
             del deq
@@ -157,6 +163,8 @@ class SplitFP6Weights(Pass):
                     "bits": self.spec.format.bits, "packing": FP6_PACKING, "scale_search": self.spec.scale_search}
             if ratio is not None:
                 note["scale_ratio"] = "searched"
+            if fixed is not None:
+                note["rounding"] = "gptq"
             if first.in_out:
                 note["layout"] = "in_out"
             for use in group:

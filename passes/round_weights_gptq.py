@@ -1,0 +1,423 @@
+"""``round_weights_gptq``: error-compensated rounding of linear weights (GPTQ, Frantar et al. 2023).
+
+Round-to-nearest rounds every weight on its own. GPTQ rounds the input columns of a weight one at a time and,
+after each, moves the columns not yet rounded to cancel the output error it made, weighted by how the layer's
+inputs correlate. With ``H = Σ xᵀx`` over calibration inputs, the output error of a rounded weight ``Q`` is
+
+    err(Q) = ‖X (Q − W)ᵀ‖² = Σ_rows (Q − W) H (Q − W)ᵀ,
+
+and rounding column ``j`` to ``q_j`` is followed by ``W[:, j+1:] −= (w_j − q_j) / U_jj · U_j,j+1:``, with ``U`` the
+upper Cholesky factor of ``H⁻¹`` (the update of Optimal Brain Quantization, done in blocks of ``gptq_block``
+columns so that the work is matrix products). ``H`` gets ``gptq_damp · mean(diag H)`` added to its diagonal
+before it is inverted.
+
+The grid is the recipe's own: integer weights (symmetric or with zero points, per channel or per group) or a
+minifloat (FP6 E3M2, E2M3, FP5, FP4) with its absmax or searched scales, times the scale ratios a preceding
+``search_weight_clipping`` chose (``clip_scale_up``). The scales are fixed before rounding, from the weights as
+they come in (after any folded equivalent scales and clipping): GPTQ's "static groups", which keeps act-order
+(``gptq_act_order``: columns in order of decreasing ``diag H``) compatible with group scales. The rounded
+weights lie on that grid but need not reach its top value, so the scales are handed to the quantization pass
+that follows (``quantize_weights_rtn`` or ``split_fp6_weights``) through ``ctx.artifacts["weight_scales"]``
+(``{fqn: {"scale": [out, groups] float32, "zero": [out, groups] int32 or None}}``); it stores exactly these
+weights, packed, with exactly these scales.
+
+A weight whose GPTQ output error on the calibration inputs would be above round-to-nearest's (GPTQ is greedy;
+it happens rarely) keeps round-to-nearest with the same scales; so does one whose ``H`` cannot be factored
+even with ten and a hundred times the damping. Both are counted in the stats.
+
+Contract
+--------
+* **requires** calibration data and the eager model behind the captured graph (the inputs of each linear are
+  read with forward hooks, as ``search_weight_clipping`` does).
+* **call** runs ``gptq_windows`` calibration windows (TEQ's windows of ``seq_len`` tokens, its held-out windows
+  left out) with the graph's current weights, accumulates ``H`` once per distinct input tensor (q/k/v and
+  gate/up share theirs), then rounds every weight the quantization pass will quantize (``exclude`` as the
+  recipe's; tied weights and weights read by non-linear ops are left to that pass, which refuses them) and
+  writes the rounded weight into ``cg.tensors``. A weight it cannot round (its module's input was never seen) is
+  logged and listed in ``ctx.artifacts["gptq_skipped"]``; the quantization pass then rounds it to nearest.
+* **ensures** every rounded weight is on its recorded grid: quantizing it with the recorded scales gives it back
+  bit for bit; ``ctx.artifacts["gptq"]`` holds per weight the output error of round-to-nearest and of the
+  weights kept, on the calibration inputs.
+
+Memory: one ``in × in`` float32 matrix per distinct linear input (SmolLM2: ≈ 0.4 GB for its 30 layers).
+Time on SmolLM2 (2 cores): ≈ 2 min for the 32 windows, ≈ 1.5 min for the rounding.
+
+Options (recipe ``options:``; method ``gptq``, and method ``teq`` with ``gptq: true``): ``gptq_windows`` (32),
+``gptq_damp`` (0.01), ``gptq_block`` (128), ``gptq_act_order`` (false); ``seq_len`` and ``tokenizer`` as TEQ's.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from fxquant.capture import CapturedGraph
+from fxquant.errors import PassError
+from fxquant.pipeline import Pass, PassContext, PassResult, replace_weight
+
+log = logging.getLogger("fxquant")
+
+__all__ = ["RoundWeightsGPTQ", "GPTQConfig", "gptq_round", "grid_of", "output_error"]
+
+#: a weight inside a numbered block (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``)
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward once the block being measured has run (sequential mode)."""
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ's settings (recipe options, all with a ``gptq_`` prefix)."""
+
+    gptq_windows: int = 32       # calibration windows whose inputs make H
+    gptq_damp: float = 0.01      # added to H's diagonal, as a fraction of its mean
+    gptq_block: int = 128        # columns rounded between two matrix-product updates (the result does not depend on it)
+    gptq_act_order: bool = False  # round columns in order of decreasing diag(H)
+    gptq_sequential: bool = False  # block by block, each block's H from the already rounded blocks before it
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "GPTQConfig":
+        cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for key in ("gptq_windows", "gptq_block"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PassError(f"{key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 32}}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
+            raise PassError(f"gptq_damp is the fraction of mean(diag H) added to H's diagonal, in (0, 1); got "
+                            f"{self.gptq_damp!r}", "e.g. options: {gptq_damp: 0.01} (GPTQ's)")
+        for key in ("gptq_act_order", "gptq_sequential"):
+            if not isinstance(getattr(self, key), bool):
+                raise PassError(f"{key} is true or false, got {getattr(self, key)!r}", f"e.g. options: {{{key}: true}}")
+
+
+# ---- the grid ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Grid:
+    """A weight's quantization grid with fixed scales: ``round(cols, j)`` rounds columns to it, elementwise."""
+
+    scale: torch.Tensor            # [out, groups] float32
+    zero: torch.Tensor | None      # [out, groups] int32 (asymmetric integer) or None
+    group: int                     # columns per group (the last may be shorter)
+    rounder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+    def columns(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales (and zero points) expanded to ``[out, in]``."""
+        s = self.scale.repeat_interleave(self.group, dim=1)[:, :in_features]
+        z = None if self.zero is None else self.zero.float().repeat_interleave(self.group, dim=1)[:, :in_features]
+        return s, z
+
+    def round(self, w: torch.Tensor) -> torch.Tensor:
+        s, z = self.columns(w.shape[1])
+        return self.rounder(w.float(), s, z)
+
+
+def grid_of(w: torch.Tensor, spec: Any, scale_ratio: torch.Tensor | None = None) -> Grid:
+    """The grid the recipe's quantizer puts ``w`` ``[out, in]`` on: its scales as that quantizer computes them
+    from ``w`` (times ``scale_ratio`` for a minifloat), and the elementwise rounding, equal bit for bit to the
+    quantizer's own dequantized values for those scales."""
+    from fxquant.fpformats import FPQuantSpec, compute_scales, round_to_format
+    from fxquant.quant import QuantSpec, quantize_weight
+    w32 = w.detach().float()
+    if isinstance(spec, FPQuantSpec):
+        scale = compute_scales(w32, spec.format, spec.group_size, spec.scale_search)
+        if scale_ratio is not None:
+            scale = scale * scale_ratio.to(device=scale.device, dtype=torch.float32)
+        fmt = spec.format
+
+        def fp(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            return round_to_format(x / s, fmt) * s
+        return Grid(scale.contiguous(), None, spec.group_size or w32.shape[1], fp)
+    if isinstance(spec, QuantSpec):
+        if scale_ratio is not None:
+            raise PassError("scale ratios apply to minifloat weights only", "report a bug")
+        qw = quantize_weight(w32, spec)
+        lo, hi = float(spec.qmin), float(spec.qmax)
+
+        def integer(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            if z is None:
+                return torch.clamp(torch.round(x / s), lo, hi) * s
+            return (torch.clamp(torch.round(x / s) + z, 0.0, hi) - z) * s
+        return Grid(qw.scale, qw.zero, qw.group_size, integer)
+    raise PassError(f"round_weights_gptq has no grid for a {type(spec).__name__}",
+                    "use fxquant.quant.QuantSpec (integer) or fxquant.fpformats.FPQuantSpec (FP6 and siblings)")
+
+
+def output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
+    """``Σ_rows δ H δᵀ``: the squared output error of a weight change ``δ`` ``[out, in]`` on the inputs behind ``H``."""
+    d = delta.to(h.dtype)
+    return float(((d @ h) * d).sum())
+
+
+# ---- the rounding --------------------------------------------------------------------------------------------
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹`` in float64 (dead inputs, ``H_jj = 0``, get 1 on the
+    diagonal: their columns then pass no error on). Raises ``torch.linalg.LinAlgError`` if ``H`` is not positive
+    definite even so."""
+    h = h.double().clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, damp: float = 0.01, block: int = 128,
+               act_order: bool = False) -> tuple[torch.Tensor, float, float]:
+    """GPTQ-round ``w`` ``[out, in]`` onto ``grid`` with the input statistics ``h`` ``[in, in]`` (``Σ xᵀx``).
+
+    Returns ``(rounded weight, float32; output error of round-to-nearest; output error of the rounded weight)``,
+    both errors as :func:`output_error` on the undamped ``h``. The damping is raised ten- and a hundredfold if
+    ``H`` cannot be factored; after that ``torch.linalg.LinAlgError`` propagates.
+    """
+    out, k = w.shape
+    if h.shape != (k, k):
+        raise PassError(f"gptq_round: H has shape {tuple(h.shape)}, the weight {tuple(w.shape)} needs {(k, k)}",
+                        "report a bug")
+    w32 = w.detach().float()
+    s_full, z_full = grid.columns(k)
+    for attempt, d in enumerate((damp, damp * 10, damp * 100)):
+        try:
+            hh = h
+            perm = None
+            if act_order:
+                perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+                hh = h[perm][:, perm]
+            u = _inverse_factor(hh, d).float()
+            break
+        except torch.linalg.LinAlgError:
+            if attempt == 2:
+                raise
+            log.info("round_weights_gptq: H not positive definite with damp %g; trying %g", d, d * 10)
+    work = w32.clone()
+    s, z = s_full, z_full
+    if perm is not None:
+        work, s = work[:, perm], s[:, perm]
+        z = None if z is None else z[:, perm]
+    q = torch.empty_like(work)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        cols = work[:, b0:b1].clone()
+        errs = torch.empty_like(cols)
+        ub = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            zi = None if z is None else z[:, b0 + i]
+            qi = grid.rounder(cols[:, i], s[:, b0 + i], zi)
+            q[:, b0 + i] = qi
+            e = (cols[:, i] - qi) / ub[i, i]
+            cols[:, i:] -= e.unsqueeze(1) * ub[i, i:].unsqueeze(0)
+            errs[:, i] = e
+        if b1 < k:
+            work[:, b1:] -= errs @ u[b0:b1, b1:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    rtn = grid.rounder(w32, s_full, z_full)
+    return q, output_error(rtn - w32, h), output_error(q - w32, h)
+
+
+# ---- the pass ------------------------------------------------------------------------------------------------
+
+class RoundWeightsGPTQ(Pass):
+    """Round every quantized linear weight with GPTQ onto the recipe's grid, scales fixed first."""
+
+    name = "round_weights_gptq"
+    description = "GPTQ: error-compensated rounding onto the recipe's grid, on calibration inputs"
+
+    def __init__(self, spec: Any, *, exclude: Sequence[str] = ("lm_head*",), options: Mapping[str, Any] | None = None,
+                 holdout: int = 0):
+        self.spec = spec
+        self.exclude = tuple(exclude)
+        self.options = dict(options or {})
+        self.config = GPTQConfig.from_options(self.options)
+        self.holdout = int(holdout)
+        grid_of(torch.zeros(1, 1), spec)  # refuses a spec with no grid before any model loads
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name} {self.spec.describe()} windows={self.config.gptq_windows}>"
+
+    def requires(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        if ctx.calibration is None:
+            raise PassError("round_weights_gptq needs calibration data (it reads each linear's inputs)",
+                            "pass calibration=<text or token ids> to fxquant.quantize, or use a round-to-nearest "
+                            "recipe (rtn-*, fp6) that needs none")
+        if getattr(cg, "model", None) is None:
+            raise PassError("round_weights_gptq runs the eager model, but the captured graph has none",
+                            "capture with fxquant.capture(model) (which keeps the model)")
+
+    def _windows(self, cg: CapturedGraph, ctx: PassContext) -> torch.Tensor:
+        """TEQ's calibration windows (its held-out ones left out), ``gptq_windows`` of them spread evenly."""
+        from fxquant.passes.train_teq_scales import (TEQConfig, calibration_ids, calibration_windows, split_holdout,
+                                                     spread_windows)
+        seq_len = int(self.options.get("seq_len", TEQConfig.seq_len))
+        tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
+        windows, _ = split_holdout(calibration_windows(calibration_ids(ctx.calibration, cg.model, tokenizer), seq_len),
+                                   self.holdout)
+        return spread_windows(windows, self.config.gptq_windows)
+
+    def _stages(self, fqns: Sequence[str]) -> list[tuple[str | None, list[str]]]:
+        """The weights in the order they are rounded: one stage, or (``gptq_sequential``) one per numbered block
+        (``model.layers.3``), in the graph's order, then the weights outside any numbered block."""
+        if not self.config.gptq_sequential:
+            return [(None, list(fqns))]
+        stages: dict[str | None, list[str]] = {}
+        for fqn in fqns:
+            m = _BLOCK.match(fqn)
+            stages.setdefault(m.group(1) if m else None, []).append(fqn)
+        rest = stages.pop(None, [])
+        return [*stages.items(), *([(None, rest)] if rest else [])]
+
+    @torch.no_grad()
+    def _hessians(self, cg: CapturedGraph, todo: Mapping[str, str], params: dict[str, torch.Tensor],
+                  windows: torch.Tensor, skipped: dict[str, str], stop_after: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """``H`` per distinct input of the weights ``todo``, and which weight's ``H`` each weight reads (``{fqn: owner
+        fqn}``). With ``stop_after`` (a module path) the forward stops once that module has run."""
+        from fxquant.passes.train_teq_scales import _logits
+        model = cg.model
+        hess: dict[str, torch.Tensor] = {}
+        owner: dict[str, str] = {}
+        last: dict[str, Any] = {"x": None, "fqn": None}
+        hooks = []
+        for fqn in todo:
+            try:
+                module = model.get_submodule(fqn.rsplit(".", 1)[0])
+            except AttributeError:
+                skipped[fqn] = "no module of that name to read its input from"
+                continue
+            w = params[fqn]
+            k = w.shape[1] if todo[fqn] == "out_in" else w.shape[0]
+
+            def hook(mod, args, fqn=fqn, k=k):
+                x = args[0]
+                if x.shape[-1] != k:
+                    return
+                if x is last["x"]:      # q/k/v, gate/up: the same input tensor, one H
+                    owner[fqn] = last["fqn"]
+                    return
+                x2 = x.detach().reshape(-1, k).float()
+                h = x2.t() @ x2
+                hess[fqn] = hess[fqn] + h if fqn in hess else h
+                owner[fqn] = fqn
+                last["x"], last["fqn"] = x, fqn
+            hooks.append(module.register_forward_pre_hook(hook))
+        if stop_after is not None:
+            def stop(mod, args, out):
+                raise _StopForward
+            hooks.append(model.get_submodule(stop_after).register_forward_hook(stop))
+        device = next(iter(params.values())).device
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(windows.shape[0]):
+                try:
+                    _logits(model, params, windows[i:i + 1].to(device))
+                except _StopForward:
+                    pass
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+            last.clear()
+        return hess, owner
+
+    def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
+        from fxquant.passes.train_teq_scales import quantized_linears
+        cfg = self.config
+        qlin = quantized_linears(cg, self.exclude)
+        skipped: dict[str, str] = {}
+        windows = self._windows(cg, ctx)
+        names_of: dict[str, list[str]] = {}
+        for ph, fqn in cg.fqn.items():
+            names_of.setdefault(fqn, []).append(ph)
+        ratios = ctx.artifacts.get("weight_scale_ratios", {})
+        scales: dict[str, dict] = ctx.artifacts.setdefault("weight_scales", {})
+        record: dict[str, dict] = {}
+        kept_rtn = 0
+        total_rtn = total_kept = 0.0
+        bar = None
+        if self.options.get("progress", True) and qlin:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(qlin), desc="gptq", unit="weight", leave=False)
+        try:
+            for stop_after, fqns in self._stages(list(qlin)):
+                # the graph's current tensors: in sequential mode the earlier blocks are already rounded
+                params = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+                hess, owner = self._hessians(cg, {f: qlin[f] for f in fqns}, params, windows, skipped, stop_after)
+                for fqn in fqns:
+                    if bar is not None:
+                        bar.update(1)
+                    if fqn in skipped:
+                        continue
+                    h = hess.get(owner.get(fqn, fqn))
+                    if h is None:
+                        skipped[fqn] = "its module's input was never seen on the calibration windows"
+                        continue
+                    if not bool(torch.isfinite(h).all()):
+                        skipped[fqn] = "non-finite activations on the calibration windows"
+                        continue
+                    layout = qlin[fqn]
+                    w = params[fqn]
+                    w_oi = (w.t() if layout == "in_out" else w).float()
+                    grid = grid_of(w_oi, self.spec, ratios.get(fqn))
+                    try:
+                        q, err_rtn, err_q = gptq_round(w_oi, h, grid, damp=cfg.gptq_damp, block=cfg.gptq_block,
+                                                       act_order=cfg.gptq_act_order)
+                    except torch.linalg.LinAlgError:
+                        log.warning("round_weights_gptq: %s: H is not positive definite even with 100x damping; "
+                                    "rounded to nearest", fqn)
+                        q, err_q = None, float("inf")
+                        err_rtn = output_error(grid.round(w_oi) - w_oi, h)
+                    if q is None or not err_q <= err_rtn:   # greedy GPTQ did worse here, or could not run
+                        q, err_q = grid.round(w_oi), err_rtn
+                        kept_rtn += 1
+                    new = (q.t() if layout == "in_out" else q).to(w.dtype).contiguous()
+                    replace_weight(cg, ctx, names_of[fqn], new)
+                    scales[fqn] = {"scale": grid.scale.cpu(), "zero": None if grid.zero is None else grid.zero.cpu()}
+                    record[fqn] = {"error_rtn": err_rtn, "error": err_q}
+                    total_rtn += err_rtn
+                    total_kept += err_q
+                hess.clear()
+        finally:
+            if bar is not None:
+                bar.close()
+        for fqn, why in skipped.items():
+            log.info("round_weights_gptq: left %s to round-to-nearest: %s", fqn, why)
+        ctx.artifacts["gptq"] = record
+        ctx.artifacts["gptq_skipped"] = dict(skipped)
+        stats = {"rounded": len(record), "kept_nearest": kept_rtn, "skipped": len(skipped),
+                 "windows": int(windows.shape[0]),
+                 "output_error_ratio": round(total_kept / total_rtn, 4) if total_rtn > 0 else 1.0}
+        log.info("round_weights_gptq: %s", stats)
+        return PassResult(modified=bool(record), stats=stats)
+
+    def ensures(self, cg: CapturedGraph, ctx: PassContext) -> None:
+        from fxquant.passes.train_teq_scales import quantized_linears
+        layouts = quantized_linears(cg, self.exclude)
+        tensors = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+        scales = ctx.artifacts.get("weight_scales", {})
+        for fqn in ctx.artifacts.get("gptq", {}):
+            w = tensors[fqn]
+            w = w.t() if layouts.get(fqn) == "in_out" else w
+            entry = scales.get(fqn)
+            if entry is None:
+                raise PassError(f"round_weights_gptq rounded {fqn} but recorded no scales for it", "report a bug")
+            grid = grid_of(w.float(), self.spec)
+            grid.scale = entry["scale"].to(w.device)
+            grid.zero = None if entry["zero"] is None else entry["zero"].to(w.device)
+            # in the weight's dtype: a bf16/fp16 weight holds the grid value rounded to it, which requantizes to
+            # the same codes (the grid's values are far apart compared to a bf16 ulp)
+            if not torch.equal(grid.round(w.float()).to(w.dtype), w):
+                raise PassError(f"round_weights_gptq: {fqn} is not on the grid of its recorded scales",
+                                "report a bug")
