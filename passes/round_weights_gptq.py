@@ -39,11 +39,18 @@ Contract
   bit for bit; ``ctx.artifacts["gptq"]`` holds per weight the output error of round-to-nearest and of the
   weights kept, on the calibration inputs.
 
-Memory: one ``in × in`` float32 matrix per distinct linear input (SmolLM2: ≈ 0.4 GB for its 30 layers).
-Time on SmolLM2 (2 cores): ≈ 2 min for the 32 windows, ≈ 1.5 min for the rounding.
+**Sequential mode** (``gptq_sequential: true``, GPTQ's own schedule): the weights are rounded block by block
+(``model.layers.0``, ``model.layers.1``, …, then any weight outside a numbered block), and each block's ``H`` is
+read with the blocks before it already rounded, so a block compensates for the error its inputs carry. Each
+block costs one more pass over the windows, stopped once the block has run (about half a full pass on average).
+The default reads every ``H`` from the float model in one pass.
+
+Memory: one ``in × in`` float32 matrix per distinct linear input (SmolLM2: ≈ 0.4 GB for its 30 layers; one layer's
+in sequential mode).
 
 Options (recipe ``options:``; method ``gptq``, and method ``teq`` with ``gptq: true``): ``gptq_windows`` (32),
-``gptq_damp`` (0.01), ``gptq_block`` (128), ``gptq_act_order`` (false); ``seq_len`` and ``tokenizer`` as TEQ's.
+``gptq_damp`` (0.01), ``gptq_block`` (128), ``gptq_act_order`` (false), ``gptq_sequential`` (false); ``seq_len``
+and ``tokenizer`` as TEQ's.
 """
 from __future__ import annotations
 
@@ -68,6 +75,11 @@ _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward once the block being measured has run (sequential mode)."""
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden-state output (Hugging Face layers return it alone or first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @dataclass
@@ -278,21 +290,21 @@ class RoundWeightsGPTQ(Pass):
         rest = stages.pop(None, [])
         return [*stages.items(), *([(None, rest)] if rest else [])]
 
+    @staticmethod
     @torch.no_grad()
-    def _hessians(self, cg: CapturedGraph, todo: Mapping[str, str], params: dict[str, torch.Tensor],
-                  windows: torch.Tensor, skipped: dict[str, str], stop_after: str | None = None
+    def _hessians(root: torch.nn.Module, rel: Callable[[str], str], todo: Mapping[str, str],
+                  params: Mapping[str, torch.Tensor], skipped: dict[str, str], run: Callable[[], None]
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """``H`` per distinct input of the weights ``todo``, and which weight's ``H`` each weight reads (``{fqn: owner
-        fqn}``). With ``stop_after`` (a module path) the forward stops once that module has run."""
-        from fxquant.passes.train_teq_scales import _logits
-        model = cg.model
+        """``H`` per distinct input of the weights ``todo`` (FQNs; ``rel(fqn)`` is the weight's path inside
+        ``root``) while ``run()`` runs ``root``'s forwards, and which weight's ``H`` each weight reads
+        (``{fqn: owner fqn}``)."""
         hess: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}
         last: dict[str, Any] = {"x": None, "fqn": None}
         hooks = []
         for fqn in todo:
             try:
-                module = model.get_submodule(fqn.rsplit(".", 1)[0])
+                module = root.get_submodule(rel(fqn).rsplit(".", 1)[0])
             except AttributeError:
                 skipped[fqn] = "no module of that name to read its input from"
                 continue
@@ -312,29 +324,77 @@ class RoundWeightsGPTQ(Pass):
                 owner[fqn] = fqn
                 last["x"], last["fqn"] = x, fqn
             hooks.append(module.register_forward_pre_hook(hook))
-        if stop_after is not None:
-            def stop(mod, args, out):
-                raise _StopForward
-            hooks.append(model.get_submodule(stop_after).register_forward_hook(stop))
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+            last.clear()
+        return hess, owner
+
+    @staticmethod
+    def _run_model(model: torch.nn.Module, params: Mapping[str, torch.Tensor], windows: torch.Tensor,
+                   stop_at: torch.nn.Module | None = None, before: bool = False) -> None:
+        """The model on each window in eval mode; with ``stop_at``, each forward ends after (``before``: as it
+        enters) that module."""
+        from fxquant.passes.train_teq_scales import _logits
+
+        def stop(*_: Any) -> None:
+            raise _StopForward
+        handle = None
+        if stop_at is not None:
+            handle = (stop_at.register_forward_pre_hook(stop) if before else stop_at.register_forward_hook(stop))
         device = next(iter(params.values())).device
         was_training = model.training
         model.eval()
         try:
             for i in range(windows.shape[0]):
                 try:
-                    _logits(model, params, windows[i:i + 1].to(device))
+                    _logits(model, dict(params), windows[i:i + 1].to(device))
                 except _StopForward:
                     pass
         finally:
-            for h in hooks:
-                h.remove()
+            if handle is not None:
+                handle.remove()
             model.train(was_training)
-            last.clear()
-        return hess, owner
+
+    @staticmethod
+    def _layer_list(model: torch.nn.Module, stages: Sequence[tuple[str | None, list[str]]]
+                    ) -> tuple[str, torch.nn.ModuleList] | None:
+        """The ``nn.ModuleList`` every numbered stage is an entry of (``model.layers``), or None."""
+        parents = {p.rsplit(".", 1)[0] for p, _ in stages if p is not None}
+        if len(parents) != 1:
+            return None
+        parent = parents.pop()
+        try:
+            layers = model.get_submodule(parent)
+        except AttributeError:
+            return None
+        return (parent, layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _first_layer_inputs(model: torch.nn.Module, params: Mapping[str, torch.Tensor], layer: torch.nn.Module,
+                            windows: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        """``(hidden_states, kwargs)`` the first decoder layer receives on each window (the forward stops there)."""
+        cached: list[tuple[torch.Tensor, dict]] = []
+
+        def grab(mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+            cached.append((hidden.detach(), kw))
+            raise _StopForward
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            RoundWeightsGPTQ._run_model(model, params, windows)
+        finally:
+            handle.remove()
+        return cached
 
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
         from fxquant.passes.train_teq_scales import quantized_linears
         cfg = self.config
+        model = cg.model
         qlin = quantized_linears(cg, self.exclude)
         skipped: dict[str, str] = {}
         windows = self._windows(cg, ctx)
@@ -344,61 +404,112 @@ class RoundWeightsGPTQ(Pass):
         ratios = ctx.artifacts.get("weight_scale_ratios", {})
         scales: dict[str, dict] = ctx.artifacts.setdefault("weight_scales", {})
         record: dict[str, dict] = {}
-        kept_rtn = 0
-        total_rtn = total_kept = 0.0
+        totals = {"kept_nearest": 0, "rtn": 0.0, "kept": 0.0}
         bar = None
         if self.options.get("progress", True) and qlin:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(qlin), desc="gptq", unit="weight", leave=False)
+
+        def current() -> dict[str, torch.Tensor]:
+            """The graph's tensors by FQN now (rounded weights replace the float ones as the pass goes)."""
+            return {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
+
+        def round_weights(fqns: Sequence[str], hess: dict[str, torch.Tensor], owner: dict[str, str],
+                          params: Mapping[str, torch.Tensor]) -> None:
+            for fqn in fqns:
+                if bar is not None:
+                    bar.update(1)
+                if fqn in skipped:
+                    continue
+                h = hess.get(owner.get(fqn, fqn))
+                if h is None:
+                    skipped[fqn] = "its module's input was never seen on the calibration windows"
+                    continue
+                if not bool(torch.isfinite(h).all()):
+                    skipped[fqn] = "non-finite activations on the calibration windows"
+                    continue
+                layout = qlin[fqn]
+                w = params[fqn]
+                w_oi = (w.t() if layout == "in_out" else w).float()
+                grid = grid_of(w_oi, self.spec, ratios.get(fqn))
+                try:
+                    q, err_rtn, err_q = gptq_round(w_oi, h, grid, damp=cfg.gptq_damp, block=cfg.gptq_block,
+                                                   act_order=cfg.gptq_act_order)
+                except torch.linalg.LinAlgError:
+                    log.warning("round_weights_gptq: %s: H is not positive definite even with 100x damping; "
+                                "rounded to nearest", fqn)
+                    q, err_q = None, float("inf")
+                    err_rtn = output_error(grid.round(w_oi) - w_oi, h)
+                if q is None or not err_q <= err_rtn:   # greedy GPTQ did worse here, or could not run
+                    q, err_q = grid.round(w_oi), err_rtn
+                    totals["kept_nearest"] += 1
+                new = (q.t() if layout == "in_out" else q).to(w.dtype).contiguous()
+                replace_weight(cg, ctx, names_of[fqn], new)
+                scales[fqn] = {"scale": grid.scale.cpu(), "zero": None if grid.zero is None else grid.zero.cpu()}
+                record[fqn] = {"error_rtn": err_rtn, "error": err_q}
+                totals["rtn"] += err_rtn
+                totals["kept"] += err_q
+            hess.clear()
+
+        whole = lambda fqn: fqn   # noqa: E731 - a weight's path inside the whole model is its FQN
+        stages = self._stages(list(qlin))
+        layered = self._layer_list(model, stages) if cfg.gptq_sequential else None
+        was_training = model.training
+        model.eval()
         try:
-            for stop_after, fqns in self._stages(list(qlin)):
-                # the graph's current tensors: in sequential mode the earlier blocks are already rounded
-                params = {fqn: cg.tensors[ph] for ph, fqn in cg.fqn.items() if ph in cg.tensors}
-                hess, owner = self._hessians(cg, {f: qlin[f] for f in fqns}, params, windows, skipped, stop_after)
-                for fqn in fqns:
-                    if bar is not None:
-                        bar.update(1)
-                    if fqn in skipped:
-                        continue
-                    h = hess.get(owner.get(fqn, fqn))
-                    if h is None:
-                        skipped[fqn] = "its module's input was never seen on the calibration windows"
-                        continue
-                    if not bool(torch.isfinite(h).all()):
-                        skipped[fqn] = "non-finite activations on the calibration windows"
-                        continue
-                    layout = qlin[fqn]
-                    w = params[fqn]
-                    w_oi = (w.t() if layout == "in_out" else w).float()
-                    grid = grid_of(w_oi, self.spec, ratios.get(fqn))
-                    try:
-                        q, err_rtn, err_q = gptq_round(w_oi, h, grid, damp=cfg.gptq_damp, block=cfg.gptq_block,
-                                                       act_order=cfg.gptq_act_order)
-                    except torch.linalg.LinAlgError:
-                        log.warning("round_weights_gptq: %s: H is not positive definite even with 100x damping; "
-                                    "rounded to nearest", fqn)
-                        q, err_q = None, float("inf")
-                        err_rtn = output_error(grid.round(w_oi) - w_oi, h)
-                    if q is None or not err_q <= err_rtn:   # greedy GPTQ did worse here, or could not run
-                        q, err_q = grid.round(w_oi), err_rtn
-                        kept_rtn += 1
-                    new = (q.t() if layout == "in_out" else q).to(w.dtype).contiguous()
-                    replace_weight(cg, ctx, names_of[fqn], new)
-                    scales[fqn] = {"scale": grid.scale.cpu(), "zero": None if grid.zero is None else grid.zero.cpu()}
-                    record[fqn] = {"error_rtn": err_rtn, "error": err_q}
-                    total_rtn += err_rtn
-                    total_kept += err_q
-                hess.clear()
+            if layered is not None:
+                # sequential: each decoder layer runs alone on the inputs the rounded layers before it produce
+                parent, layers = layered
+                by_prefix = {p: f for p, f in stages if p is not None}
+                inputs = self._first_layer_inputs(model, current(), layers[0], windows)
+                for i, layer in enumerate(layers):
+                    prefix = f"{parent}.{i}"
+                    fqns = by_prefix.get(prefix, [])
+                    own = lambda fqn, n=len(prefix) + 1: fqn[n:]   # noqa: E731
+                    local = lambda: {own(f): t for f, t in current().items() if f.startswith(prefix + ".")}  # noqa: E731
+
+                    def run_layer(lp: Mapping[str, torch.Tensor], keep: bool) -> list:
+                        outs = []
+                        with torch.no_grad():
+                            for h, kw in inputs:
+                                out = _first(torch.func.functional_call(layer, dict(lp), args=(h,), kwargs=dict(kw),
+                                                                        strict=False))
+                                outs.append((out.detach() if keep else None, kw))
+                        return outs
+                    if fqns:
+                        params = current()
+                        lp = local()
+                        hess, owner = self._hessians(layer, own, {f: qlin[f] for f in fqns}, params, skipped,
+                                                     lambda: run_layer(lp, False))
+                        round_weights(fqns, hess, owner, params)
+                    if i + 1 < len(layers):
+                        inputs = run_layer(local(), True)
+                inputs = []
+                rest = dict(stages).get(None, [])
+                if rest:   # weights outside the decoder layers: the whole model, with every layer rounded
+                    params = current()
+                    hess, owner = self._hessians(model, whole, {f: qlin[f] for f in rest}, params, skipped,
+                                                 lambda: self._run_model(model, params, windows))
+                    round_weights(rest, hess, owner, params)
+            else:
+                for stop_after, fqns in stages:
+                    # in sequential mode without a layer list the earlier blocks are already rounded here
+                    params = current()
+                    stop = model.get_submodule(stop_after) if stop_after is not None else None
+                    hess, owner = self._hessians(model, whole, {f: qlin[f] for f in fqns}, params, skipped,
+                                                 lambda: self._run_model(model, params, windows, stop))
+                    round_weights(fqns, hess, owner, params)
         finally:
+            model.train(was_training)
             if bar is not None:
                 bar.close()
         for fqn, why in skipped.items():
             log.info("round_weights_gptq: left %s to round-to-nearest: %s", fqn, why)
         ctx.artifacts["gptq"] = record
         ctx.artifacts["gptq_skipped"] = dict(skipped)
-        stats = {"rounded": len(record), "kept_nearest": kept_rtn, "skipped": len(skipped),
-                 "windows": int(windows.shape[0]),
-                 "output_error_ratio": round(total_kept / total_rtn, 4) if total_rtn > 0 else 1.0}
+        stats = {"rounded": len(record), "kept_nearest": totals["kept_nearest"], "skipped": len(skipped),
+                 "windows": int(windows.shape[0]), "sequential": layered is not None or cfg.gptq_sequential,
+                 "output_error_ratio": round(totals["kept"] / totals["rtn"], 4) if totals["rtn"] > 0 else 1.0}
         log.info("round_weights_gptq: %s", stats)
         return PassResult(modified=bool(record), stats=stats)
 

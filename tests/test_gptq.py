@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import make_tiny_llama
 from fxquant.errors import PassError, RecipeError, WeightError
 from fxquant.fpformats import FPQuantSpec, quantize_fp
-from fxquant.passes.round_weights_gptq import GPTQConfig, grid_of, gptq_round, output_error
+from fxquant.passes.round_weights_gptq import GPTQConfig, grid_of, gptq_round
 from fxquant.quant import QuantSpec, quantize_weight
 from fxquant.recipes import get_recipe
 
@@ -316,3 +316,23 @@ def test_sequential_mode_reads_each_block_after_the_blocks_before_it_are_rounded
     # rounding moves layer 1's inputs only a little, hence the tight tolerances)
     x_float = _windows_inputs(original, ids, 32, 6, original.model.layers[1].mlp.down_proj)
     assert not math.isclose(float(((x_float.double() @ delta.double().t()) ** 2).sum()), direct, rel_tol=1e-4)
+
+
+def test_sequential_layer_by_layer_equals_the_staged_whole_model_forwards(monkeypatch):
+    """The fast sequential path (each decoder layer run alone on cached inputs) and the general one (the whole
+    model, stopped after each block, for models whose blocks are not in one ModuleList) round alike."""
+    from fxquant.api import quantize
+    from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(2))
+    weights = []
+    for layered in (True, False):
+        if not layered:
+            monkeypatch.setattr(RoundWeightsGPTQ, "_layer_list", staticmethod(lambda model, stages: None))
+        model = make_tiny_llama(layers=3, hidden=32, heads=4, kv_heads=2, inter=64)
+        recipe = get_recipe("gptq-fp6")
+        recipe.options.update(seq_len=32, gptq_windows=5, gptq_sequential=True, progress=False)
+        result = quantize(model, recipe, calibration=ids, verify=True)
+        assert len(result.artifacts["gptq"]) == 21
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=0, atol=0, msg=name)

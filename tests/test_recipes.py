@@ -69,7 +69,7 @@ def test_yaml_and_json_files(tmp_path):
     ("method: rtn\nbits: 4\ngroup_size: 64\nper_tensor: true\n", "per_tensor"),
     ("method: rtn\nbits: four\n", "integer"),
     ("method: rtn\nbits: 4\ncolour: red\n", "unknown key"),
-    ("method: gptq\nbits: 4\n", "unknown method"),
+    ("method: awq\nbits: 4\n", "unknown method"),
     ("- just\n- a list\n", "mapping"),
     ("method: [rtn\n", "not valid"),
 ])
@@ -102,7 +102,7 @@ from fxquant.recipes import (CHECKPOINT_OPTIONS, Recipe, illm_integer_config, lo
 ROOT = Path(__file__).resolve().parents[1]
 NAMED = [n for n in named_recipes() if "<" not in n]
 TRAINED = ("teq", "fsbr", "illm", "paretoq")
-METHODS = ("fp32", "rtn", "fp", "teq", "fsbr", "illm", "paretoq")
+METHODS = ("fp32", "rtn", "fp", "gptq", "teq", "fsbr", "illm", "paretoq")
 
 
 def same(a: Recipe, b: Recipe) -> None:
@@ -257,7 +257,7 @@ KEYS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=14)
 def test_an_option_the_method_does_not_read_is_refused(method, key):
     if key in method_options(method):
         return
-    base = {"fp32": "fp32", "rtn": "rtn-w4", "fp": "fp6", "teq": "teq-w4g128", "fsbr": "fsbr-w8a8",
+    base = {"fp32": "fp32", "rtn": "rtn-w4", "fp": "fp6", "gptq": "gptq-w4g128", "teq": "teq-w4g128", "fsbr": "fsbr-w8a8",
             "illm": "illm-w8a8", "paretoq": "paretoq-w2"}[method]
     with pytest.raises(RecipeError) as info:
         get_recipe({"base": base, "options": {key: 1}})
@@ -291,11 +291,13 @@ def test_a_misspelt_option_suggests_the_right_one(method, data):
 def test_the_option_sets_come_from_the_config_dataclasses():
     from fxquant.passes.fsbr import FSBRConfig
     from fxquant.passes.lower_integer_only import IntegerOnlyConfig
+    from fxquant.passes.round_weights_gptq import GPTQConfig
     from fxquant.passes.search_weight_clipping import ClipConfig
     from fxquant.passes.train_teq_scales import TEQConfig
     from fxquant.qat import QATConfig
     fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
-    assert method_options("teq") == fields(TEQConfig) | fields(ClipConfig) | {"tokenizer"}
+    assert method_options("teq") == fields(TEQConfig) | fields(ClipConfig) | fields(GPTQConfig) | {"gptq", "tokenizer"}
+    assert method_options("gptq") == fields(GPTQConfig) | {"seq_len", "progress", "tokenizer"}
     assert method_options("fsbr") == fields(FSBRConfig) | {"tokenizer"}
     illm_lowering = method_options("illm") - method_options("fsbr") - {"fsbr"}
     assert illm_lowering <= fields(IntegerOnlyConfig)
@@ -456,8 +458,8 @@ def test_recipes_built_directly_are_checked_too():
         Recipe(name="x", method="paretoq", weight=QuantSpec(bits=4))
     with pytest.raises(RecipeError, match="symmetric per-channel"):
         Recipe(name="x", method="illm", weight=QuantSpec(bits=8, group_size=64))
-    with pytest.raises(RecipeError, match="unknown method 'gptq'"):
-        Recipe(name="x", method="gptq", weight=QuantSpec(bits=4))
+    with pytest.raises(RecipeError, match="unknown method 'awq'"):
+        Recipe(name="x", method="awq", weight=QuantSpec(bits=4))
 
 
 def test_quantize_refuses_changed_options_before_capturing():
