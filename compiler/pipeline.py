@@ -72,6 +72,36 @@ class Pass:
         return f"<pass {self.name}>"
 
 
+class PassOptions:
+    """Base of a pass's option dataclass: built from a recipe's ``options`` (keys it does not have are someone
+    else's) and checked; subclasses name their positive-integer and true/false fields and check the rest in
+    :meth:`check`."""
+
+    positive_ints: tuple[str, ...] = ()
+    bools: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Any) -> Any:
+        cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for key in self.positive_ints:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PassError(f"{key} must be a positive integer, got {value!r}",
+                                f"e.g. options: {{{key}: {getattr(type(self), key)}}}")
+        for key in self.bools:
+            if not isinstance(getattr(self, key), bool):
+                raise PassError(f"{key} is true or false, got {getattr(self, key)!r}",
+                                f"e.g. options: {{{key}: {str(not getattr(type(self), key)).lower()}}}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks of the other fields (ranges); raise :class:`PassError`."""
+
+
 def replace_weight(cg: CapturedGraph, ctx: PassContext, names: Iterable[str], new: Any) -> None:
     """Make ``new`` the tensor behind the placeholders ``names`` (aliases of one weight).
 

@@ -715,16 +715,19 @@ def _gptq_passes(recipe: Recipe) -> list:
 PIPELINE_BUILDERS["gptq"] = _gptq_passes
 
 
+def _builtin_spec(bits: int | None, group: int | None, fmt: str | None) -> Any:
+    """A built-in recipe's weights: the minifloat ``fmt``, else symmetric ``bits``-bit integers."""
+    if fmt is not None:
+        from .fpformats import FPQuantSpec
+        return FPQuantSpec(format=fmt, group_size=group)
+    from .quant import QuantSpec
+    return QuantSpec(bits=bits, symmetric=True, group_size=group)
+
+
 def _gptq(name: str, bits: int | None, group: int | None, fmt: str | None = None) -> Callable[[], Recipe]:
     def make() -> Recipe:
-        if fmt is not None:
-            from .fpformats import FPQuantSpec
-            spec: Any = FPQuantSpec(format=fmt, group_size=group)
-        else:
-            from .quant import QuantSpec
-            spec = QuantSpec(bits=bits, symmetric=True, group_size=group)
-        return Recipe(name=name, method="gptq", weight=spec, description=EXTRA_RECIPES[name][0],
-                      options={"seq_len": 512})
+        return Recipe(name=name, method="gptq", weight=_builtin_spec(bits, group, fmt),
+                      description=EXTRA_RECIPES[name][0], options={"seq_len": 512})
     return make
 
 
@@ -740,13 +743,7 @@ for _name, _bits, _group, _fmt, _desc in (
 
 def _teq(name: str, bits: int | None, group: int | None, fmt: str | None = None) -> Callable[[], Recipe]:
     def make() -> Recipe:
-        if fmt is not None:
-            from .fpformats import FPQuantSpec
-            spec: Any = FPQuantSpec(format=fmt, group_size=group)
-        else:
-            from .quant import QuantSpec
-            spec = QuantSpec(bits=bits, symmetric=True, group_size=group)
-        return Recipe(name=name, method="teq", weight=spec, description=EXTRA_RECIPES[name][0],
+        return Recipe(name=name, method="teq", weight=_builtin_spec(bits, group, fmt), description=EXTRA_RECIPES[name][0],
                       options={"steps": 1000, "lr": 1e-3, "seq_len": 512, "batch_size": 4, "seed": 0})
     return make
 

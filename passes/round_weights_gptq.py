@@ -63,7 +63,7 @@ import torch
 
 from fxquant.capture import CapturedGraph
 from fxquant.errors import PassError
-from fxquant.pipeline import Pass, PassContext, PassResult, replace_weight
+from fxquant.pipeline import Pass, PassContext, PassOptions, PassResult, replace_weight
 
 log = logging.getLogger("fxquant")
 
@@ -83,7 +83,7 @@ def _first(out: Any) -> torch.Tensor:
 
 
 @dataclass
-class GPTQConfig:
+class GPTQConfig(PassOptions):
     """GPTQ's settings (recipe options, all with a ``gptq_`` prefix)."""
 
     gptq_windows: int = 32       # calibration windows whose inputs make H
@@ -92,23 +92,13 @@ class GPTQConfig:
     gptq_act_order: bool = False  # round columns in order of decreasing diag(H)
     gptq_sequential: bool = False  # block by block, each block's H from the already rounded blocks before it
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "GPTQConfig":
-        cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
-        cfg.validate()
-        return cfg
+    positive_ints = ("gptq_windows", "gptq_block")
+    bools = ("gptq_act_order", "gptq_sequential")
 
-    def validate(self) -> None:
-        for key in ("gptq_windows", "gptq_block"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PassError(f"{key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 32}}")
+    def check(self) -> None:
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
             raise PassError(f"gptq_damp is the fraction of mean(diag H) added to H's diagonal, in (0, 1); got "
                             f"{self.gptq_damp!r}", "e.g. options: {gptq_damp: 0.01} (GPTQ's)")
-        for key in ("gptq_act_order", "gptq_sequential"):
-            if not isinstance(getattr(self, key), bool):
-                raise PassError(f"{key} is true or false, got {getattr(self, key)!r}", f"e.g. options: {{{key}: true}}")
 
 
 # ---- the grid ------------------------------------------------------------------------------------------------

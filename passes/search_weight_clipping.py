@@ -60,7 +60,7 @@ import torch
 
 from fxquant.capture import CapturedGraph
 from fxquant.errors import PassError
-from fxquant.pipeline import Pass, PassContext, PassResult, replace_weight
+from fxquant.pipeline import Pass, PassContext, PassOptions, PassResult, replace_weight
 
 log = logging.getLogger("fxquant")
 
@@ -68,7 +68,7 @@ __all__ = ["SearchWeightClipping", "ClipConfig", "clip_search"]
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(PassOptions):
     """The clip search's settings (option names carry a ``clip_`` prefix, except ``clip`` itself)."""
 
     clip: bool = True          # run the search (false: the pass is left out of the pipeline)
@@ -78,20 +78,10 @@ class ClipConfig:
     clip_qk: bool = True       # also clip the attention's q and k projections (AWQ skips them)
     clip_scale_up: bool = False  # minifloat weights: also try scales that put the top weight inside the top binade
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "ClipConfig":
-        cfg = cls(**{k: v for k, v in options.items() if k in cls.__dataclass_fields__})
-        cfg.validate()
-        return cfg
+    positive_ints = ("clip_grid", "clip_windows")
+    bools = ("clip", "clip_qk", "clip_scale_up")
 
-    def validate(self) -> None:
-        for key in ("clip_grid", "clip_windows"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PassError(f"{key} must be a positive integer, got {value!r}", f"e.g. options: {{{key}: 8}}")
-        for key in ("clip", "clip_qk", "clip_scale_up"):
-            if not isinstance(getattr(self, key), bool):
-                raise PassError(f"{key} is true or false, got {getattr(self, key)!r}", f"e.g. options: {{{key}: false}}")
+    def check(self) -> None:
         if isinstance(self.clip_shrink, bool) or not 0 < self.clip_shrink < 1:
             raise PassError(f"clip_shrink is the largest fraction of a group's range that may be cut, in (0, 1); "
                             f"got {self.clip_shrink!r}", "e.g. options: {clip_shrink: 0.5} (AWQ's)")
