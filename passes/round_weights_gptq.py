@@ -90,7 +90,7 @@ class GPTQConfig(PassOptions):
     gptq_damp: float = 0.01      # added to H's diagonal, as a fraction of its mean
     gptq_block: int = 128        # columns rounded between two matrix-product updates (the result does not depend on it)
     gptq_act_order: bool = False  # round columns in order of decreasing diag(H)
-    gptq_sequential: bool = False  # block by block, each block's H from the already rounded blocks before it
+    gptq_sequential: bool = True   # block by block, each block's H from the already rounded blocks before it
 
     positive_ints = ("gptq_windows", "gptq_block")
     bools = ("gptq_act_order", "gptq_sequential")

@@ -186,9 +186,11 @@ def test_recipes_and_options():
         assert r.method == "gptq" and not r.data_free
         assert r.pipeline().names[1:] == ["round_weights_gptq",
                                           "split_fp6_weights" if "fp6" in name else "quantize_weights_rtn"]
-    teq = get_recipe("teq-fp6")
+    teq = get_recipe("teq-w4g128")
     assert "round_weights_gptq" not in teq.pipeline().names
     teq.options["gptq"] = True
+    assert "round_weights_gptq" in teq.pipeline().names
+    teq = get_recipe("teq-fp6")           # on by default for the minifloat TEQ recipe
     names = teq.pipeline().names
     assert names.index("search_weight_clipping") < names.index("round_weights_gptq") < names.index("split_fp6_weights")
     f = get_recipe({"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False,
@@ -200,7 +202,7 @@ def test_recipes_and_options():
         with pytest.raises(RecipeError, match=match):
             get_recipe({"base": "gptq-w4g128", "options": bad})
     with pytest.raises(RecipeError, match="gptq is off"):
-        get_recipe({"base": "teq-fp6", "options": {"gptq_damp": 0.1}})
+        get_recipe({"base": "teq-fp6", "options": {"gptq": False, "gptq_damp": 0.1}})
     with pytest.raises(RecipeError, match="needs bits"):
         get_recipe({"method": "gptq"})
     with pytest.raises(PassError, match="gptq_block"):
@@ -293,7 +295,8 @@ def test_sequential_mode_reads_each_block_after_the_blocks_before_it_are_rounded
     model = make_tiny_llama(layers=2, hidden=32, heads=4, kv_heads=2, inter=64)
     original = copy.deepcopy(model)
     recipe = get_recipe("gptq-w3g128")
-    recipe.options.update(seq_len=32, gptq_windows=6, gptq_sequential=True, progress=False)
+    recipe.options.update(seq_len=32, gptq_windows=6, progress=False)   # sequential is the default
+    assert GPTQConfig.from_options(recipe.options).gptq_sequential
     stages = RoundWeightsGPTQ(recipe.weight, options=recipe.options)._stages(
         ["model.layers.0.mlp.up_proj.weight", "head.weight", "model.layers.1.mlp.up_proj.weight",
          "model.layers.0.self_attn.q_proj.weight"])

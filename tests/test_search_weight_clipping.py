@@ -177,7 +177,7 @@ def test_on_a_tiny_llama_the_quantized_model_is_the_clipped_one(name, qk):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     recipe = get_recipe(name)
     recipe.options.update(steps=0, init="ones", seq_len=16, batch_size=1, progress=False, clip_qk=qk,
-                          clip_windows=4, clip_scale_up=name == "teq-fp6")   # init ones: the fold is the identity, so `before` is the folded weight
+                          clip_windows=4, clip_scale_up=name == "teq-fp6", gptq=False)   # init ones: the fold is the identity, so `before` is the folded weight
     ids = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(0))
     result = quantize(model, recipe, calibration=ids, verify=True)
     stats = next(r.stats for r in result.records if r.name == "search_weight_clipping")
