@@ -381,16 +381,26 @@ def test_a_top_level_option_key_says_where_it_belongs():
     assert "steps is an option: put it under options:" in info.value.hint
 
 
-#: the one-line files of the README's "Recipes" section, one per method family
-README_EXAMPLES = """
-{method: rtn, bits: 3, group_size: 32, symmetric: false, exclude: [lm_head*, "*.down_proj.*"]}
-{method: fp, format: e2m3, group_size: 128, scale_search: mse}
-{base: teq-w4g128, format: e3m2, options: {steps: 200, distill: 0.5, checkpoint_dir: ck/, save_every: 50}}
-{method: fsbr, bits: 4, group_size: 128, options: {act_bits: 8, epochs: 2, samples: 32}}
-{base: illm-w8a8, options: {fsbr: false}}
-{method: paretoq, bits: 1.58, group_size: 64, options: {steps: 300, lr: 2.0e-5}}
-{base: paretoq-w2, options: {scale_lr: null}}
-""".strip().splitlines()
+def _readme_examples() -> list[str]:
+    """The one-line recipe files of the README's "Recipes" section (its yaml block), read from the README itself."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Recipes"):]
+    block = section[section.index("```yaml") + len("```yaml"):]
+    return [line for line in block[:block.index("```")].strip().splitlines() if line.strip()]
+
+
+#: one per method family
+README_EXAMPLES = _readme_examples()
+
+
+def test_the_readme_has_one_example_per_method_family():
+    import yaml
+    methods = set()
+    for line in README_EXAMPLES:
+        data = yaml.safe_load(line)
+        methods.add(data.get("method") or get_recipe(data["base"]).method)
+    assert methods == set(METHODS) - {"fp32"}, methods
 
 
 @pytest.mark.parametrize("line", README_EXAMPLES)
