@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxquant.fpformats import FPQuantSpec
 from fxquant.paretoq import ParetoQSpec, init_alpha, paretoq_fake_quant, quantize_paretoq
 from fxquant.passes.analyze_structure import AnalyzeStructure
 from fxquant.passes.convert_paretoq import ConvertParetoQ
@@ -20,6 +21,8 @@ from fxquant.passes.fold_equivalent_scales import EquivalentScales, FoldEquivale
 from fxquant.passes.fsbr import ClipWeights, QuantizeActivations, TrainFSBRScales, act_fake_quantize, clip_bounds
 from fxquant.passes.insert_paretoq_fake_quant import InsertParetoQFakeQuant, fake_quant_nodes
 from fxquant.passes.quantize_weights_rtn import QuantizeWeightsRTN
+from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+from fxquant.passes.split_fp6_weights import SplitFP6Weights
 from fxquant.passes.train_paretoq import TrainParetoQ
 from fxquant.passes.search_weight_clipping import SearchWeightClipping
 from fxquant.passes.train_teq_scales import TrainTEQScales
@@ -146,6 +149,29 @@ def test_clip_search_only_narrows_weights_and_never_raises_a_groups_output_error
         assert bool((clipped <= plain * (1 + 1e-6) + 1e-9).all()), fqn
         assert abs(float(clipped.sum()) - rec["error_after"]) <= 1e-3 * max(1.0, float(clipped.sum())), fqn
         assert abs(float(plain.sum()) - rec["error_before"]) <= 1e-3 * max(1.0, float(plain.sum())), fqn
+
+
+# ---- round_weights_gptq ---------------------------------------------------------------------------------------
+@TRAIN
+@given(llama=LLAMAS, spec=st.sampled_from([QuantSpec(bits=3, group_size=8), QuantSpec(bits=4, symmetric=False),
+                                           FPQuantSpec(format="e3m2"), FPQuantSpec(format="e2m3", group_size=8)]),
+       sequential=st.booleans(), act_order=st.booleans(), seed=st.integers(0, 999))
+def test_gptq_rounds_onto_the_grid_the_quantization_pass_then_stores(llama, spec, sequential, act_order, seed):
+    calib = _calibration(llama.model.config.vocab_size, seed, n=96)
+    ctx = PassContext(calibration=calib, verify=True)
+    _structure(llama.cg, ctx)
+    cg = copy_captured(llama.cg, model=llama.model)
+    options = dict(seq_len=8, gptq_windows=16, gptq_sequential=sequential, gptq_act_order=act_order, progress=False)
+    record = run_pass(RoundWeightsGPTQ(spec, exclude=(), options=options), cg, ctx)   # ensures: on the grid
+    assert record.name == "round_weights_gptq"
+    assert _graph_signature(cg) == _graph_signature(llama.cg)   # weights change, the graph does not
+    gptq = ctx.artifacts["gptq"]
+    assert gptq and all(v["error"] <= v["error_rtn"] for v in gptq.values())
+    rounded = {fqn: cg.tensors[ph].clone() for ph, fqn in cg.fqn.items() if fqn in gptq}
+    quantize = SplitFP6Weights(spec, exclude=()) if isinstance(spec, FPQuantSpec) else QuantizeWeightsRTN(spec, exclude=())
+    run_pass(quantize, cg, ctx)
+    for fqn, w in rounded.items():   # the quantization pass stores the rounded weights unchanged
+        assert torch.equal(next(cg.tensors[ph] for ph, f in cg.fqn.items() if f == fqn), w), fqn
 
 
 # ---- fsbr: train_fsbr_scales, clip_weights, quantize_activations ----------------------------------------------
