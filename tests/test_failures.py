@@ -504,13 +504,13 @@ def test_bad_output_folder_is_refused_before_loading(kind, needle, tmp_path, cap
 
 # ---- 20. unknown recipe name; recipe file with an unknown field or method ---------------------------------------------------------
 def test_unknown_recipe_name_lists_the_known_ones(tmp_path, capsys, no_load):
-    line = cli(capsys, ["quantize", "--recipe", "gptq-w4", "--out", str(tmp_path / "o")])
-    assert "unknown recipe 'gptq-w4'" in line and "rtn-w4g128" in line and "fp6" in line
+    line = cli(capsys, ["quantize", "--recipe", "awq-w4", "--out", str(tmp_path / "o")])
+    assert "unknown recipe 'awq-w4'" in line and "rtn-w4g128" in line and "fp6" in line
 
 
 @pytest.mark.parametrize("content,needle", [
     ("method: rtn\nbits: 4\ncolour: red\n", "unknown key(s) colour"),
-    ("method: gptq\nbits: 4\n", "unknown method 'gptq'"),
+    ("method: awq\nbits: 4\n", "unknown method 'awq'"),
     ("method: teq\nbits: 4\noptions: {stpes: 100}\n", "unknown option 'stpes' for method teq (did you mean 'steps'?)"),
     ("method: rtn\nbits: 4\nexclude: 7\n", "exclude must be a list of name patterns"),
 ])
