@@ -63,6 +63,7 @@ import torch
 
 from fxquant.capture import CapturedGraph
 from fxquant.errors import PassError
+from fxquant.passes.search_weight_clipping import statistics_problem
 from fxquant.pipeline import Pass, PassContext, PassOptions, PassResult, replace_weight
 
 log = logging.getLogger("fxquant")
@@ -412,11 +413,9 @@ class RoundWeightsGPTQ(Pass):
                 if fqn in skipped:
                     continue
                 h = hess.get(owner.get(fqn, fqn))
-                if h is None:
-                    skipped[fqn] = "its module's input was never seen on the calibration windows"
-                    continue
-                if not bool(torch.isfinite(h).all()):
-                    skipped[fqn] = "non-finite activations on the calibration windows"
+                why = statistics_problem(h)
+                if why is not None:
+                    skipped[fqn] = why
                     continue
                 layout = qlin[fqn]
                 w = params[fqn]

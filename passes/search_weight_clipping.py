@@ -100,6 +100,15 @@ class ClipConfig(PassOptions):
         return [1.0 + (top - 1.0) * i / self.clip_grid for i in range(1, self.clip_grid + 1)] if top > 1 else []
 
 
+def statistics_problem(h: torch.Tensor | None) -> str | None:
+    """Why a weight's input statistics (a Gram matrix, or its blocks) cannot be used, or None."""
+    if h is None:
+        return "its module's input was never seen on the calibration windows"
+    if not bool(torch.isfinite(h).all()):
+        return "non-finite activations on the calibration windows"
+    return None
+
+
 def _grouping(spec: Any, in_features: int) -> tuple[int, int]:
     """(group size, number of groups) along the input dimension, the last group possibly shorter."""
     g = getattr(spec, "group_size", None) or in_features
@@ -249,11 +258,9 @@ class SearchWeightClipping(Pass):
             if fqn in skipped:
                 continue
             h = blocks.pop(fqn, None)
-            if h is None:
-                skipped[fqn] = "its module's input was never seen on the calibration windows"
-                continue
-            if not bool(torch.isfinite(h).all()):
-                skipped[fqn] = "non-finite activations on the calibration windows"
+            why = statistics_problem(h)
+            if why is not None:
+                skipped[fqn] = why
                 continue
             w = params[fqn]
             w_oi = w.t() if layout == "in_out" else w
