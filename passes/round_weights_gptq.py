@@ -111,7 +111,7 @@ class GPTQConfig(PassOptions):
 
 @dataclass
 class Grid:
-    """A weight's quantization grid with fixed scales: ``round(cols, j)`` rounds columns to it, elementwise."""
+    """A weight's quantization grid with fixed scales; ``rounder(x, scale, zero)`` rounds values to it elementwise."""
 
     scale: torch.Tensor            # [out, groups] float32
     zero: torch.Tensor | None      # [out, groups] int32 (asymmetric integer) or None
@@ -196,13 +196,10 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, damp: float = 0.
                         "report a bug")
     w32 = w.detach().float()
     s_full, z_full = grid.columns(k)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    hh = h if perm is None else h[perm][:, perm]
     for attempt, d in enumerate((damp, damp * 10, damp * 100)):
         try:
-            hh = h
-            perm = None
-            if act_order:
-                perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-                hh = h[perm][:, perm]
             u = _inverse_factor(hh, d).float()
             break
         except torch.linalg.LinAlgError:
@@ -243,13 +240,11 @@ class RoundWeightsGPTQ(Pass):
     name = "round_weights_gptq"
     description = "GPTQ: error-compensated rounding onto the recipe's grid, on calibration inputs"
 
-    def __init__(self, spec: Any, *, exclude: Sequence[str] = ("lm_head*",), options: Mapping[str, Any] | None = None,
-                 holdout: int = 0):
+    def __init__(self, spec: Any, *, exclude: Sequence[str] = ("lm_head*",), options: Mapping[str, Any] | None = None):
         self.spec = spec
         self.exclude = tuple(exclude)
         self.options = dict(options or {})
         self.config = GPTQConfig.from_options(self.options)
-        self.holdout = int(holdout)
         grid_of(torch.zeros(1, 1), spec)  # refuses a spec with no grid before any model loads
 
     def __repr__(self) -> str:
@@ -265,13 +260,11 @@ class RoundWeightsGPTQ(Pass):
                             "capture with fxquant.capture(model) (which keeps the model)")
 
     def _windows(self, cg: CapturedGraph, ctx: PassContext) -> torch.Tensor:
-        """TEQ's calibration windows (its held-out ones left out), ``gptq_windows`` of them spread evenly."""
-        from fxquant.passes.train_teq_scales import (TEQConfig, calibration_ids, calibration_windows, split_holdout,
-                                                     spread_windows)
+        """TEQ's calibration windows of ``seq_len`` tokens, ``gptq_windows`` of them spread evenly."""
+        from fxquant.passes.train_teq_scales import TEQConfig, calibration_ids, calibration_windows, spread_windows
         seq_len = int(self.options.get("seq_len", TEQConfig.seq_len))
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
-        windows, _ = split_holdout(calibration_windows(calibration_ids(ctx.calibration, cg.model, tokenizer), seq_len),
-                                   self.holdout)
+        windows = calibration_windows(calibration_ids(ctx.calibration, cg.model, tokenizer), seq_len)
         return spread_windows(windows, self.config.gptq_windows)
 
     def _stages(self, fqns: Sequence[str]) -> list[tuple[str | None, list[str]]]:
@@ -330,16 +323,15 @@ class RoundWeightsGPTQ(Pass):
 
     @staticmethod
     def _run_model(model: torch.nn.Module, params: Mapping[str, torch.Tensor], windows: torch.Tensor,
-                   stop_at: torch.nn.Module | None = None, before: bool = False) -> None:
-        """The model on each window in eval mode; with ``stop_at``, each forward ends after (``before``: as it
-        enters) that module."""
+                   stop_at: torch.nn.Module | None = None) -> None:
+        """The model on each window in eval mode; with ``stop_at``, each forward ends once that module has run."""
         from fxquant.passes.train_teq_scales import _logits
 
         def stop(*_: Any) -> None:
             raise _StopForward
         handle = None
         if stop_at is not None:
-            handle = (stop_at.register_forward_pre_hook(stop) if before else stop_at.register_forward_hook(stop))
+            handle = stop_at.register_forward_hook(stop)
         device = next(iter(params.values())).device
         was_training = model.training
         model.eval()
@@ -502,7 +494,7 @@ class RoundWeightsGPTQ(Pass):
         ctx.artifacts["gptq"] = record
         ctx.artifacts["gptq_skipped"] = dict(skipped)
         stats = {"rounded": len(record), "kept_nearest": totals["kept_nearest"], "skipped": len(skipped),
-                 "windows": int(windows.shape[0]), "sequential": layered is not None or cfg.gptq_sequential,
+                 "windows": int(windows.shape[0]), "sequential": cfg.gptq_sequential,
                  "output_error_ratio": round(totals["kept"] / totals["rtn"], 4) if totals["rtn"] > 0 else 1.0}
         log.info("round_weights_gptq: %s", stats)
         return PassResult(modified=bool(record), stats=stats)
