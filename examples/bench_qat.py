@@ -29,8 +29,10 @@ Run (the issue's budget: 300 steps of 4 x 256 tokens; on a 2-core CPU pass fewer
 script's default, they stay at their initial values over a budget this short.
 
 Writes ``examples/results/qat_smollm2.{json,md,png}`` (``--out`` changes the stem), after every method, so an
-interrupted run keeps what it measured. torchao is optional (``pip install fxquant[bench]``): without it the
-torchao variant is skipped with a printed line.
+interrupted run keeps what it measured; ``--resume`` with the same arguments finishes it, training only the
+(width, method) pairs the saved file lacks. Every method trains from the same pristine model with the same seed,
+so a resumed run reports what one uninterrupted run would have. torchao is optional (``pip install
+fxquant[bench]``): without it the torchao variant is skipped with a printed line.
 """
 from __future__ import annotations
 
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output stem: writes STEM.json, STEM.md, STEM.png")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved at --out: keep the widths and methods it finished, run the rest "
+                        "(the saved budget and evaluation settings must equal this command's)")
     return p
 
 
@@ -197,24 +202,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def write() -> None:
         write_results(report, out, plot=not args.no_plot)
 
-    report["float_ppl"], secs = ppl(pristine)
-    report["eval"]["seconds_per_eval"] = secs
-    print(f"float model: perplexity {report['float_ppl']:.3f} on {args.eval_windows} windows ({secs:.1f}s)", flush=True)
-    torchao_runs: dict[tuple, dict[str, Any]] = {}
+    if args.resume:
+        report = resume_report(report, out)
+    if report["float_ppl"] is None:
+        report["float_ppl"], secs = ppl(pristine)
+        report["eval"]["seconds_per_eval"] = secs
+        print(f"float model: perplexity {report['float_ppl']:.3f} on {args.eval_windows} windows ({secs:.1f}s)",
+              flush=True)
+    torchao_runs: dict[tuple, dict[str, Any]] = {
+        (TORCHAO_DTYPE.get(e["bits"]), e["lr"]): e["methods"]["torchao"] for e in report["widths"].values()
+        if "torchao" in e["methods"] and not e["methods"]["torchao"].get("reused_from_width")}
 
     for bits in widths:
         spec = ParetoQSpec(bits)
         config = config_of[bits]
         entry = report["widths"].setdefault(spec.label, {"bits": bits, "lr": lr_of[bits], "methods": {}})
+        if entry["lr"] != lr_of[bits]:
+            raise SystemExit(f"--resume: the saved {width_label(bits)} run used lr {entry['lr']:g}, this command "
+                             f"{lr_of[bits]:g}: pass the same --lr, or a new --out")
         print(f"\n=== {width_label(bits)}, per output channel, lr {lr_of[bits]:g} ===", flush=True)
+        done = [m for m in methods if m in entry["methods"]]
+        if done:
+            print(f"resumed: {', '.join(done)} at {width_label(bits)} kept from {out.with_suffix('.json')}", flush=True)
 
         # 1. RTN: ParetoQ's quantizer at its initial scale, no training
         targets: set[str] = set()
-        if methods:
+        if any(m not in entry["methods"] for m in methods):
             probe = prepare_qat(copy.deepcopy(pristine), spec)
             targets = set(qat_modules(probe))
             entry["quantized_linears"] = len(targets)
-            if "rtn" in methods:
+            if "rtn" in methods and "rtn" not in entry["methods"]:
                 value, secs = ppl(probe)
                 entry["methods"]["rtn"] = {"label": LABELS["rtn"], "trained_steps": 0,
                                            "quantizer": f"fxquant ParetoQ {spec.describe()} at init (alpha = max|W| per row)",
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # 2. ParetoQ QAT and 3. torchao QAT, trained by the same train_qat call
         for method in ("paretoq", "torchao"):
-            if method not in methods or (method == "torchao" and ao is None):
+            if method not in methods or method in entry["methods"] or (method == "torchao" and ao is None):
                 continue
             if method == "torchao" and bits not in TORCHAO_DTYPE:
                 why = f"torchao at {width_label(bits)}: no torchao config is compared at this width (2-bit and ternary only)"
@@ -282,6 +299,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+#: report fields a resumed run must share with the saved one (the rest is measured, or bookkeeping)
+_RESUME_KEYS = {"budget": ("steps", "batch_size", "seq_len", "seed", "paretoq_scale_lr", "train_data"),
+                "eval": ("windows", "seq_len", "every", "steps", "data")}
+
+
+def resume_report(fresh: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The report saved at ``out`` (STEM.json), to be continued by ``fresh``'s command.
+
+    Refuses, with what differs, when the saved run measured something else (model, budget, data, evaluation or
+    torch version): mixing those in one table would compare unlike runs.
+    """
+    path = out.with_suffix(".json")
+    if not path.exists():
+        print(f"--resume: no {path} yet, starting a new run", flush=True)
+        return fresh
+    saved = json.loads(path.read_text())
+    diffs = [f"model {saved.get('model')!r} != {fresh['model']!r}"] if saved.get("model") != fresh["model"] else []
+    for part, keys in _RESUME_KEYS.items():
+        diffs += [f"{part}.{k} {saved.get(part, {}).get(k)!r} != {fresh[part][k]!r}"
+                  for k in keys if saved.get(part, {}).get(k) != fresh[part][k]]
+    for k in ("torch", "torchao"):
+        if saved.get("env", {}).get(k) != fresh["env"][k]:
+            diffs.append(f"env.{k} {saved.get('env', {}).get(k)!r} != {fresh['env'][k]!r}")
+    if diffs:
+        raise SystemExit(f"--resume: {path} was measured with other settings ({'; '.join(diffs)}); "
+                         "rerun with the saved run's arguments (its command is in the file) or pick a new --out")
+    saved["skipped"] = fresh["skipped"]
+    saved.setdefault("resumed_by", []).append(fresh["command"])
+    return saved
+
+
 def verdict(entry: dict[str, Any]) -> str:
     m = entry["methods"]
     if "paretoq" not in m:
@@ -308,7 +356,8 @@ def write_results(report: dict[str, Any], out: Path, plot: bool = True) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     b, ev = report["budget"], report["eval"]
     lines = [f"# ParetoQ QAT vs RTN vs torchao QAT: {report['model']}, per output channel", "",
-             f"Command: `{report['command']}`", "",
+             f"Command: `{report['command']}`"
+             + "".join(f"; interrupted and finished by `{c}`" for c in report.get("resumed_by", [])), "",
              f"- Budget, every trained method: **{b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens** = "
              f"{b['tokens']:,} tokens of {b['train_data']} (same seed, same windows, same order); {b['optimizer']}."
              + ("" if b.get("paretoq_scale_lr") is None else

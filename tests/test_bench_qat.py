@@ -107,3 +107,38 @@ def test_bench_qat_runs_a_width_torchao_is_not_compared_at(tmp_path, monkeypatch
     assert report["skipped"] == ["torchao at 4-bit: no torchao config is compared at this width (2-bit and ternary only)"]
     assert "torchao at 4-bit" in capsys.readouterr().out
     assert set(entry["methods"]) == {"rtn", "paretoq"} and entry["methods"]["paretoq"]["trained_steps"] == 2
+
+
+def test_bench_qat_resume_finishes_an_interrupted_run_as_one_run_would(tmp_path, monkeypatch, capsys):
+    """--resume keeps the finished (width, method) pairs, trains only the missing one, and gets its exact numbers."""
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    whole, out = _run(tmp_path, "rtn,paretoq")
+    # interrupt: the ternary ParetoQ run never finished
+    saved = json.loads(out.with_suffix(".json").read_text())
+    del saved["widths"]["1.58"]["methods"]["paretoq"], saved["widths"]["1.58"]["verdict"]
+    out.with_suffix(".json").write_text(json.dumps(saved))
+    bench = _bench()
+    trained = []
+    real_train = bench.train_qat
+    monkeypatch.setattr(bench, "train_qat", lambda *a, **k: trained.append(k["bits"]) or real_train(*a, **k))
+    folder, text = make_tiny_model_folder(tmp_path)
+    argv = ["--model", str(folder), "--calib", str(text), "--data", str(text), "--methods", "rtn,paretoq",
+            "--steps", str(STEPS), "--eval-every", str(EVERY), "--batch-size", "2", "--seq-len", "32",
+            "--eval-windows", "2", "--eval-seq-len", "64", "--lr", "1e-3", "--threads", "1",
+            "--no-progress", "--out", str(out)]
+    resumed = bench.main([*argv, "--resume"])
+    assert trained == [1.58]                                   # only the missing run trained
+    assert "resumed: rtn, paretoq at 2-bit kept" in capsys.readouterr().out
+    _check(resumed, out, ["rtn", "paretoq"])
+    for width in ("2", "1.58"):
+        for name in ("rtn", "paretoq"):
+            a, b = whole["widths"][width]["methods"][name], resumed["widths"][width]["methods"][name]
+            assert a["curve"] == b["curve"] and a.get("losses") == b.get("losses"), (width, name)
+        assert resumed["widths"][width]["verdict"] == whole["widths"][width]["verdict"]
+    assert resumed["float_ppl"] == whole["float_ppl"] and len(resumed["resumed_by"]) == 1
+    assert "interrupted and finished by `python examples/bench_qat.py" in out.with_suffix(".md").read_text()
+
+    # a resume with another budget would mix unlike runs in one table: refused, saying what differs
+    argv[argv.index("--steps") + 1] = str(STEPS + 2)
+    with pytest.raises(SystemExit, match=r"other settings \(budget\.steps 4 != 6.*eval\.steps"):
+        bench.main([*argv, "--resume"])
