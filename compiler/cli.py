@@ -166,8 +166,9 @@ def _load_and_quantize(args, default_recipe: str, check=None):
     _check_args(args)
     recipe = get_recipe(args.recipe or default_recipe)  # validate before the slow load
     if getattr(args, "steps", None) is not None:
-        if recipe.data_free:
-            raise RecipeError(f"--steps {args.steps} was given but recipe {recipe.name!r} does not train",
+        if not recipe.trains:
+            raise RecipeError(f"--steps {args.steps} was given but recipe {recipe.name!r} does not train"
+                              + (" (GPTQ rounds once from calibration statistics)" if recipe.method == "gptq" else ""),
                               "drop --steps, or use a trained recipe (teq-*, fsbr-*, illm-*, paretoq-*)")
         recipe.options["epochs" if recipe.method in ("fsbr", "illm") else "steps"] = args.steps
     _apply_checkpoint_args(args, recipe)
@@ -225,7 +226,7 @@ def _apply_checkpoint_args(args, recipe) -> None:
     ckpt, every, keep, resume = (getattr(args, k, None) for k in ("checkpoint_dir", "save_every", "keep_last", "resume"))
     if ckpt is None and every is None and keep is None and resume is None:
         return
-    if recipe.data_free:
+    if not recipe.trains:
         raise RecipeError(f"--checkpoint-dir/--save-every/--keep-last/--resume were given but recipe {recipe.name!r} "
                           "does not train",
                           "drop them, or use a trained recipe (teq-*, fsbr-*, illm-* with --steps, paretoq-*)")

@@ -88,6 +88,13 @@ class Recipe:
             return not self.options.get("fsbr", True)
         return self.method in ("fp32", "rtn", "fp")
 
+    @property
+    def trains(self) -> bool:
+        """True if the recipe has training steps (epochs) that ``--steps`` and checkpoints apply to.
+
+        GPTQ needs calibration data but does not train (it rounds once, in closed form)."""
+        return not self.data_free and self.method != "gptq"
+
     def pipeline(self):
         """The ordered passes this recipe runs on a captured graph."""
         from .pipeline import Pipeline

@@ -302,9 +302,14 @@ def test_recipe_that_contradicts_itself_is_refused(content, needle, tmp_path, ca
     assert_nothing_written(tmp_path / "o")
 
 
-def test_steps_on_a_recipe_that_does_not_train_is_refused(tmp_path, capsys, no_load):
-    line = cli(capsys, ["quantize", "--recipe", "rtn-w4g128", "--steps", "100", "--out", str(tmp_path / "o")])
-    assert "--steps 100" in line and "does not train" in line
+@pytest.mark.parametrize("recipe", ["rtn-w4g128", "gptq-w4g128"])   # gptq reads calibration data but has no steps
+def test_steps_on_a_recipe_that_does_not_train_is_refused(recipe, tmp_path, capsys, no_load):
+    line = cli(capsys, ["quantize", "--recipe", recipe, "--steps", "100", "--out", str(tmp_path / "o")])
+    assert "--steps 100" in line and "does not train" in line and "use a trained recipe" in line
+    line = cli(capsys, ["quantize", "--recipe", recipe, "--checkpoint-dir", str(tmp_path / "ck"),
+                        "--out", str(tmp_path / "o")])
+    assert "--checkpoint-dir" in line and "does not train" in line
+    assert_nothing_written(tmp_path / "o")
 
 
 # ---- 14. a kernel format on a device that cannot run it --------------------------------------------------------------------
