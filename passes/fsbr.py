@@ -76,13 +76,14 @@ from fxquant.actquant import (ActAllocation, EagerActQuant, SwiGLUSmooth, act_fa
                               find_sites, insert_graph_quantizers, module_path, norm_align_from_absmax,
                               remember_runtime,
                               round_ste as _round_ste)
+from fxquant.calibration import calibration_ids, calibration_windows, layer_inputs
 from fxquant.capture import CapturedGraph
 from fxquant import train_state
 from fxquant.errors import PassError, TrainingError
 from fxquant.guards import check_finite_loss
 from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScaleGroup, ScalePlan, ScaleSite,
                                                    _gqa_index, _linears_by_name, plan_scales)
-from fxquant.passes.train_teq_scales import _loss, calibration_ids, calibration_windows, quantized_linears
+from fxquant.passes.train_teq_scales import _loss, quantized_linears
 from fxquant.pipeline import Pass, PassContext, PassResult
 from fxquant.quant import QuantSpec
 
@@ -431,10 +432,6 @@ def _decoder_layers(model: torch.nn.Module, plan: ScalePlan, who: str = "FSBR") 
                     f"{who} supports models whose layers live in an nn.ModuleList (LLaMA, Mistral, Qwen, ...)")
 
 
-class _Stop(Exception):
-    pass
-
-
 def _structure_of(cg: CapturedGraph) -> Any:
     """The structure analysis of ``cg`` (for callers of :func:`train_fsbr` that did not run it)."""
     from fxquant.passes.analyze_structure import AnalyzeStructure
@@ -451,29 +448,6 @@ def _act_path(cg: CapturedGraph, group: ScaleGroup) -> str:
         raise PassError(f"the SwiGLU act-smooth group {group.name} has no activation module in the eager model",
                         "set act_smooth: false")
     return path
-
-
-def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Module, batches: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden_states, kwargs) that ``layer`` receives for each calibration batch (the model stops there)."""
-    cached: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        cached.append((hidden.detach(), kw))
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in range(batches.shape[0]):
-                try:
-                    model(input_ids=batches[b:b + 1], use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return cached
 
 
 class _Block:
@@ -783,7 +757,7 @@ def train_fsbr(cg: CapturedGraph, plan: ScalePlan, spec: QuantSpec, calibration:
     try:
         first = step // per_layer
         if first < len(layers):
-            float_in = _layer_inputs(model, layers[0], batches)
+            float_in = layer_inputs(model, layers[0], batches)
             quant_in = [(h.clone(), kw) for h, kw in float_in]
             for block in blocks[:first]:  # resumed: rebuild the next layer's inputs from the finished layers
                 with block:

@@ -66,6 +66,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from fxquant.calibration import calibration_ids, calibration_windows, layer_inputs, run_windows, spread_windows
 from fxquant.capture import CapturedGraph
 from fxquant.errors import PassError
 from fxquant.passes.search_weight_clipping import statistics_problem
@@ -77,10 +78,6 @@ __all__ = ["RoundWeightsGPTQ", "GPTQConfig", "gptq_round", "grid_of", "output_er
 
 #: a weight inside a numbered block (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``)
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward once the block being measured has run (sequential mode)."""
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -97,11 +94,16 @@ class GPTQConfig(PassOptions):
     gptq_block: int = 128        # columns rounded between two matrix-product updates (the result does not depend on it)
     gptq_act_order: bool = False  # round columns in order of decreasing diag(H)
     gptq_sequential: bool = True   # block by block, each block's H from the already rounded blocks before it
+    gptq_token_cap: float | None = None  # a token's weight in H at most this many times its window's median token's
 
     positive_ints = ("gptq_windows", "gptq_block")
     bools = ("gptq_act_order", "gptq_sequential")
 
     def check(self) -> None:
+        cap = self.gptq_token_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1):
+            raise PassError(f"gptq_token_cap caps a token's energy in H at that many times the median token's, so it "
+                            f"is a number >= 1 (or null: no cap); got {cap!r}", "e.g. options: {gptq_token_cap: 10}")
         if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or not 0 < self.gptq_damp < 1:
             raise PassError(f"gptq_damp is the fraction of mean(diag H) added to H's diagonal, in (0, 1); got "
                             f"{self.gptq_damp!r}", "e.g. options: {gptq_damp: 0.01} (GPTQ's)")
@@ -158,6 +160,23 @@ def grid_of(w: torch.Tensor, spec: Any, scale_ratio: torch.Tensor | None = None)
         return Grid(qw.scale, qw.zero, qw.group_size, integer)
     raise PassError(f"round_weights_gptq has no grid for a {type(spec).__name__}",
                     "use fxquant.quant.QuantSpec (integer) or fxquant.fpformats.FPQuantSpec (FP6 and siblings)")
+
+
+def cap_tokens(x: torch.Tensor, cap: float) -> tuple[torch.Tensor, int]:
+    """``x`` ``[tokens, in]`` with every token whose energy ``‖x_t‖²`` exceeds ``cap`` times the median token's
+    scaled down to exactly that (its direction kept), and how many were. ``H = Σ x_tᵀ x_t`` weighs each token by
+    its energy; a massive-activation token (an attention sink: on SmolLM2 one token per window carries 99.8 % of
+    ``trace H`` at ``layers.11.mlp.down_proj``) otherwise decides ``H`` alone, and GPTQ then cancels the error on
+    that token by moving it onto every other."""
+    energy = (x * x).sum(dim=1)
+    limit = cap * float(energy.median())
+    over = energy > limit
+    n = int(over.sum())
+    if n == 0 or limit <= 0:
+        return x, 0
+    factor = torch.ones_like(energy)
+    factor[over] = torch.sqrt(limit / energy[over])
+    return x * factor[:, None], n
 
 
 def output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
@@ -261,7 +280,7 @@ class RoundWeightsGPTQ(Pass):
 
     def _windows(self, cg: CapturedGraph, ctx: PassContext) -> torch.Tensor:
         """TEQ's calibration windows of ``seq_len`` tokens, ``gptq_windows`` of them spread evenly."""
-        from fxquant.passes.train_teq_scales import TEQConfig, calibration_ids, calibration_windows, spread_windows
+        from fxquant.passes.train_teq_scales import TEQConfig
         seq_len = int(self.options.get("seq_len", TEQConfig.seq_len))
         tokenizer = self.options.get("tokenizer") or ctx.options.get("tokenizer")
         windows = calibration_windows(calibration_ids(ctx.calibration, cg.model, tokenizer), seq_len)
@@ -282,11 +301,12 @@ class RoundWeightsGPTQ(Pass):
     @staticmethod
     @torch.no_grad()
     def _hessians(root: torch.nn.Module, rel: Callable[[str], str], todo: Mapping[str, str],
-                  params: Mapping[str, torch.Tensor], skipped: dict[str, str], run: Callable[[], None]
+                  params: Mapping[str, torch.Tensor], skipped: dict[str, str], run: Callable[[], None],
+                  cap: float | None = None, capped: dict[str, list[int]] | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """``H`` per distinct input of the weights ``todo`` (FQNs; ``rel(fqn)`` is the weight's path inside
         ``root``) while ``run()`` runs ``root``'s forwards, and which weight's ``H`` each weight reads
-        (``{fqn: owner fqn}``)."""
+        (``{fqn: owner fqn}``). With ``cap`` (:func:`cap_tokens`), ``capped[owner]`` counts ``[capped, tokens]``."""
         hess: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}
         last: dict[str, Any] = {"x": None, "fqn": None}
@@ -308,6 +328,12 @@ class RoundWeightsGPTQ(Pass):
                     owner[fqn] = last["fqn"]
                     return
                 x2 = x.detach().reshape(-1, k).float()
+                if cap is not None:
+                    x2, n = cap_tokens(x2, cap)
+                    if capped is not None:
+                        c = capped.setdefault(fqn, [0, 0])
+                        c[0] += n
+                        c[1] += x2.shape[0]
                 h = x2.t() @ x2
                 hess[fqn] = hess[fqn] + h if fqn in hess else h
                 owner[fqn] = fqn
@@ -322,31 +348,6 @@ class RoundWeightsGPTQ(Pass):
         return hess, owner
 
     @staticmethod
-    def _run_model(model: torch.nn.Module, params: Mapping[str, torch.Tensor], windows: torch.Tensor,
-                   stop_at: torch.nn.Module | None = None) -> None:
-        """The model on each window in eval mode; with ``stop_at``, each forward ends once that module has run."""
-        from fxquant.passes.train_teq_scales import _logits
-
-        def stop(*_: Any) -> None:
-            raise _StopForward
-        handle = None
-        if stop_at is not None:
-            handle = stop_at.register_forward_hook(stop)
-        device = next(iter(params.values())).device
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(windows.shape[0]):
-                try:
-                    _logits(model, dict(params), windows[i:i + 1].to(device))
-                except _StopForward:
-                    pass
-        finally:
-            if handle is not None:
-                handle.remove()
-            model.train(was_training)
-
-    @staticmethod
     def _layer_list(model: torch.nn.Module, stages: Sequence[tuple[str | None, list[str]]]
                     ) -> tuple[str, torch.nn.ModuleList] | None:
         """The ``nn.ModuleList`` every numbered stage is an entry of (``model.layers``), or None."""
@@ -359,25 +360,6 @@ class RoundWeightsGPTQ(Pass):
         except AttributeError:
             return None
         return (parent, layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
-
-    @staticmethod
-    @torch.no_grad()
-    def _first_layer_inputs(model: torch.nn.Module, params: Mapping[str, torch.Tensor], layer: torch.nn.Module,
-                            windows: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-        """``(hidden_states, kwargs)`` the first decoder layer receives on each window (the forward stops there)."""
-        cached: list[tuple[torch.Tensor, dict]] = []
-
-        def grab(mod, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-            cached.append((hidden.detach(), kw))
-            raise _StopForward
-        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            RoundWeightsGPTQ._run_model(model, params, windows)
-        finally:
-            handle.remove()
-        return cached
 
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
         from fxquant.passes.train_teq_scales import quantized_linears
@@ -437,6 +419,7 @@ class RoundWeightsGPTQ(Pass):
                 totals["kept"] += err_q
             hess.clear()
 
+        capped: dict[str, list[int]] = {}
         whole = lambda fqn: fqn   # noqa: E731 - a weight's path inside the whole model is its FQN
         stages = self._stages(list(qlin))
         layered = self._layer_list(model, stages) if cfg.gptq_sequential else None
@@ -447,7 +430,7 @@ class RoundWeightsGPTQ(Pass):
                 # sequential: each decoder layer runs alone on the inputs the rounded layers before it produce
                 parent, layers = layered
                 by_prefix = {p: f for p, f in stages if p is not None}
-                inputs = self._first_layer_inputs(model, current(), layers[0], windows)
+                inputs = layer_inputs(model, layers[0], windows, current())
                 for i, layer in enumerate(layers):
                     prefix = f"{parent}.{i}"
                     fqns = by_prefix.get(prefix, [])
@@ -466,7 +449,7 @@ class RoundWeightsGPTQ(Pass):
                         params = current()
                         lp = local()
                         hess, owner = self._hessians(layer, own, {f: qlin[f] for f in fqns}, params, skipped,
-                                                     lambda: run_layer(lp, False))
+                                                     lambda: run_layer(lp, False), cfg.gptq_token_cap, capped)
                         round_weights(fqns, hess, owner, params)
                     if i + 1 < len(layers):
                         inputs = run_layer(local(), True)
@@ -475,7 +458,7 @@ class RoundWeightsGPTQ(Pass):
                 if rest:   # weights outside the decoder layers: the whole model, with every layer rounded
                     params = current()
                     hess, owner = self._hessians(model, whole, {f: qlin[f] for f in rest}, params, skipped,
-                                                 lambda: self._run_model(model, params, windows))
+                                                 lambda: run_windows(model, params, windows), cfg.gptq_token_cap, capped)
                     round_weights(rest, hess, owner, params)
             else:
                 for stop_after, fqns in stages:
@@ -483,7 +466,8 @@ class RoundWeightsGPTQ(Pass):
                     params = current()
                     stop = model.get_submodule(stop_after) if stop_after is not None else None
                     hess, owner = self._hessians(model, whole, {f: qlin[f] for f in fqns}, params, skipped,
-                                                 lambda: self._run_model(model, params, windows, stop))
+                                                 lambda: run_windows(model, params, windows, stop_at=stop),
+                                                 cfg.gptq_token_cap, capped)
                     round_weights(fqns, hess, owner, params)
         finally:
             model.train(was_training)
@@ -495,6 +479,9 @@ class RoundWeightsGPTQ(Pass):
         ctx.artifacts["gptq_skipped"] = dict(skipped)
         stats = {"rounded": len(record), "kept_nearest": totals["kept_nearest"], "skipped": len(skipped),
                  "windows": int(windows.shape[0]), "sequential": cfg.gptq_sequential,
+                 "token_cap": cfg.gptq_token_cap,
+                 "capped_token_share": (round(sum(c[0] for c in capped.values()) / max(1, sum(c[1] for c in capped.values())), 5)
+                                        if cfg.gptq_token_cap is not None else 0.0),
                  "output_error_ratio": round(totals["kept"] / totals["rtn"], 4) if totals["rtn"] > 0 else 1.0}
         log.info("round_weights_gptq: %s", stats)
         return PassResult(modified=bool(record), stats=stats)

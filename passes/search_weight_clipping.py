@@ -58,6 +58,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fxquant.calibration import (calibration_ids, calibration_windows, run_windows, split_holdout,
+                                 spread_windows)
 from fxquant.capture import CapturedGraph
 from fxquant.errors import PassError
 from fxquant.pipeline import Pass, PassContext, PassOptions, PassResult, replace_weight
@@ -209,8 +211,7 @@ class SearchWeightClipping(Pass):
 
     @torch.no_grad()
     def call(self, cg: CapturedGraph, ctx: PassContext) -> PassResult:
-        from fxquant.passes.train_teq_scales import (TEQConfig, calibration_ids, calibration_windows,
-                                                     quantized_linears, run_windows, split_holdout, spread_windows)
+        from fxquant.passes.train_teq_scales import TEQConfig, quantized_linears
         cfg = self.config
         model = cg.model
         qlin = quantized_linears(cg, self.exclude)

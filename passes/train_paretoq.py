@@ -17,11 +17,11 @@ Contract
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from fxquant.calibration import calibration_ids
 from fxquant.capture import CapturedGraph
 from fxquant.errors import DataError, PassError
 from fxquant.paretoq import ParetoQSpec, QATLinear, prepare_qat, qat_modules
@@ -32,39 +32,9 @@ __all__ = ["TrainParetoQ", "calibration_ids_for"]
 log = logging.getLogger("fxquant")
 
 
-def _find_tokenizer(model: torch.nn.Module) -> Any:
-    """The model's tokenizer from its ``name_or_path`` (a GGUF folder's single .gguf file included), or None."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    if not source:
-        return None
-    try:
-        from transformers import AutoTokenizer
-        kwargs: dict[str, Any] = {}
-        folder = Path(source)
-        if folder.is_dir() and not (folder / "tokenizer_config.json").exists():
-            ggufs = sorted(folder.glob("*.gguf"))
-            if len(ggufs) == 1:
-                kwargs["gguf_file"] = ggufs[0].name
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception:  # noqa: BLE001 - no tokenizer to be found: the caller says what to pass
-        return None
-
-
 def calibration_ids_for(calibration: Any, model: torch.nn.Module, tokenizer: Any = None) -> torch.Tensor:
-    """Token ids (1-D long tensor) from ids or text."""
-    if isinstance(calibration, torch.Tensor):
-        return calibration.reshape(-1).long()
-    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(t, int) for t in calibration):
-        return torch.tensor(calibration, dtype=torch.long)
-    if isinstance(calibration, str):
-        tok = tokenizer or _find_tokenizer(model)
-        if tok is None:
-            raise DataError("ParetoQ QAT got calibration text but no tokenizer for it",
-                            "pass token ids (calibration=tokenizer(text).input_ids) or set ctx.options['tokenizer']")
-        from fxquant.evaluate import tokenize_text
-        return tokenize_text(tok, calibration)
-    raise DataError(f"ParetoQ QAT needs calibration text or token ids, got {type(calibration).__name__}",
-                    "pass calibration=<text> or a 1-D tensor of token ids (WikiText-2 validation by default)")
+    """Token ids (1-D long tensor) from ids or text (:func:`fxquant.calibration.calibration_ids`)."""
+    return calibration_ids(calibration, model, tokenizer)
 
 
 class TrainParetoQ(Pass):

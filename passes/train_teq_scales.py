@@ -57,15 +57,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from fxquant.calibration import (calibration_ids, calibration_windows, model_logits, run_windows,  # noqa: F401
+                                 spread_windows, split_holdout)  # (re-exported: TEQ's public helpers before)
 from fxquant.capture import CapturedGraph
 from fxquant import train_state
-from fxquant.errors import DataError, PassError, TrainingError
+from fxquant.errors import PassError, TrainingError
 from fxquant.guards import check_finite_loss
 from fxquant.passes.fold_equivalent_scales import (MIN_SCALE, EquivalentScales, ScalePlan, ScaleSite,
                                                    linear_weights, plan_scales)
@@ -193,80 +194,7 @@ def linear_warmup_decay(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-# ---- calibration data ------------------------------------------------------------------------------------
-def _find_tokenizer(model: torch.nn.Module) -> Any:
-    """The tokenizer of ``model`` from its config's name/path (and a lone ``.gguf`` there), or None."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if not name:
-        return None
-    try:
-        from transformers import AutoTokenizer
-        folder = Path(str(name))
-        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-        if len(ggufs) == 1 and not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
-        return AutoTokenizer.from_pretrained(str(name))
-    except Exception as exc:  # noqa: BLE001 - any loader failure means "not found"
-        log.debug("no tokenizer for %s: %s", name, exc)
-        return None
-
-
-def calibration_ids(calibration: Any, model: torch.nn.Module | None = None, tokenizer: Any = None) -> torch.Tensor:
-    """Calibration data as one 1-D tensor of token ids.
-
-    Accepts token ids (a tensor, a list of tensors/lists), a dict with ``input_ids``, ``(text, tokenizer)``, or
-    text (tokenized with ``tokenizer``, else with the tokenizer found from the model's name).
-    """
-    if isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], str):
-        calibration, tokenizer = calibration
-    if isinstance(calibration, Mapping):
-        if "input_ids" in calibration:
-            calibration = calibration["input_ids"]
-        elif "text" in calibration:
-            tokenizer = calibration.get("tokenizer", tokenizer)
-            calibration = calibration["text"]
-    if isinstance(calibration, str):
-        tok = tokenizer or (_find_tokenizer(model) if model is not None else None)
-        if tok is None:
-            raise DataError("TEQ got calibration text but no tokenizer to turn it into token ids",
-                            "pass calibration=(text, tokenizer), or token ids "
-                            "(fxquant.evaluate.tokenize_text(tokenizer, text)), or recipe option tokenizer")
-        ids = tok(calibration, return_tensors="pt", add_special_tokens=False).input_ids.reshape(-1)
-    elif isinstance(calibration, torch.Tensor):
-        ids = calibration.reshape(-1)
-    elif isinstance(calibration, (list, tuple)) and calibration:
-        ids = torch.cat([torch.as_tensor(c).reshape(-1) for c in calibration])
-    else:
-        raise DataError(f"TEQ cannot use calibration data of type {type(calibration).__name__}",
-                        "pass text with a tokenizer, or token ids")
-    if ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
-        raise DataError(f"calibration token ids must be a non-empty integer tensor, got {ids.dtype} [{ids.numel()}]")
-    return ids.long()
-
-
-def calibration_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """All windows of ``seq_len`` tokens that start at multiples of ``seq_len // 2`` (overlapping halves)."""
-    if ids.numel() < seq_len:
-        raise DataError(f"calibration has {ids.numel()} tokens, fewer than one {seq_len}-token window",
-                        "pass more calibration text, or a smaller seq_len option")
-    stride = max(1, seq_len // 2)
-    starts = range(0, ids.numel() - seq_len + 1, stride)
-    return torch.stack([ids[s: s + seq_len] for s in starts])
-
-
 # ---- the training loop ------------------------------------------------------------------------------------
-def _logits(model: torch.nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        kwargs["use_cache"] = False
-    out = torch.func.functional_call(model, params, args=(), kwargs=kwargs, strict=False)
-    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-    if logits is None:
-        raise PassError(f"TEQ needs a causal LM that returns logits; {type(model).__name__} does not",
-                        "use an AutoModelForCausalLM, or a module whose forward(input_ids) returns logits")
-    return logits
-
-
 def teq_objective(logits: torch.Tensor, batch: torch.Tensor, distill: float,
                   teacher: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """TEQ's training loss ``(1 - distill) · CE(next token) + distill · KL(float ‖ quantized)`` of one batch.
@@ -291,8 +219,8 @@ def teq_objective(logits: torch.Tensor, batch: torch.Tensor, distill: float,
 
 def _loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: torch.Tensor, distill: float) -> torch.Tensor:
     """:func:`teq_objective` of ``model`` with ``params`` (the float model itself, no params, is the teacher)."""
-    return teq_objective(_logits(model, params, batch)[:, :-1].float(), batch, distill,
-                         lambda: _logits(model, {}, batch)[:, :-1])
+    return teq_objective(model_logits(model, params, batch)[:, :-1].float(), batch, distill,
+                         lambda: model_logits(model, {}, batch)[:, :-1])
 
 
 def _quantized_params(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, scales: Mapping[str, torch.Tensor],
@@ -338,27 +266,6 @@ def quantized_linears(cg: CapturedGraph, exclude: Sequence[str]) -> dict[str, st
             continue
         out[fqn] = layout
     return out
-
-
-def spread_windows(windows: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` of ``windows`` (all when there are fewer), evenly spread from the first to the last."""
-    return windows[torch.linspace(0, windows.shape[0] - 1, min(n, windows.shape[0])).long()]
-
-
-@torch.no_grad()
-def run_windows(model: torch.nn.Module, params: dict[str, torch.Tensor], windows: torch.Tensor,
-                hooks: Sequence[Any] = ()) -> None:
-    """Run ``model`` with ``params`` on each window in eval mode, for what its forward ``hooks`` collect; the hooks
-    are removed and the model's training mode restored afterwards, whatever happens."""
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(windows.shape[0]):
-            _logits(model, params, windows[i:i + 1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -532,7 +439,8 @@ def train_blocks(model: torch.nn.Module, plan: ScalePlan, fq: Callable[[str, tor
     the block objective, measured on all the samples for the init and after every epoch, picks the scales kept: no
     layer ends worse than its init on its own objective. Returns ``(scales, mean loss of each epoch, per-layer
     records {"layer", "init", "epochs", "best", "trained"})``; groups outside the decoder layers keep ``start``."""
-    from fxquant.passes.fsbr import _decoder_layers, _layer_inputs, step_log_scales
+    from fxquant.calibration import layer_inputs
+    from fxquant.passes.fsbr import _decoder_layers, step_log_scales
     prefix, layers = _decoder_layers(model, plan, "TEQ's block objective")
     device = next(iter(base.values())).device
     dtype = next((t.dtype for t in base.values() if t.is_floating_point()), torch.float32)
@@ -542,7 +450,7 @@ def train_blocks(model: torch.nn.Module, plan: ScalePlan, fq: Callable[[str, tor
     result = {k: v.detach().clone() for k, v in start.items()}
     losses: list[float] = []
     records: list[dict] = []
-    float_in = _layer_inputs(model, layers[0], batches)
+    float_in = layer_inputs(model, layers[0], batches)
     quant_in = [(h.clone(), kw) for h, kw in float_in]
     bar = None
     if cfg.progress:
@@ -830,17 +738,6 @@ def train_scales(cg: CapturedGraph, plan: ScalePlan, quantizer: Quantizer, calib
             result = ones
             extra["kept"] = "ones"
     return EquivalentScales(plan=plan, scales=result, losses=losses, method="teq", init=init_copy, extra=extra)
-
-
-def split_holdout(windows: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(training windows, held-out windows or None)``. The windows overlap by half (:func:`calibration_windows`),
-    so the held-out ones are every other window at the end, and the training ones stop where they start: no
-    held-out token is ever trained on. At most a quarter of the windows is held out (none if that is zero)."""
-    n = min(int(holdout), windows.shape[0] // 8)
-    if n <= 0:
-        return windows, None
-    first = windows.shape[0] - 2 * n
-    return windows[:first], windows[first + 1::2]
 
 
 def _heldout_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], held: torch.Tensor, cfg: "TEQConfig",

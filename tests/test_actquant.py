@@ -356,7 +356,8 @@ def _scale_gradients(alloc: ActAllocation) -> dict[str, float]:
     """Largest |∂ block MSE / ∂ log s| per group kind, at s = 1, for one decoder layer under ``alloc``."""
     import torch.nn.functional as F
     from fxquant.actquant import SwiGLUSmooth
-    from fxquant.passes.fsbr import _act_path, _Block, _decoder_layers, _layer_inputs
+    from fxquant.calibration import layer_inputs as _layer_inputs
+    from fxquant.passes.fsbr import _act_path, _Block, _decoder_layers
     from fxquant.passes.train_teq_scales import quantized_linears
     model, cg, ctx = _llama((32, 4, 2, 48, 1), 11)
     plan = plan_fsbr(cg, ctx.artifacts["structure"])

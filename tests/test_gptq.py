@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import make_tiny_llama
 from fxquant.errors import PassError, RecipeError, WeightError
 from fxquant.fpformats import FPQuantSpec, quantize_fp
-from fxquant.passes.round_weights_gptq import GPTQConfig, grid_of, gptq_round
+from fxquant.passes.round_weights_gptq import GPTQConfig, cap_tokens, grid_of, gptq_round
 from fxquant.quant import QuantSpec, quantize_weight
 from fxquant.recipes import get_recipe
 
@@ -207,7 +207,9 @@ def test_recipes_and_options():
     assert f.weight.group_size == 64 and not f.weight.symmetric
     assert get_recipe({"method": "gptq", "format": "e3m2"}).weight.kind == "fp"
     for bad, match in (({"gptq_damp": 0}, "gptq_damp"), ({"gptq_windows": 0}, "gptq_windows"),
-                       ({"gptq_act_order": "yes"}, "gptq_act_order"), ({"steps": 10}, "unknown option 'steps'")):
+                       ({"gptq_act_order": "yes"}, "gptq_act_order"), ({"steps": 10}, "unknown option 'steps'"),
+                       ({"gptq_token_cap": 0.5}, "gptq_token_cap"), ({"gptq_token_cap": "10"}, "gptq_token_cap"),
+                       ({"gptq_token_cap": True}, "gptq_token_cap")):
         with pytest.raises(RecipeError, match=match):
             get_recipe({"base": "gptq-w4g128", "options": bad})
     with pytest.raises(RecipeError, match="gptq is off"):
@@ -216,6 +218,25 @@ def test_recipes_and_options():
         get_recipe({"method": "gptq"})
     with pytest.raises(PassError, match="gptq_block"):
         GPTQConfig.from_options({"gptq_block": -1})
+
+
+@settings(max_examples=FEW, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.integers(3, 40), k=st.integers(1, 24), massive=st.integers(0, 3),
+       cap=st.sampled_from([1.0, 2.0, 10.0, 100.0]))
+def test_token_cap_scales_down_only_the_massive_tokens(seed, tokens, k, massive, cap):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g)
+    x[torch.randperm(tokens, generator=g)[:massive]] *= 1000.0     # attention-sink-like tokens
+    y, n = cap_tokens(x, cap)
+    energy, limit = (x * x).sum(1), cap * float((x * x).sum(1).median())
+    over = energy > limit
+    assert n == int(over.sum())
+    assert torch.equal(y[~over], x[~over])                          # the others untouched, bit for bit
+    if n:
+        torch.testing.assert_close((y[over] * y[over]).sum(1), torch.full((n,), limit), rtol=1e-5, atol=0)
+        cos = torch.nn.functional.cosine_similarity(y[over].double(), x[over].double(), dim=1)
+        torch.testing.assert_close(cos, torch.ones(n, dtype=torch.float64))   # direction kept
+    assert float((y * y).sum(1).max()) <= limit * (1 + 1e-5)
 
 
 def test_calibration_is_required_with_a_hint():
@@ -273,6 +294,34 @@ def test_on_a_tiny_llama_the_packed_weights_are_the_rounded_ones(name):
     notes = [n.meta["fxquant"]["quant"] for n in result.captured.gm.graph.nodes
              if "quant" in n.meta.get("fxquant", {})]
     assert notes and all(n.get("rounding") == "gptq" for n in notes)
+
+
+def test_token_cap_makes_h_from_the_capped_tokens_of_each_window():
+    """With gptq_token_cap, the error recorded for a weight is its output error on its inputs capped window by
+    window (each window's median token sets the limit), and the stats say what share of tokens was capped."""
+    from fxquant.api import quantize
+    from fxquant.calibration import calibration_windows, spread_windows
+    model = make_tiny_llama(layers=1, hidden=32, heads=4, kv_heads=2, inter=64)
+    recipe = get_recipe("gptq-w4g128")
+    recipe.options.update(seq_len=32, gptq_windows=5, gptq_token_cap=1.5, progress=False)
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(3))
+    down = model.model.layers[0].mlp.down_proj
+    per_window = []
+    hook = down.register_forward_pre_hook(lambda m, a: per_window.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    wins = spread_windows(calibration_windows(ids, 32), 5)
+    with torch.no_grad():
+        for i in range(wins.shape[0]):
+            model(wins[i:i + 1], use_cache=False)
+    hook.remove()
+    w = down.weight.detach().clone()
+    result = quantize(model, recipe, calibration=ids)
+    capped = [cap_tokens(x, 1.5) for x in per_window]
+    x = torch.cat([c[0] for c in capped]).double()
+    direct = float(((x @ (down.weight.detach() - w).double().t()) ** 2).sum())
+    record = result.artifacts["gptq"]["model.layers.0.mlp.down_proj.weight"]
+    assert math.isclose(record["error"], direct, rel_tol=1e-3)
+    stats = next(r.stats for r in result.records if r.name == "round_weights_gptq")
+    assert stats["token_cap"] == 1.5 and 0 < stats["capped_token_share"] < 0.5
 
 
 def test_gptq_lowers_the_logit_error_against_nearest_rounding():

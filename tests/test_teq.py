@@ -517,7 +517,8 @@ def _block_train(**kw):
 @torch.no_grad()
 def _logit_error(cg, plan, scales, batch) -> float:
     """Mean squared error of the quantized model's logits (scales folded, W3 g32 fake quant) against the float's."""
-    from fxquant.passes.train_teq_scales import _logits, _quantized_params
+    from fxquant.calibration import model_logits as _logits
+    from fxquant.passes.train_teq_scales import _quantized_params
     q = weight_quantizer(QuantSpec(bits=3, group_size=32))
     params = _quantized_params(cg, plan, q, scales, ("lm_head*",))
     return float(torch.nn.functional.mse_loss(_logits(cg.model, params, batch), _logits(cg.model, {}, batch)))
