@@ -206,6 +206,11 @@ def test_recipes_and_options():
                     "options": {"gptq_act_order": True}})
     assert f.weight.group_size == 64 and not f.weight.symmetric
     assert get_recipe({"method": "gptq", "format": "e3m2"}).weight.kind == "fp"
+    # the token cap: on (10) by default, null turns it off; off in gptq-w3g128, where it measured worse
+    assert GPTQConfig.from_options(get_recipe("gptq-w4g128").options).gptq_token_cap == 10.0
+    assert GPTQConfig.from_options(get_recipe("gptq-w3g128").options).gptq_token_cap is None
+    assert get_recipe({"base": "gptq-fp6", "options": {"gptq_token_cap": None}}).options["gptq_token_cap"] is None
+    assert GPTQConfig.from_options({"gptq_token_cap": 3}).gptq_token_cap == 3.0
     for bad, match in (({"gptq_damp": 0}, "gptq_damp"), ({"gptq_windows": 0}, "gptq_windows"),
                        ({"gptq_act_order": "yes"}, "gptq_act_order"), ({"steps": 10}, "unknown option 'steps'"),
                        ({"gptq_token_cap": 0.5}, "gptq_token_cap"), ({"gptq_token_cap": "10"}, "gptq_token_cap"),
