@@ -520,9 +520,16 @@ _ILLM_INTEGER_OPTIONS: dict[str, tuple[type, Any]] = {
     "softmax_clip": (float, 15.0)}
 
 
+#: options whose config field is declared ``X | None`` with a number default: ``null`` is a value there too (it
+#: turns the feature off, e.g. ``gptq_token_cap``); filled by :func:`_fields` from the annotations it reads
+_NULLABLE: set[str] = set()
+
+
 def _fields(cls) -> dict[str, Any]:
-    """A config dataclass's fields and their defaults."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+    """A config dataclass's fields and their defaults (noting in ``_NULLABLE`` the ones that also take ``null``)."""
+    fields = dataclasses.fields(cls)
+    _NULLABLE.update(f.name for f in fields if f.default is not None and "None" in str(f.type))
+    return {f.name: f.default for f in fields}
 
 
 def _teq_option_defaults() -> dict[str, Any]:
@@ -609,10 +616,6 @@ def check_options(method: str, options: dict[str, Any], *, recipe: str | None = 
         raise RecipeError(f"{who}: {exc.message}", exc.hint) from exc
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{who}: invalid option value: {exc}".splitlines()[0], "check the options' values") from exc
-
-
-#: options with a number default where ``null`` is a value too (it turns the feature off)
-_NULLABLE = {"gptq_token_cap"}
 
 
 def _check_type(who: str, key: str, value: Any, default: Any) -> None:
