@@ -84,8 +84,8 @@ class Recipe:
     @property
     def data_free(self) -> bool:
         """True if the recipe needs no calibration data (it can run inside the torch.compile backend)."""
-        if self.method == "illm":
-            return not self.options.get("fsbr", True)
+        if self.method == "illm":   # smoothing and GPTQ read calibration text; per-channel RTN alone does not
+            return not self.options.get("fsbr", True) and not self.options.get("gptq", False)
         return self.method in ("fp32", "rtn", "fp")
 
     @property
@@ -93,6 +93,8 @@ class Recipe:
         """True if the recipe has training steps (epochs) that ``--steps`` and checkpoints apply to.
 
         GPTQ needs calibration data but does not train (it rounds once, in closed form)."""
+        if self.method == "illm":   # FSBR's epochs; illm with fsbr: false trains nothing (even with GPTQ)
+            return bool(self.options.get("fsbr", True))
         return not self.data_free and self.method != "gptq"
 
     def pipeline(self):
@@ -548,7 +550,9 @@ def _gptq_option_defaults() -> dict[str, Any]:
 
 def _fsbr_option_defaults() -> dict[str, Any]:
     from fxquant.passes.fsbr import FSBRConfig
-    return {**_fields(FSBRConfig), "tokenizer": None}
+    from fxquant.passes.round_weights_gptq import GPTQConfig
+    # gptq: true rounds the smoothed, clipped weights with GPTQ instead of to nearest (same scales)
+    return {**_fields(FSBRConfig), "gptq": False, **_fields(GPTQConfig), "tokenizer": None}
 
 
 def _illm_option_defaults() -> dict[str, Any]:
@@ -637,17 +641,23 @@ def _check_type(who: str, key: str, value: Any, default: Any) -> None:
         raise RecipeError(f"{who}: option {key} must be {want}, got {value!r}", hint)
 
 
-def _teq_values(o: dict) -> None:
+def _gptq_switch_values(o: dict) -> None:
+    """The ``gptq`` switch of a method that rounds to nearest unless asked (teq, fsbr, illm): its settings are
+    valid, and none is set while the switch is off."""
     from fxquant.passes.round_weights_gptq import GPTQConfig
-    from fxquant.passes.search_weight_clipping import ClipConfig
-    from fxquant.passes.train_teq_scales import TEQConfig
-    TEQConfig.from_options(o)
-    ClipConfig.from_options(o)
     GPTQConfig.from_options(o)
     changed = [k for k in GPTQConfig.__dataclass_fields__ if k in o]
     if changed and not o.get("gptq", False):
         raise RecipeError(f"contradicts itself: {', '.join(changed)} set but gptq is off, so they would do nothing",
                           "add gptq: true, or drop them")
+
+
+def _teq_values(o: dict) -> None:
+    from fxquant.passes.search_weight_clipping import ClipConfig
+    from fxquant.passes.train_teq_scales import TEQConfig
+    TEQConfig.from_options(o)
+    ClipConfig.from_options(o)
+    _gptq_switch_values(o)
 
 
 def _gptq_values(o: dict) -> None:
@@ -661,6 +671,7 @@ def _gptq_values(o: dict) -> None:
 def _fsbr_values(o: dict) -> None:
     from fxquant.passes.fsbr import FSBRConfig
     FSBRConfig.from_options({"act_bits": int(o.get("act_bits", 8)), **o})   # as _fsbr_passes builds it
+    _gptq_switch_values(o)
 
 
 def _illm_values(o: dict) -> None:
@@ -842,9 +853,19 @@ def _fsbr_passes(recipe: Recipe, options: dict[str, Any] | None = None) -> list:
     return [train,
             FoldEquivalentScales(source="fsbr"),  # scales first: the clipping bounds were learned on folded weights
             ClipWeights(source="fsbr"),           # then the learned clipping, so that RTN reproduces the trained quantizer
+            *_gptq_rounding(recipe, options),
             *_rtn_passes(recipe),
             # the activation quantizers FSBR trained with (I-LLM's allocation unless the options change it)
             QuantizeActivations(act_bits, allocation=train.config.allocation())]
+
+
+def _gptq_rounding(recipe: Recipe, options: dict[str, Any]) -> list:
+    """GPTQ rounding before the quantization pass when ``options`` ask for it (``gptq: true``): it rounds the
+    weights as they are by then (smoothed, clipped) onto the grid the quantization pass stores, with its scales."""
+    if not options.get("gptq", False):
+        return []
+    from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+    return [RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=options)]
 
 
 #: FSBR options an ``illm`` recipe does not take: the integer-only lowering fixes them (``_illm_fsbr_options``)
@@ -895,7 +916,7 @@ def _illm_passes(recipe: Recipe) -> list:
     cfg = illm_integer_config(o)
     if o.get("fsbr", True):   # FSBR minus its fake-quant: the lowering quantizes
         return [*_fsbr_passes(recipe, _illm_fsbr_options(o))[:-1], LowerIntegerOnly(cfg)]
-    return [*_rtn_passes(recipe), LowerIntegerOnly(cfg)]
+    return [*_gptq_rounding(recipe, o), *_rtn_passes(recipe), LowerIntegerOnly(cfg)]
 
 
 PIPELINE_BUILDERS["illm"] = _illm_passes

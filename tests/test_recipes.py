@@ -298,7 +298,7 @@ def test_the_option_sets_come_from_the_config_dataclasses():
     fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     assert method_options("teq") == fields(TEQConfig) | fields(ClipConfig) | fields(GPTQConfig) | {"gptq", "tokenizer"}
     assert method_options("gptq") == fields(GPTQConfig) | {"seq_len", "progress", "tokenizer"}
-    assert method_options("fsbr") == fields(FSBRConfig) | {"tokenizer"}
+    assert method_options("fsbr") == fields(FSBRConfig) | fields(GPTQConfig) | {"gptq", "tokenizer"}
     illm_lowering = method_options("illm") - method_options("fsbr") - {"fsbr"}
     assert illm_lowering <= fields(IntegerOnlyConfig)
     assert method_options("paretoq") - {"checkpoint_dir", "resume", "tokenizer"} <= fields(QATConfig)
