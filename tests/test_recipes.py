@@ -88,7 +88,6 @@ def test_missing_file():
 # ---- recipe files for every method (issue #4) ---------------------------------------------------------------------
 import ast  # noqa: E402
 import dataclasses  # noqa: E402
-import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
@@ -163,7 +162,7 @@ def test_a_file_spelling_out_a_named_recipe_builds_the_same_recipe(name, tmp_pat
     ({"base": "fsbr-w8a8", "bits": 4, "options": {"act_bits": 4}}, "fsbr-w4a4"),
     ({"method": "fsbr", "bits": 4, "options": {"act_bits": 8, "epochs": 10, "samples": 128, "seq_len": 512, "seed": 0}},
      "fsbr-w4a8"),
-    ({"base": "illm-w8a8", "bits": 4, "options": {"alpha": 0.5}}, "illm-w4a8"),
+    ({"base": "illm-w8a8", "bits": 4, "options": {"alpha": 0.5, "gptq": True}}, "illm-w4a8"),
     ({"method": "illm", "bits": 4, "options": {"act_bits": 4, "fsbr": True, "epochs": 0, "alpha": 0.5, "samples": 16,
                                                "seq_len": 512, "seed": 0}}, "illm-w4a4"),
     ({"base": "rtn-w4g128", "symmetric": False}, "rtn-w4g128a"),
