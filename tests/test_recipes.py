@@ -164,7 +164,7 @@ def test_a_file_spelling_out_a_named_recipe_builds_the_same_recipe(name, tmp_pat
      "fsbr-w4a8"),
     ({"base": "illm-w8a8", "bits": 4, "options": {"alpha": 0.5, "gptq": True}}, "illm-w4a8"),
     ({"method": "illm", "bits": 4, "options": {"act_bits": 4, "fsbr": True, "epochs": 0, "alpha": 0.5, "samples": 16,
-                                               "seq_len": 512, "seed": 0}}, "illm-w4a4"),
+                                               "seq_len": 512, "seed": 0, "gptq": True}}, "illm-w4a4"),
     ({"base": "rtn-w4g128", "symmetric": False}, "rtn-w4g128a"),
     ({"method": "fp32"}, "fp32"),
 ])
