@@ -707,6 +707,15 @@ _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
 
 # ---- TEQ (passes/train_teq_scales.py + passes/fold_equivalent_scales.py) ----------------------------------------
 
+def _gptq_rounding(recipe: Recipe, options: dict[str, Any]) -> list:
+    """GPTQ rounding before the quantization pass when ``options`` ask for it (``gptq: true``): it rounds the
+    weights as they are by then (smoothed, clipped) onto the grid the quantization pass stores, with its scales."""
+    if not options.get("gptq", False):
+        return []
+    from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
+    return [RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=options)]
+
+
 def _teq_passes(recipe: Recipe) -> list:
     from fxquant.fpformats import FPQuantSpec
     from fxquant.passes.fold_equivalent_scales import FoldEquivalentScales
@@ -719,11 +728,9 @@ def _teq_passes(recipe: Recipe) -> list:
               FoldEquivalentScales(source="teq")]
     if ClipConfig.from_options(recipe.options).clip:
         passes.append(SearchWeightClipping(recipe.weight, exclude=recipe.exclude, options=recipe.options))
-    if recipe.options.get("gptq", False):
-        # GPTQ rounds the folded, clipped weights onto the grid the last pass stores. It runs after TEQ's held-out
-        # guard has judged the scales, so the held-out windows are calibration data like the others by then.
-        from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
-        passes.append(RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=recipe.options))
+    # GPTQ (gptq: true) rounds the folded, clipped weights onto the grid the last pass stores. It runs after TEQ's
+    # held-out guard has judged the scales, so the held-out windows are calibration data like the others by then.
+    passes += _gptq_rounding(recipe, recipe.options)
     return passes + (_fp_passes(recipe) if isinstance(recipe.weight, FPQuantSpec) else _rtn_passes(recipe))
 
 
@@ -857,15 +864,6 @@ def _fsbr_passes(recipe: Recipe, options: dict[str, Any] | None = None) -> list:
             *_rtn_passes(recipe),
             # the activation quantizers FSBR trained with (I-LLM's allocation unless the options change it)
             QuantizeActivations(act_bits, allocation=train.config.allocation())]
-
-
-def _gptq_rounding(recipe: Recipe, options: dict[str, Any]) -> list:
-    """GPTQ rounding before the quantization pass when ``options`` ask for it (``gptq: true``): it rounds the
-    weights as they are by then (smoothed, clipped) onto the grid the quantization pass stores, with its scales."""
-    if not options.get("gptq", False):
-        return []
-    from fxquant.passes.round_weights_gptq import RoundWeightsGPTQ
-    return [RoundWeightsGPTQ(recipe.weight, exclude=recipe.exclude, options=options)]
 
 
 #: FSBR options an ``illm`` recipe does not take: the integer-only lowering fixes them (``_illm_fsbr_options``)

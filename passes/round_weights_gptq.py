@@ -63,7 +63,7 @@ Memory: one ``in × in`` float32 matrix per distinct linear input of the layer b
 with ``gptq_sequential: false``: ≈ 0.4 GB on SmolLM2), plus the cached layer inputs in sequential mode
 (windows × seq_len × hidden floats: 38 MB on SmolLM2).
 
-Options (recipe ``options:``; method ``gptq``, and method ``teq`` with ``gptq: true``): ``gptq_windows`` (32),
+Options (recipe ``options:``; method ``gptq``, and methods ``teq``, ``fsbr``, ``illm`` with ``gptq: true``): ``gptq_windows`` (32),
 ``gptq_damp`` (0.01), ``gptq_block`` (128), ``gptq_act_order`` (false), ``gptq_sequential`` (true),
 ``gptq_token_cap`` (10; null: off); ``seq_len``
 and ``tokenizer`` as TEQ's.
