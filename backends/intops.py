@@ -225,8 +225,18 @@ def di_add(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor,
            bits: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer residual add: ``a·am·2^-ak + b·bm·2^-bk`` aligned to the coarser exponent, requantized per row to
     ``bits`` (16 for I-LLM's residual stream). |a|, |b| < 2^31 and m < 2^15 keep every product below 2^46."""
+    ak, bk = _live_exponents(am, ak, bm, bk)
     s, kc = align_add(_long(a) * _long(am), ak, _long(b) * _long(bm), bk)
     return requantize_rows(s, 1, kc, bits)
+
+
+def _live_exponents(am: torch.Tensor, ak: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponents an add aligns to, where a zero row (multiplier 0, exponent 0 by convention) takes the other
+    operand's: otherwise its exponent 0 would be the coarser one and round the other operand to integers."""
+    am, ak, bm, bk = _long(am), _long(ak), _long(bm), _long(bk)
+    ak = torch.where(am == 0, bk, ak)
+    return ak, torch.where(bm == 0, ak, bk)
 
 
 def di_mul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
@@ -277,6 +287,11 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
     p = _matmul_int(x, w.t())
     s = p * _long(wm)
     xm, xk = _long(xm), _long(xk)
+    if bias is not None:
+        # a zero row (scale 0, codes 0: a padding token's embedding, a dead ReLU row) gives the bias: its
+        # accumulator is put at the bias's exponent with multiplier 1
+        dead = xm == 0
+        xm, xk = torch.where(dead, 1, xm), torch.where(dead, int(bias_k) - int(wk), xk)
     kacc = xk + int(wk)
     if bias is not None:
         bsh = shift_round(_long(bias), torch.clamp(bias_k - kacc, min=-40, max=62))   # bias · 2^(kacc - bias_k)
@@ -460,14 +475,24 @@ RMS_BITS = 8
 NORM_BITS = 8
 
 
+#: where ``eps / scale²`` saturates: far above any ``Σx² · 2^16 / C`` (< 2^59), and ``r² < 2^62`` stays exact
+EPS_UNITS_MAX = 1 << 61
+
+
 def _eps_units(m: torch.Tensor, k: torch.Tensor, eps: DyadicConstant) -> torch.Tensor:
-    """``eps / scale²`` in units of ``2^-2·RMS_BITS`` of the squared codes, saturated (a row whose scale is that
-    small against eps is numerically zero and normalises to ~0)."""
+    """``eps / scale²`` in units of ``2^-2·RMS_BITS`` of the squared codes, saturated at :data:`EPS_UNITS_MAX`.
+    Saturation only happens to rows whose magnitude is far below ``sqrt(eps)`` (16-bit codes: below ~5.6e-6 at
+    eps 1e-6): eps dominates their RMS, they normalise to less than ``2^-7.5·γ`` (float: ~``x/sqrt(eps)``), and the
+    saturated eps keeps them there, where a low saturation would blow them up to unit RMS.
+    ``eps.m · 2^min(sh, 40) / m²`` is rounded first, then shifted left by the rest of ``sh``."""
     m, k = _long(m), _long(k)
     sh = 2 * k + 2 * RMS_BITS - eps.k                          # eps.m · 2^sh / m²
     num = shift_round(_long(eps.m, m) * torch.ones_like(m), -torch.clamp(sh, max=40))
     safe = torch.where(m > 0, m * m, torch.ones_like(m))
-    return torch.where(m > 0, div_round(num, safe), torch.zeros_like(m))
+    q1 = torch.where(m > 0, div_round(num, safe), torch.zeros_like(m))
+    extra = torch.clamp(sh - 40, min=0, max=62)
+    big = (q1 > 0) & ((sh - 40 > 61) | (q1 >= (EPS_UNITS_MAX >> extra)))
+    return torch.where(big, EPS_UNITS_MAX, q1 << extra)
 
 
 def _normalized(xc: torch.Tensor, ss: torch.Tensor, n: int, m: torch.Tensor, k: torch.Tensor,

@@ -95,6 +95,7 @@ SIG_BITS = tl.constexpr(ref.SIGMOID_BITS)
 SIG_F = tl.constexpr(15)
 #: torch.iinfo(int64).min // 4: the "minus infinity" of masked scores
 LOWEST = tl.constexpr(-(1 << 61))
+EPS_UNITS_MAX = tl.constexpr(ref.EPS_UNITS_MAX)
 ONE = tl.constexpr(1)
 
 # element-wise producers of the fused requantization
@@ -869,6 +870,10 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
     x2 = _as_2d(x)
     xm_r = _per_row(xm, lead, dev)
     kacc = _per_row(xk, lead, dev) + int(wk)
+    if bias is not None:                                  # zero rows give the bias (see the reference)
+        dead = xm_r == 0
+        xm_r = torch.where(dead, 1, xm_r).contiguous()
+        kacc = torch.where(dead, int(bias_k), kacc).contiguous()
     mult = torch.broadcast_to(_i64(wm, dev), (n,)).reshape(1, n).contiguous()
     has_bias = bias is not None
     bias_t = bsh = None
@@ -944,6 +949,8 @@ def di_add(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor,
     lead = tuple(a.shape[:-1])
     dev = a.device
     rp = tuple(_per_row(t, lead, dev) for t in (am, ak, bm, bk))
+    live_ak, live_bk = ref._live_exponents(*rp)
+    rp = (rp[0], live_ak.contiguous(), rp[2], live_bk.contiguous())
     kc = torch.minimum(rp[1], rp[3])
     q, mo, ko = _ew_requant(OP_ADD, _as_2d(a), x1=_as_2d(b), rp=rp, m_in=torch.ones_like(kc), k_in=kc, bits=bits)
     return _finish(q, mo, ko, tuple(a.shape))
@@ -1171,7 +1178,10 @@ def _norm_r(ss, C, m, k, cm, cs1, cs2, EPS_M: tl.constexpr, EPS_K: tl.constexpr)
     num = _shift_round(k * 0 + EPS_M, -tl.minimum(sh, 40))
     safe = tl.where(m > 0, m * m, 1)
     em, es1, es2 = _udiv_magic(2 * safe)
-    eps_u = tl.where(m > 0, _udiv(2 * num + safe, em, es1, es2), 0)
+    q1 = tl.where(m > 0, _udiv(2 * num + safe, em, es1, es2), 0)
+    extra = tl.minimum(tl.maximum(sh - 40, 0), 62)            # the rest of the shift, saturated as the reference
+    big = (q1 > 0) & ((sh - 40 > 61) | (q1 >= (EPS_UNITS_MAX >> extra)))
+    eps_u = tl.where(big, EPS_UNITS_MAX, q1 << extra)
     r2 = _udiv(2 * (ss << 16) + C, cm, cs1, cs2) + eps_u
     return _isqrt(r2)
 

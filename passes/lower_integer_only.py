@@ -150,6 +150,7 @@ class _Lowering:
         self.env: dict[fx.Node, Any] = {}
         self.skip: set[fx.Node] = set()
         self.norms: dict[fx.Node, dict] = {}
+        self.gelus: dict[fx.Node, fx.Node] = {}     # decomposed tanh-GELU: its output node -> its input
         self.stats: dict[str, int] = {}
         self.consts: dict[str, fx.Node] = {}
         self.keyseq = 0
@@ -286,7 +287,7 @@ class _Lowering:
         """``act_bits`` when every user of ``node`` is a linear (the width it will be requantized to), else
         ``inner_bits``."""
         users = list(node.users)
-        if users and all(op_name(u) == "linear" and u.args[0] is node for u in users):
+        if users and all(_linear_input_of(u) is node for u in users):
             return self.cfg.act_bits
         return self.cfg.inner_bits
 
@@ -326,9 +327,46 @@ class _Lowering:
             self.norms[out] = {"x": x, "gamma": gamma, "eps": float(eps), "inner": inner}
             self.skip.update(inner - {out})
 
+    def find_tanh_gelus(self) -> None:
+        """GELU's tanh form written out (GPT-2's ``gelu_new``, ``NewGELUActivation``): ``0.5·x·(1 + tanh(√(2/π)·
+        (x + 0.044715·x³)))`` in any operand order, as one unit lowered like ``aten.gelu``."""
+        from fxquant.graphview import tensor_users  # noqa: PLC0415
+        for node in self.g.nodes:
+            if op_name(node) != "tanh":
+                continue
+            inner = _scaled_by(node.args[0], math.sqrt(2 / math.pi))
+            if inner is None or op_name(inner[0]) != "add" or len(inner[0].args) != 2:
+                continue
+            add = inner[0]
+            x = cube = None
+            for a, b in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+                c = _scaled_by(b, 0.044715)
+                if c is not None and op_name(c[0]) == "pow" and c[0].args[0] is a and c[0].args[1] == 3:
+                    x, cube = a, c
+            if x is None:
+                continue
+            users = tensor_users(node)
+            one = users[0] if len(users) == 1 else None
+            if one is None or op_name(one) != "add" or len(one.args) != 2 or one.kwargs.get("alpha", 1) != 1:
+                continue
+            other = one.args[1] if one.args[0] is node else one.args[0]
+            if isinstance(other, fx.Node) or other != 1:
+                continue
+            outs = tensor_users(one)
+            if len(outs) != 1 or op_name(outs[0]) != "mul":
+                continue
+            out = outs[0]
+            half = out.args[0] if out.args[1] is one else out.args[1]
+            h = _scaled_by(half, 0.5)
+            if h is None or h[0] is not x or len(tensor_users(half)) != 1:
+                continue
+            self.gelus[out] = x
+            self.skip.update({cube[1], cube[0], add, inner[1], node, one, half})
+
     def run(self) -> None:
         self.g.eliminate_dead_code()            # e.g. an encoder's pooler when only the hidden states are returned
         self.find_norms()
+        self.find_tanh_gelus()
         nodes = list(self.g.nodes)
         for node in nodes:
             if node.op == "output":
@@ -343,6 +381,8 @@ class _Lowering:
             reads = [a for a in node.all_input_nodes if a in self.env]
             if node in self.norms and self.norms[node]["x"] in self.env:
                 reads = [self.norms[node]["x"]]
+            if node in self.gelus and self.gelus[node] in self.env:
+                reads = [self.gelus[node]]
             if not reads:
                 continue
             if node in self.skip:
@@ -350,7 +390,12 @@ class _Lowering:
             if op_name(node) == "_assert_tensor_metadata":
                 self.g.erase_node(node)
                 continue
-            rule = _Lowering.norm_rule if node in self.norms else RULES.get(op_name(node))
+            if node in self.norms:
+                rule = _Lowering.norm_rule
+            elif node in self.gelus:
+                rule = _Lowering.gelu_unit_rule
+            else:
+                rule = RULES.get(op_name(node))
             if rule is None:
                 raise LoweringError(
                     f"integer-only lowering has no rule for aten.{op_name(node)} (node {node.name}, reading "
@@ -400,6 +445,20 @@ class _Lowering:
         q, m, k = self.call(_di("di_rmsnorm"), x.q, x.m, x.k, gq, ck, eps.m, eps.k, bits, n_out=3)
         self.count("di_rmsnorm")
         return self.value(q, m, k, bits, tuple([True] * (n - 1) + [False]), tag="rms")
+
+
+    def gelu_unit_rule(self, node: fx.Node) -> IntValue:
+        return _gelu_of(self, self.gelus[node], node)
+
+
+def _scaled_by(node: Any, c: float) -> tuple[fx.Node, fx.Node] | None:
+    """``(x, node)`` if ``node`` is ``mul(x, c)`` or ``mul(c, x)`` with the constant ``c`` (relative 1e-6)."""
+    if not (isinstance(node, fx.Node) and op_name(node) == "mul" and len(node.args) == 2):
+        return None
+    for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if isinstance(a, fx.Node) and isinstance(b, (int, float)) and math.isclose(b, c, rel_tol=1e-6):
+            return a, node
+    return None
 
 
 def _dyadic(v: float):
@@ -538,15 +597,42 @@ def _cat(L: _Lowering, node: fx.Node) -> IntValue:
     parts = [L.as_value(a, node) for a in node.args[0]]
     if any(p is None for p in parts):
         raise LoweringError(f"{node.name}: cat of integer and float tensors")
-    dim = (node.args[1] if len(node.args) > 1 else 0) % parts[0].ndim
+    dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = dim_arg % parts[0].ndim
     first = parts[0]
-    if any(p.key != first.key or p.vary != first.vary for p in parts) or first.vary[dim]:
-        raise LoweringError(f"{node.name}: cat of integer values with different scales along dim {dim}",
-                            "only concatenations of one value's pieces (as in rotate_half) are supported")
+    if any(p.ndim != first.ndim for p in parts):
+        raise LoweringError(f"{node.name}: cat of integer values of different ranks")
+    if len({p.unsigned for p in parts}) > 1:
+        parts = [_signed(L, p) for p in parts]
+        first = parts[0]
     widths = {p.bits for p in parts}      # pieces of different widths may have different dtypes: widen them all
     qs = [p.q if len(widths) == 1 else L.g.call_function(aten.to.dtype, (p.q, torch.int64)) for p in parts]
-    q = L.g.call_function(aten.cat.default, (qs, node.args[1] if len(node.args) > 1 else 0))
-    return replace(first, q=q, bits=max(p.bits for p in parts))
+    q = L.g.call_function(aten.cat.default, (qs, dim_arg))
+    if all(p.key == first.key and p.vary == first.vary for p in parts) and not first.vary[dim]:
+        # pieces of one value (rotate_half): the scale is shared and constant along dim
+        return replace(first, q=q, bits=max(widths))
+    # pieces with their own scales (partial rotary: cat(rotated, pass-through)): the scales are broadcast to each
+    # piece's extent along dim (and along every dim where any piece's scale varies) and concatenated, so the
+    # result carries a scale that varies along dim; along the last dim it is aligned to one scale per row at once
+    vary = tuple(any(p.vary[t] for p in parts) or t == dim for t in range(first.ndim))
+    ms, ks = [], []
+    for p in parts:
+        size = [L.g.call_function(aten.sym_size.int, (p.q, t)) if vary[t] else 1 for t in range(first.ndim)]
+        ms.append(L.g.call_function(aten.expand.default, (p.m, size)))
+        ks.append(L.g.call_function(aten.expand.default, (p.k, size)))
+    m = L.g.call_function(aten.cat.default, (ms, dim_arg))
+    k = L.g.call_function(aten.cat.default, (ks, dim_arg))
+    L.count("cat_scaled")
+    v = L.value(q, m, k, max(widths), vary, unsigned=first.unsigned, tag="cat")
+    return L.align(v, 1) if vary[-1] else v
+
+
+def _signed(L: _Lowering, v: IntValue) -> IntValue:
+    """``v`` with signed codes (one bit wider where they were unsigned)."""
+    if not v.unsigned:
+        return v
+    q = L.g.call_function(aten.to.dtype, (v.q, torch.int64))
+    return replace(v, q=q, bits=min(64, v.bits + 1), unsigned=False)
 
 
 def _reshape_groups(a: list[sp.Expr], b: list[sp.Expr]) -> list[tuple[list[int], list[int]]] | None:
@@ -579,27 +665,26 @@ def _reshape(L: _Lowering, node: fx.Node) -> IntValue:
     groups = _reshape_groups(a, b)
     if groups is None:
         raise LoweringError(f"{node.name}: cannot relate the reshape {a} -> {b}")
+    trailing = next((ga for ga, gb in groups if ga and ga[-1] == len(a) - 1 and (len(ga) > 1 or len(gb) > 1)), None)
+    if trailing is not None and any(v.vary[t] for t in trailing):
+        v = L.align(v, len(a) - trailing[0])    # one scale per row of the merged / split trailing dims
     for ga, gb in groups:
-        if len(ga) == 1 and len(gb) == 1:
+        if (len(ga) == 1 and len(gb) == 1) or ga is trailing or not any(v.vary[t] for t in ga):
             continue
-        if any(v.vary[t] for t in ga):
-            if ga[-1] != len(a) - 1:
-                raise LoweringError(f"{node.name}: reshape merges dimensions whose scales differ, not at the end "
-                                    f"({a} -> {b})")
-            v = L.align(v, len(a) - ga[0])    # one scale per row of the merged trailing dims
-            break
+        # leading dims merged or split (tokens flattened to rows: [B, S, H] -> [B*S, H]): the scale is spread
+        # over the group's constant dims first, so that it reshapes with the codes
+        if not all(v.vary[t] for t in ga):
+            size = [L.g.call_function(aten.sym_size.int, (v.q, t)) if (v.vary[t] or t in ga) else 1
+                    for t in range(v.ndim)]
+            v = replace(v, m=L.g.call_function(aten.expand.default, (v.m, size)),
+                        k=L.g.call_function(aten.expand.default, (v.k, size)),
+                        vary=tuple(x or t in ga for t, x in enumerate(v.vary)))
     vary_new = [False] * len(b)
     for ga, gb in groups:
-        if len(ga) == 1 and len(gb) == 1:
-            vary_new[gb[0]] = v.vary[ga[0]]
+        for t in gb:
+            vary_new[t] = any(v.vary[u] for u in ga)
     q = L.g.call_function(node.target, (v.q, *node.args[1:]))
-    shape = []
-    for t in range(len(b)):
-        if vary_new[t]:
-            src_dim = next(ga[0] for ga, gb in groups if gb == [t])
-            shape.append(L.g.call_function(aten.sym_size.int, (v.m, src_dim)))
-        else:
-            shape.append(1)
+    shape = [L.g.call_function(aten.sym_size.int, (q, t)) if vary_new[t] else 1 for t in range(len(b))]
     m = L.g.call_function(aten.reshape.default, (v.m, shape))
     k = L.g.call_function(aten.reshape.default, (v.k, shape))
     return replace(v, q=q, m=m, k=k, vary=tuple(vary_new))
@@ -688,28 +773,91 @@ def _add(L: _Lowering, node: fx.Node) -> IntValue:
     return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="add")
 
 
-@rule("linear")
+@rule("linear", "addmm", "mm")
 def _linear(L: _Lowering, node: fx.Node) -> IntValue:
-    x = _v(L, node)
-    p = L.param(node.args[1])
-    if p is None:
-        raise LoweringError(f"{node.name}: linear whose weight is not a parameter of the model")
-    w, fqn = p
+    from fxquant.graphview import as_linear  # noqa: PLC0415
+    lin = as_linear(node, lambda n: L.param(n) is not None)
+    if lin is None:
+        raise LoweringError(f"{node.name}: {op_name(node)} whose weight is not a parameter of the model (a product "
+                            "of two activations outside attention has no integer rule)")
+    x = L.as_value(lin.input, node)
+    if x is None:
+        raise LoweringError(f"{node.name}: {op_name(node)} whose input is not an integer value")
+    w, fqn = L.param(lin.weight)
+    if lin.layout == "in_out":             # GPT-2's Conv1D (addmm(b, x, W[in, out])): codes are [out, in]
+        w = w.t()
     x = L.requant(x, L.cfg.act_bits)
     codes, wm, wk = L.weight_codes(w, fqn)
-    wq = L.const(f"{node.args[1].name}_codes", codes)
-    wmn = L.const(f"{node.args[1].name}_mult", wm)
+    wq = L.const(f"{lin.weight.name}_codes", codes)
+    wmn = L.const(f"{lin.weight.name}_mult", wm)
     bias, bias_k = None, 0
-    if len(node.args) > 2 and node.args[2] is not None:
-        bp = L.param(node.args[2])
+    if lin.bias is not None:
+        bp = L.param(lin.bias)
         if bp is None:
             raise LoweringError(f"{node.name}: linear bias is not a parameter of the model")
-        c, bias_k = L.int_constant(bp[0].float(), 31)
-        bias = L.const(f"{node.args[2].name}_q", c)
-    bits = L.out_bits(node) if any(op_name(u) == "linear" for u in node.users) else L.cfg.inner_bits
+        c, bias_k = L.int_constant(bp[0].float().reshape(-1), 31)
+        bias = L.const(f"{lin.bias.name}_q", c)
+    bits = L.out_bits(node) if any(_linear_input_of(u) is node for u in node.users) else L.cfg.inner_bits
     q, m, k = L.call(_di("di_linear"), x.q, x.m, x.k, wq, wmn, wk, bias, bias_k, bits, n_out=3)
     L.count("di_linear")
     return L.value(q, m, k, bits, tuple([True] * (x.ndim - 1) + [False]), tag="lin")
+
+
+def _linear_input_of(node: fx.Node) -> Any:
+    """The activation operand of a linear-like node (``linear(x, W)``, ``addmm(b, x, W)``, ``mm(x, W)``)."""
+    name = op_name(node)
+    if name in ("linear", "mm"):
+        return node.args[0]
+    if name == "addmm":
+        return node.args[1]
+    return None
+
+
+@rule("relu")
+def _relu(L: _Lowering, node: fx.Node) -> IntValue:
+    v = _v(L, node)
+    q = L.g.call_function(aten.clamp_min.default, (v.q, 0))    # same codes' scale: max(q, 0)·s = max(q·s, 0)
+    L.count("relu")
+    return replace(v, q=q)
+
+
+@dataclass
+class _Pieces:
+    """The list that ``split`` / ``chunk`` return: one integer value per piece, taken by ``getitem``."""
+
+    values: list[IntValue]
+
+
+@rule("split", "split_with_sizes", "chunk", "unsafe_split")
+def _split(L: _Lowering, node: fx.Node) -> _Pieces:
+    v = _v(L, node)
+    vals = node.meta.get("val")
+    if not isinstance(vals, (list, tuple)):
+        raise LoweringError(f"{node.name}: {op_name(node)} without shape metadata", "capture the model with fxquant.capture")
+    dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim_arg % v.ndim
+    qs = L.g.call_function(node.target, (v.q, *node.args[1:]), dict(node.kwargs))
+    ms = ks = None
+    if v.vary[dim]:
+        ms = L.g.call_function(node.target, (v.m, *node.args[1:]), dict(node.kwargs))
+        ks = L.g.call_function(node.target, (v.k, *node.args[1:]), dict(node.kwargs))
+    out = []
+    for i in range(len(vals)):
+        q = L.g.call_function(operator.getitem, (qs, i))
+        if ms is None:                    # the scale is constant along dim: every piece keeps it (and its key)
+            out.append(replace(v, q=q))
+        else:
+            out.append(replace(v, q=q, m=L.g.call_function(operator.getitem, (ms, i)),
+                               k=L.g.call_function(operator.getitem, (ks, i)), key=L.new_key("piece")))
+    return _Pieces(out)
+
+
+@rule("getitem")
+def _getitem(L: _Lowering, node: fx.Node) -> IntValue:
+    src = L.env.get(node.args[0])
+    if not isinstance(src, _Pieces):
+        raise LoweringError(f"{node.name}: getitem of {node.args[0]} has no integer form")
+    return src.values[node.args[1]]
 
 
 @rule("silu")
@@ -735,7 +883,14 @@ def _swiglu(L: _Lowering, node: fx.Node, d: _Deferred, u: IntValue) -> IntValue:
 def _gelu(L: _Lowering, node: fx.Node) -> IntValue:
     if node.kwargs.get("approximate", "none") not in ("none", "tanh"):
         raise LoweringError(f"{node.name}: gelu approximation {node.kwargs.get('approximate')!r}")
-    x = _v(L, node)
+    return _gelu_of(L, node.args[0], node)
+
+
+def _gelu_of(L: _Lowering, x_node: fx.Node, node: fx.Node) -> IntValue:
+    """DI-GELU (``x·σ(1.702x)``) of ``x_node``, standing for ``node`` (``aten.gelu`` or a written-out tanh-GELU)."""
+    x = L.as_value(x_node, node)
+    if x is None:
+        raise LoweringError(f"{node.name}: GELU of a value that is not an integer value")
     x = L.requant(x, 16) if x.bits > 16 or x.vary[-1] else x
     bits = L.out_bits(node)
     q, m, k = L.call(_di("di_gelu"), x.q, x.m, x.k, L.cfg.exp_order, bits, n_out=3)

@@ -54,6 +54,36 @@ def make_tiny_llama(layers: int = 1, hidden: int = 64, heads: int = 4, kv_heads:
     return LlamaForCausalLM(cfg).eval()
 
 
+def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int = 128, inter: int = 96,
+                     **extra) -> torch.nn.Module:
+    """A tiny random model of a Hugging Face family (llama, qwen2, mistral, phi3, opt, gpt2, bert), built from its
+    config (no download); ``extra`` goes into the config (e.g. ``partial_rotary_factor=0.5`` for phi3)."""
+    import transformers as T
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=64, **extra)
+    if family == "llama":
+        return make_tiny_llama(layers=layers, hidden=hidden, inter=inter, vocab=vocab)
+    if family == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(intermediate_size=inter, num_key_value_heads=2, **common)).eval()
+    if family == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(intermediate_size=inter, num_key_value_heads=2,
+                                                    sliding_window=None, **common)).eval()
+    if family == "phi3":
+        return T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=inter, num_key_value_heads=2, pad_token_id=0,
+                                              bos_token_id=1, eos_token_id=2, **common)).eval()
+    if family == "opt":
+        return T.OPTForCausalLM(T.OPTConfig(ffn_dim=inter, word_embed_proj_dim=hidden, pad_token_id=1, bos_token_id=2,
+                                            eos_token_id=2, **common)).eval()
+    if family == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                                              n_positions=64, n_inner=inter, bos_token_id=0, eos_token_id=0,
+                                              **extra)).eval()
+    if family == "bert":
+        return T.BertModel(T.BertConfig(intermediate_size=inter, **common), add_pooling_layer=False).eval()
+    raise ValueError(f"no tiny model for family {family!r}")
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -19,7 +19,7 @@ from fxquant.graphview import build_graphview, op_name
 from fxquant.passes.analyze_structure import AnalyzeStructure, Structure, render_annotations
 from fxquant.pipeline import PassContext, Pipeline
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_family, make_tiny_llama
 
 
 def analyze(cg: fxquant.CapturedGraph) -> Structure:
@@ -43,29 +43,7 @@ H, V, I = 64, 128, 96
 
 
 def tiny(family: str, layers: int = 1) -> torch.nn.Module:
-    import transformers as T
-    torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=64)
-    if family == "llama":
-        return make_tiny_llama(layers=layers, inter=I)
-    if family == "qwen2":
-        return T.Qwen2ForCausalLM(T.Qwen2Config(intermediate_size=I, num_key_value_heads=2, **common)).eval()
-    if family == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(intermediate_size=I, num_key_value_heads=2, sliding_window=None,
-                                                    **common)).eval()
-    if family == "phi3":
-        return T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=I, num_key_value_heads=2, pad_token_id=0,
-                                              bos_token_id=1, eos_token_id=2, **common)).eval()
-    if family == "opt":
-        return T.OPTForCausalLM(T.OPTConfig(ffn_dim=I, word_embed_proj_dim=H, pad_token_id=1, bos_token_id=2,
-                                            eos_token_id=2, **common)).eval()
-    if family == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=H, n_layer=layers, n_head=4, n_positions=64,
-                                              n_inner=I, bos_token_id=0, eos_token_id=0)).eval()
-    if family == "bert":
-        return T.BertModel(T.BertConfig(intermediate_size=I, **common), add_pooling_layer=False).eval()
-    raise ValueError(family)
+    return make_tiny_family(family, layers=layers, hidden=H, vocab=V, inter=I)
 
 
 # what each family has, per layer: (norm groups, final groups, attention pairs, gated pairs, relu pairs,

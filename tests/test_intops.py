@@ -208,6 +208,56 @@ def test_norm_edge_cases():
 
 
 @SETTINGS
+@given(st.integers(0, 10 ** 6), st.integers(2, 300), st.floats(-40.0, 2.0), st.sampled_from([1e-6, 1e-5]))
+def test_rmsnorm_of_tiny_rows_follows_eps(seed, cols, log2_scale, eps):
+    """Rows far below sqrt(eps) (a padding token's zero embedding plus noise, a dying residual): eps dominates and
+    the output is ~x/sqrt(eps), near zero, as in float; ``eps / scale²`` saturates high, never low (it once
+    saturated at 2^40 and normalised such rows to unit RMS)."""
+    x = _rows(seed, 3, cols, scale=2.0 ** log2_scale)
+    gamma = torch.rand(cols, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.2
+    q, m, k = I.quantize_rows(x, 16)
+    gq = torch.round(gamma * 2 ** 14).to(torch.int64)
+    for norm in ("rms", "layer"):
+        xd = deq(q, m, k)
+        if norm == "rms":
+            y, ym, yk = I.di_rmsnorm(q, m, k, gq, 14, eps=eps, bits=16)
+            var = (xd * xd).mean(-1, keepdim=True)
+        else:
+            y, ym, yk = I.di_layernorm(q, m, k, gq, None, 14, eps=eps, bits=16)
+            xd = xd - xd.mean(-1, keepdim=True)
+            var = (xd * xd).mean(-1, keepdim=True)
+        ref = xd / torch.sqrt(var + eps) * (gq.double() / 2 ** 14)
+        step = ym.double() * torch.pow(2.0, -yk.double())
+        # half an output step, the 2^-8 of the RMS's fixed point, the integer mean's rounding (LayerNorm)
+        tol = 0.5 * step + ref.abs().amax(-1, keepdim=True) * 4e-3 + (gq.double() / 2 ** 14).max() * 2.0 ** -20
+        # where eps / scale² passes its saturation (2^61 in 2^-16 units), eps is underestimated: such a row's
+        # output is below 2^15 · 2^8 / 2^30.5 = 2^-7.5 times γ, and that bounds its error too
+        scale = m.double() * torch.pow(2.0, -k.double())
+        saturated = eps / scale.clamp_min(1e-300) ** 2 * 2 ** 16 >= I.EPS_UNITS_MAX
+        tol = torch.where(saturated, tol + 2.0 ** -7.5 * (gq.double() / 2 ** 14).abs().max(), tol)
+        assert bool(((deq(y, ym, yk) - ref).abs() <= tol).all()), norm
+        assert bool((deq(y, ym, yk).abs() <= 2.0 ** -7.5 * 1.01 * (gq.double() / 2 ** 14).abs().max()
+                     )[saturated.expand_as(y)].all())
+
+
+def test_zero_rows_add_and_linear_like_float():
+    """A zero row (scale 0: a padding token's zero embedding) neither drags an add to integer precision (its
+    exponent 0 is not the coarser one) nor loses a linear's bias."""
+    a = torch.zeros(2, 8, dtype=F64)
+    b = _rows(3, 2, 8, scale=1e-3)
+    qa, am, ak = I.quantize_rows(a, 16)
+    qb, bm, bk = I.quantize_rows(b, 16)
+    assert int(am.abs().max()) == 0
+    for y, ym, yk in (I.di_add(qa, am, ak, qb, bm, bk, 16), I.di_add(qb, bm, bk, qa, am, ak, 16)):
+        assert torch.allclose(deq(y, ym, yk), deq(qb, bm, bk), rtol=2.0 ** -14, atol=0)
+    w = torch.randint(-127, 128, (5, 8), dtype=torch.int8)
+    wm = torch.full((5,), 1 << 23, dtype=torch.int64)
+    bias = torch.randint(-(1 << 20), 1 << 20, (5,), dtype=torch.int64)
+    y, ym, yk = I.di_linear(qa.to(torch.int8), am, ak, w, wm, 30, bias, 24, bits=16)
+    assert torch.allclose(deq(y, ym, yk), (bias.double() / 2 ** 24).expand(2, 5), rtol=2.0 ** -14, atol=0)
+
+
+@SETTINGS
 @given(st.integers(0, 10 ** 6), st.integers(2, 300))
 def test_layernorm_within_an_output_step(seed, cols):
     x = _rows(seed, 3, cols) + 5.0

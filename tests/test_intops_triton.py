@@ -282,6 +282,37 @@ def test_di_norm(seed: int, lead: tuple[int, ...], cols: int, layer: bool, beta:
     assert_same(got, want, "layernorm" if layer else "rmsnorm")
 
 
+@settings(max_examples=6, **SETTINGS)
+@given(seed=st.integers(0, 2 ** 31 - 1), layer=st.booleans(), eps=st.sampled_from([1e-6, 1e-5]))
+def test_di_norm_tiny_scales_saturate_eps_alike(seed: int, layer: bool, eps: float) -> None:
+    """Row scales down to 2^-75 (exponents up to 90): ``eps / scale²`` past its saturation point, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = codes(gen, (6, 33), 32767, "zero_row", torch.int16)
+    m, k = row_scale(gen, (6,), klo=20, khi=90)
+    m[1] = 0                                                      # a zero scale too
+    gamma = torch.randint(1, 1 << 15, (33,), generator=gen)
+    if layer:
+        want = R.di_layernorm(x, m, k, gamma, None, 14, eps=eps, bits=16)
+        got = T.di_layernorm(*_dev(x, m, k, gamma), None, 14, eps=eps, bits=16)
+    else:
+        want = R.di_rmsnorm(x, m, k, gamma, 14, eps=eps, bits=16)
+        got = T.di_rmsnorm(*_dev(x, m, k, gamma), 14, eps=eps, bits=16)
+    assert_same(got, want, "norm, tiny scales")
+
+
+def test_di_add_with_zero_rows() -> None:
+    """A row of one operand with scale 0 (exponent 0) takes the other operand's exponent, in both implementations."""
+    gen = torch.Generator().manual_seed(2)
+    a = codes(gen, (4, 24), 32767, "zero_row", torch.int16)
+    b = codes(gen, (4, 24), 32767, "none", torch.int16)
+    am, ak = row_scale(gen, (4,), klo=20, khi=40)
+    bm, bk = row_scale(gen, (4,), klo=20, khi=40)
+    am[0], ak[0] = 0, 0
+    bm[2], bk[2] = 0, 0
+    want = R.di_add(a, am, ak, b, bm, bk, 16)
+    assert_same(T.di_add(*_dev(a, am, ak, b, bm, bk), 16), want, "di_add zero rows")
+
+
 def test_di_norm_long_rows() -> None:
     """4100 columns: the streamed (multi-pass) row mode of both norms."""
     gen = torch.Generator().manual_seed(4)

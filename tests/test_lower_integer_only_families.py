@@ -1,0 +1,113 @@
+"""Integer-only lowering beyond LLaMA: the Hugging Face families whose graphs hold other ops than LLaMA's —
+Qwen2 (q/k/v biases), Phi-3 (fused qkv and gate_up projections, ``chunk``, partial rotary: ``cat`` of a rotated and
+a pass-through piece), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears) and GPT-2
+(Conv1D as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out). Each lowers, passes the verifier and
+keeps the float function, with a padding token (a zero embedding row) in the batch; and the scale rules behind
+them (``cat`` of pieces with their own scales, reshapes that merge per-token dims) are checked on their own."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxquant.capture import capture
+from fxquant.passes.lower_integer_only import lower_integer_only
+from fxquant.verify import verify_integer_only
+
+from conftest import make_tiny_family
+
+#: family -> (config extras, the lowering's counters: (per layer, once))
+FAMILIES = {
+    "qwen2": ({}, {"di_swiglu": (1, 0), "di_attention": (1, 0), "di_rmsnorm": (2, 1), "di_linear": (7, 1)}),
+    "phi3": ({"partial_rotary_factor": 0.5}, {"di_swiglu": (1, 0), "di_attention": (1, 0), "cat_scaled": (2, 0),
+                                              "di_linear": (4, 1)}),
+    "opt": ({}, {"relu": (1, 0), "di_layernorm": (2, 1), "di_attention": (1, 0), "di_linear": (6, 1)}),
+    "gpt2": ({}, {"di_gelu": (1, 0), "di_layernorm": (2, 1), "di_attention": (1, 0), "di_linear": (4, 1)}),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_lowers_to_integers_and_keeps_the_function(family):
+    extra, per_layer = FAMILIES[family]
+    layers = 2
+    model = make_tiny_family(family, layers=layers, **extra)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    pad = model.config.pad_token_id
+    if pad is not None:
+        ids[1, 5] = pad                               # a zero embedding row in the middle of a sequence
+        assert float(model.get_input_embeddings().weight[pad].abs().max()) == 0.0
+    with torch.no_grad():
+        ref = model(ids).logits
+    cg = capture(model)
+    stats = lower_integer_only(cg)
+    for what, (n, once) in per_layer.items():
+        assert stats.get(what, 0) == n * layers + once, (what, stats)
+    report = verify_integer_only(cg)
+    assert report.ok and report.exits == 1, report.problems
+    out = cg(ids)
+    err = _rel(out, ref)
+    assert float(err.max()) < 0.05, err                # every token, the padding token's too
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
+
+
+def test_gpt2_illm_recipe_end_to_end():
+    """Conv1D weights through the whole illm-w8a8 recipe (SmoothQuant on FSBR's groups, RTN, lowering): the
+    integer model keeps the function and generates."""
+    from fxquant import quantize
+    from fxquant.recipes import get_recipe
+    model = make_tiny_family("gpt2", layers=1)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    calib = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
+    res = quantize(model, get_recipe({"base": "illm-w8a8", "options": {"seq_len": 32}}), calibration=calib)
+    im = res.integer_model
+    assert float(_rel(im(input_ids=ids).logits, ref).max()) < 0.05
+    assert res.artifacts["integer_only"]["di_gelu"] == 1 and res.artifacts["integer_only"]["di_linear"] == 5
+    out = im.generate(ids, max_new_tokens=3)
+    assert out.shape == (1, 11) and torch.equal(out[:, :8], ids)
+
+
+class _Heads(torch.nn.Module):
+    """embedding -> linear -> [B, S, H, D] -> [B, H, S, D] -> reshape [B*H, S, D] (per-token scales merged with the
+    heads dim) -> back -> a second linear; and a cat of two linears' outputs (two scales) along the last dim."""
+
+    def __init__(self, heads: int = 2, d: int = 8, vocab: int = 50):
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.emb = torch.nn.Embedding(vocab, heads * d)
+        self.a = torch.nn.Linear(heads * d, heads * d)
+        self.b = torch.nn.Linear(heads * d, d)
+        self.c = torch.nn.Linear(heads * d, 3)
+        self.out = torch.nn.Linear(heads * d + d + 3, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        bsz, s, _ = x.shape
+        h = self.a(x).view(bsz, s, self.heads, self.d).transpose(1, 2)
+        h = h.reshape(bsz * self.heads, s, self.d)          # merges B (per token) with H (not)
+        h = h.reshape(bsz, self.heads, s, self.d).transpose(1, 2).reshape(bsz, s, self.heads * self.d)
+        y = torch.cat([h, self.b(x), self.c(x)], dim=-1)     # three values with their own scales
+        return self.out(y)
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.integers(0, 1000), st.integers(1, 3), st.integers(1, 9))
+def test_reshapes_that_merge_token_dims_and_cats_of_scaled_pieces(seed, batch, seq):
+    torch.manual_seed(seed)
+    model = _Heads().eval()
+    with torch.no_grad():
+        model.c.weight.mul_(300.0)                        # pieces whose scales differ by orders of magnitude
+    ids = torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model(ids)
+    cg = capture(model, (ids,))
+    stats = lower_integer_only(cg)
+    assert stats["cat_scaled"] == 1 and stats["di_linear"] == 4
+    verify_integer_only(cg, ids)                           # a static capture: shapes from these ids
+    assert float(_rel(cg(ids), ref).max()) < 0.03
