@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import sympy as sp
