@@ -269,22 +269,24 @@ _RECORDS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def remember_quantized(weight: torch.Tensor, qw: QuantizedWeight) -> None:
+def remember_quantized(weight: torch.Tensor, qw: QuantizedWeight, *, in_out: bool = False) -> None:
     """Record that ``weight`` (a model parameter holding dequantized values) came from ``qw``.
 
     The torch.compile backend sees tensors, not module names; this is how it finds the codes of a model that
-    was quantized before compilation. The record is dropped if the tensor is modified in place later.
+    was quantized before compilation. ``in_out``: the parameter is stored ``[in, out]`` (GPT-2's Conv1D) and ``qw``
+    quantized its transpose. The record is dropped if the tensor is modified in place later.
     """
-    _RECORDS[weight] = (weight._version, qw)
+    _RECORDS[weight] = (weight._version, qw, in_out)
 
 
-def recorded_quantization(weight: torch.Tensor) -> QuantizedWeight | None:
-    """The :class:`QuantizedWeight` remembered for ``weight``, if it has not changed since."""
+def recorded_quantization(weight: torch.Tensor, *, in_out: bool = False) -> QuantizedWeight | None:
+    """The :class:`QuantizedWeight` remembered for ``weight``, if it has not changed since and was recorded for the
+    same layout (``in_out``: read as ``[in, out]`` by ``addmm``/``mm``)."""
     entry = _RECORDS.get(weight)
     if entry is None:
         return None
-    version, qw = entry
-    return qw if version == weight._version else None
+    version, qw, layout = entry
+    return qw if version == weight._version and layout == in_out else None
 
 
 def packed_for(weight: torch.Tensor, spec: QuantSpec, make: Callable[[], PackedWeight],

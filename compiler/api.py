@@ -120,7 +120,21 @@ def _remember_for_backend(model: torch.nn.Module, quantized: dict[str, Any]) -> 
     from fxquant.backends.registry import remember_quantized
     from .quant import QuantizedWeight
     params = dict(model.named_parameters(remove_duplicate=False))
+    in_out = _in_out_weights(model)
     for fqn, qw in quantized.items():
         p = params.get(fqn)
-        if p is not None and isinstance(qw, QuantizedWeight) and tuple(p.shape) == tuple(qw.shape):
+        if p is None or not isinstance(qw, QuantizedWeight):
+            continue
+        if fqn in in_out and tuple(p.shape) == tuple(qw.shape)[::-1]:
+            remember_quantized(p, qw, in_out=True)          # Conv1D: qw quantized the [out, in] transpose
+        elif fqn not in in_out and tuple(p.shape) == tuple(qw.shape):
             remember_quantized(p, qw)
+
+
+def _in_out_weights(model: torch.nn.Module) -> set[str]:
+    """Names of the weights stored ``[in, out]`` (transformers' ``Conv1D``, GPT-2)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return set()
+    return {f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, Conv1D)}

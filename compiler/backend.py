@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["fxquant_backend", "BackendOptions", "last_reports", "register", "stats"]
 
@@ -109,6 +110,16 @@ def _fqn_of_placeholder(node: fx.Node) -> str:
     return node.name
 
 
+_T_VIEWS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # keyed by tensor identity
+
+
+def _transposed_view(t: torch.Tensor) -> torch.Tensor:
+    """``t.t()``, the same view object every time (the pack cache is keyed on the tensor object)."""
+    if t not in _T_VIEWS:
+        _T_VIEWS[t] = t.t()
+    return _T_VIEWS[t]
+
+
 def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_inputs: Sequence[Any],
                       fqns: list[str], opts: BackendOptions) -> Any:
     """Run the lowering rules on an AOT (ATen) graph; returns the :class:`LoweringReport`."""
@@ -145,8 +156,10 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
                                            "parameter", name=w_node.name)
         if not isinstance(real, torch.Tensor) or real.dim() != 2:
             return Lowering("keep", reason="the weight is not a 2-D tensor", name=fqn)
-        qw = registry.recorded_quantization(real)
+        qw = registry.recorded_quantization(real, in_out=site.in_out)
         spec = qw.spec if qw is not None else opts.spec
+        if site.in_out:          # Conv1D's [in, out] weight: quantized, packed and dequantized as its transpose
+            real = _transposed_view(real)
         if qw is None:
             if spec is None:
                 return Lowering("keep", reason="not quantized (no remembered quantization, no recipe)", name=fqn)

@@ -360,8 +360,11 @@ class _Lowering:
             h = _scaled_by(half, 0.5)
             if h is None or h[0] is not x or len(tensor_users(half)) != 1:
                 continue
+            inner_nodes = [cube[0], cube[1], add, inner[1]]
+            if any(len(tensor_users(n)) != 1 for n in inner_nodes):
+                continue                                          # an intermediate is read elsewhere too
             self.gelus[out] = x
-            self.skip.update({cube[1], cube[0], add, inner[1], node, one, half})
+            self.skip.update({*inner_nodes, node, one, half})
 
     def run(self) -> None:
         self.g.eliminate_dead_code()            # e.g. an encoder's pooler when only the hidden states are returned

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import fx
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError
@@ -52,6 +53,9 @@ class LinearSite:
     bias: fx.Node | None
     #: the transpose between ``W`` and ``mm``/``addmm`` (None for ``aten.linear``)
     transpose: fx.Node | None = None
+    #: ``W`` is stored ``[in, out]`` and read as it is by ``addmm(b, x, W)`` / ``mm(x, W)`` (GPT-2's Conv1D); its
+    #: quantized weight is that of ``Wᵀ``
+    in_out: bool = False
 
 
 #: what to do with one linear: run the packed op, use a float constant (CPU policy), or keep it and say why
@@ -98,12 +102,25 @@ def find_linear_sites(graph: fx.Graph) -> tuple[list[LinearSite], list[tuple[fx.
             sites.append(LinearSite(node, x, w, b))
         elif node.target is aten.mm.default and _is_transpose(node.args[1]):
             sites.append(LinearSite(node, node.args[0], node.args[1].args[0], None, node.args[1]))
-        elif node.target is aten.addmm.default and _is_transpose(node.args[2]):
+        elif node.target is aten.addmm.default and (_is_transpose(node.args[2]) or _is_stored(node.args[2])):
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 rejected.append((node, "addmm with beta/alpha != 1 is not a plain linear"))
                 continue
-            sites.append(LinearSite(node, node.args[1], node.args[2].args[0], node.args[0], node.args[2]))
+            if _is_transpose(node.args[2]):
+                sites.append(LinearSite(node, node.args[1], node.args[2].args[0], node.args[0], node.args[2]))
+            else:                                                     # Conv1D: addmm(b, x, W[in, out])
+                sites.append(LinearSite(node, node.args[1], node.args[2], node.args[0], in_out=True))
+        elif node.target is aten.mm.default and _is_stored(node.args[1]):
+            sites.append(LinearSite(node, node.args[0], node.args[1], None, in_out=True))
     return sites, rejected
+
+
+def _is_stored(node: Any) -> bool:
+    """A graph input or attribute (where parameters come from), two-dimensional."""
+    if not isinstance(node, fx.Node) or node.op not in ("placeholder", "get_attr"):
+        return False
+    val = node.meta.get("val")
+    return val is None or getattr(val, "dim", lambda: 2)() == 2
 
 
 def _fake_mode_of(nodes: list[fx.Node]) -> Any:
@@ -154,6 +171,11 @@ def lower_linear_sites(gm: fx.GraphModule, sites: list[LinearSite], resolve: Cal
         base = re.sub(r"\W", "_", name)
         with graph.inserting_before(site.node):
             if decision.action == "float":
+                if site.in_out:      # the dequantized weight is [out, in]; the addmm/mm reads [in, out]
+                    wnode = const(f"{base}_dequantized_t", _transposed(decision.weight))
+                    site.node.replace_input_with(site.weight, wnode)
+                    report.as_float.append(name)
+                    continue
                 wnode = const(f"{base}_dequantized", decision.weight)
                 if site.transpose is None:
                     site.node.replace_input_with(site.weight, wnode)
@@ -180,6 +202,16 @@ def lower_linear_sites(gm: fx.GraphModule, sites: list[LinearSite], resolve: Cal
     graph.eliminate_dead_code()
     gm.recompile()
     return report
+
+
+_TRANSPOSED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # keyed by tensor identity
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t.t()`` made contiguous once per tensor (a weight shared by several sites gets one constant)."""
+    if t not in _TRANSPOSED:
+        _TRANSPOSED[t] = t.t().contiguous()
+    return _TRANSPOSED[t]
 
 
 def only_linear_users(weight: fx.Node, sites_of_weight: list[LinearSite]) -> bool:
