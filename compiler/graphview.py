@@ -134,8 +134,9 @@ def shape_str(node: object) -> tuple[str, ...] | None:
 # ---- linears ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LinearOp:
-    """A matrix multiply by a parameter: ``aten.linear`` (weight ``[out, in]``) or ``addmm``/``mm`` whose
-    weight is ``[in, out]`` (GPT-2's Conv1D) or ``t(param)`` (a decomposed ``nn.Linear``)."""
+    """A matrix multiply by a parameter: ``aten.linear`` (weight ``[out, in]``) or ``addmm``/``mm``/``matmul``
+    whose weight is ``[in, out]`` (GPT-2's Conv1D) or ``t(param)`` (a decomposed ``nn.Linear``, Falcon's
+    ``x @ W.T``)."""
 
     node: fx.Node
     input: fx.Node
@@ -154,7 +155,7 @@ def _param_through_views(node: object, is_param) -> tuple[fx.Node, bool] | None:
         if is_param(node):
             return node, transposed
         name = op_name(node)
-        if name in ("t",) or (name == "transpose" and len(concrete_shape(node) or ()) == 2):
+        if name in ("t", "numpy_T") or (name == "transpose" and len(concrete_shape(node) or ()) == 2):
             transposed = not transposed
         elif name == "permute" and list(node.args[1]) == [1, 0]:
             transposed = not transposed
@@ -180,10 +181,10 @@ def as_linear(node: fx.Node, is_param) -> LinearOp | None:
         shape = concrete_shape(w) or (0, 0)  # the argument is [out, in], whatever the parameter's layout
         layout = "in_out" if found[1] else "out_in"
         return LinearOp(node, x, found[0], b if isinstance(b, fx.Node) else None, layout, shape[1], shape[0])
-    if name in ("addmm", "mm"):
+    if name in ("addmm", "mm", "matmul"):
         if name == "addmm":
             b, x, w = node.args[0], node.args[1], node.args[2]
-        else:
+        else:                                  # matmul(x, W.T): Falcon's FalconLinear
             b, (x, w) = None, node.args[:2]
         found = _param_through_views(w, is_param)
         if found is None or not isinstance(x, fx.Node):

@@ -408,6 +408,9 @@ class QATLinear(nn.Module):
         init = init_alpha(linear.weight, spec) if alpha is None else alpha.detach().to(torch.float32).clone()
         _check_alpha(init, self.out_features, self.in_features, spec.effective_group_size(self.in_features))
         self.weight_alpha = nn.Parameter(init.to(linear.weight.device))
+        # an nn.Linear subclass (Falcon's FalconLinear: x @ W.T + b) comes back as itself after QAT, not as
+        # nn.Linear; kept in a tuple so that it is no submodule (no second copy of the parameters in state dicts)
+        self._subclass_module = (linear,) if type(linear) is not nn.Linear else ()
 
     def quantized_weight(self) -> torch.Tensor:
         return ParetoQFakeQuant.apply(self.weight, self.weight_alpha, self.spec)
@@ -417,7 +420,13 @@ class QATLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def to_linear(self, dequantized: bool = False) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing this module's Parameters (``dequantized``: holding the quantized values)."""
+        """A plain ``nn.Linear`` sharing this module's Parameters (``dequantized``: holding the quantized values);
+        the original module, for an ``nn.Linear`` subclass."""
+        if self._subclass_module:
+            if dequantized:
+                with torch.no_grad():
+                    self.weight.copy_(self.quantized_weight())
+            return self._subclass_module[0]
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = self.weight
         lin.bias = self.bias
@@ -512,7 +521,8 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
 
 
 def prepare_qat(model: nn.Module, recipe: Any = "paretoq-w2", *, exclude: Sequence[str] | None = None,
-                include: Sequence[str] | None = None, alphas: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                include: Sequence[str] | None = None, alphas: dict[str, torch.Tensor] | None = None,
+                linear_subclasses: bool = False) -> nn.Module:
     """Replace every selected ``nn.Linear`` of ``model`` (in place) by a :class:`QATLinear`; return ``model``.
 
     ``recipe`` is a ParetoQ recipe name (``paretoq-w2``), a :class:`~fxquant.recipes.Recipe`, a
@@ -520,7 +530,9 @@ def prepare_qat(model: nn.Module, recipe: Any = "paretoq-w2", *, exclude: Sequen
     the recipe's ``exclude``, i.e. ``lm_head`` stays float); embeddings and norms are never linears, and a
     linear whose weight is tied to another module is skipped with a warning (untie it to quantize it).
     ``alphas`` maps ``<weight fqn>`` to initial scales (the FX pass's trained or initial scales).
-    Build the optimizer *after* this call so it sees the scales.
+    Build the optimizer *after* this call so it sees the scales. ``linear_subclasses``: also take subclasses of
+    ``nn.Linear`` (their forward is not checked here: the FX path passes True for the modules its graph shows
+    computing ``x @ Wᵀ (+ b)``).
     """
     spec, default_exclude = _resolve_spec(recipe)
     exclude = tuple(default_exclude if exclude is None else exclude)
@@ -529,7 +541,7 @@ def prepare_qat(model: nn.Module, recipe: Any = "paretoq-w2", *, exclude: Sequen
     tied = _tied_weight_ids(model)
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not (linear_subclasses and isinstance(module, nn.Linear)):
             continue
         if include is not None and not any(_matches(name, p) for p in include):
             continue

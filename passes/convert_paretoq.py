@@ -19,11 +19,17 @@ import torch
 
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError
+from fxquant.graphview import as_linear
 from fxquant.paretoq import ParetoQSpec, ParetoQWeight, quantize_paretoq
 from fxquant.passes.insert_paretoq_fake_quant import fake_quant_nodes
 from fxquant.pipeline import Pass, PassContext, PassResult
 
 __all__ = ["ConvertParetoQ"]
+
+
+def _is_transpose(node: object) -> bool:
+    from fxquant.passes.quantize_weights_rtn import _TRANSPOSES
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _TRANSPOSES
 
 
 class ConvertParetoQ(Pass):
@@ -61,7 +67,10 @@ class ConvertParetoQ(Pass):
             note = {"weight": fqn, "spec": spec.describe(), "bits": spec.bits, "group_size": qw.group_size,
                     "method": "paretoq"}
             for user in users:
-                fxmeta(user)["quant"] = dict(note)
+                # a linear written x @ W.T reads the weight through its transpose: annotate the product
+                targets = list(user.users) if _is_transpose(user) else [user]
+                for t in targets:
+                    fxmeta(t)["quant"] = dict(note)
             table[fqn] = qw
             n += 1
         return PassResult(modified=n > 0, stats={"converted": n})
@@ -77,7 +86,10 @@ class ConvertParetoQ(Pass):
             qw = table.get(note["weight"])
             if not isinstance(qw, ParetoQWeight) or qw.spec.bits != note["bits"]:
                 raise PassError(f"{self.name}: {note['weight']}: no ParetoQWeight of {note['bits']} bits recorded")
-            current = cg.tensors[node.args[1].name]
+            lin = as_linear(node, lambda n: n.op == "placeholder" and n.name in cg.tensors)
+            if lin is None:
+                raise PassError(f"{self.name}: {node.name} is annotated as a ParetoQ linear but reads no weight")
+            current = cg.tensors[lin.weight.name]
             if not torch.equal(current, qw.dequantize(current.dtype)):
                 raise PassError(f"{self.name}: cg.tensors of {note['weight']} is not its dequantized weight",
                                 "the pass must store qw.dequantize(dtype)")

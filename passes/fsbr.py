@@ -520,7 +520,7 @@ class _Block:
 
     def quantized(self, params: Mapping[str, torch.Tensor], h: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
         self.set_quantized(True)
-        return torch.func.functional_call(self.layer, dict(params), args=(h,), kwargs=dict(kw), strict=False)
+        return _hidden(torch.func.functional_call(self.layer, dict(params), args=(h,), kwargs=dict(kw), strict=False))
 
     def free(self, group: ScaleGroup, full: torch.Tensor) -> torch.Tensor:
         """The trainable part of a group's vector: all of it, or one entry per rotary pair of a tied group."""
@@ -553,7 +553,7 @@ class _Block:
         self.set_quantized(False)
         for sm in self.smoothers.values():
             sm.scale = None
-        return [self.layer(h, **kw) for h, kw in inputs]
+        return [_hidden(self.layer(h, **kw)) for h, kw in inputs]
 
     @torch.no_grad()
     def quantized_outputs(self, inputs: list[tuple[torch.Tensor, dict]], scales: Mapping[str, torch.Tensor],
@@ -561,6 +561,12 @@ class _Block:
                           ) -> list[tuple[torch.Tensor, dict]]:
         params = self.effective(scales, clips)
         return [(self.quantized(params, h, kw), kw) for h, kw in inputs]
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states: the output itself, or its first element where the layer returns a tuple
+    (Falcon, older transformers layers: ``(hidden, attention weights, ...)``)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _snapshot(scales: Mapping[str, torch.Tensor], clips: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]):

@@ -12,7 +12,8 @@ Contract
     :class:`fxquant.paretoq.QATLinear`), initialised by :func:`fxquant.paretoq.init_alpha` (or taken from
     ``alphas`` when given);
   - inserts one node ``fxquant.paretoq.paretoq_fake_quant(W, alpha, bits, group_size)`` before the weight's first
-    use and rewires every linear that read ``W`` to read it instead;
+    use and rewires every linear that read ``W`` to read it instead (a linear written ``x @ W.T`` reads it through
+    its transpose; a weight stored ``[in, out]``, GPT-2's Conv1D, is skipped with a warning);
   - annotates the new node: ``fxmeta(node)["paretoq"] = {"weight": fqn, "alpha": fqn + "_alpha", "spec": ...,
     "bits": ..., "group_size": ...}`` and records the same in ``ctx.artifacts["paretoq_fake_quant"][fqn]``.
 
@@ -129,11 +130,11 @@ class InsertParetoQFakeQuant(Pass):
             if not all(self.selected(f) for f in fqns):
                 n_excluded += 1
                 continue
-            if any(u.in_out or u.via is not None for u in group):
+            if any(u.in_out for u in group):
                 skip(fqn, "it is read as an [in, out] matrix (Conv1D/mm); ParetoQ fake-quant handles [out, in] "
                           "nn.Linear weights — convert the layer to nn.Linear to quantize it")
                 continue
-            reads = {u.node for u in group}
+            reads = {u.node for u in group} | {u.via for u in group if u.via is not None}
             other = [u for n in names if n in placeholders for u in placeholders[n].users if u not in reads]
             if other:
                 skip(fqn, "it is also read by " + ", ".join(f"{u.name} ({u.target})" for u in other[:3])
@@ -144,7 +145,7 @@ class InsertParetoQFakeQuant(Pass):
             alpha = init_alpha(weight, self.spec) if alpha is None else alpha.detach().to(torch.float32).clone()
             group_size = self.spec.group_size or 0
             alpha_node = cg.add_tensor(f"{first.placeholder.name}_alpha", alpha.to(weight.device), fqn=f"{fqn}_alpha")
-            first_use = min((u.node for u in group), key=order.__getitem__)
+            first_use = min(reads, key=order.__getitem__)             # a transpose view comes before its linear
             with graph.inserting_before(first_use):
                 fq = graph.call_function(paretoq_fake_quant,
                                          (first.placeholder, alpha_node, self.spec.bits, group_size))
@@ -154,7 +155,8 @@ class InsertParetoQFakeQuant(Pass):
                     "group_size": self.spec.group_size}
             fxmeta(fq)["paretoq"] = dict(note)
             for use in group:
-                use.node.replace_input_with(use.placeholder, fq)
+                # ``x @ W.T`` (Falcon's FalconLinear): the fake-quant goes under the transpose, W stays [out, in]
+                (use.via if use.via is not None else use.node).replace_input_with(use.placeholder, fq)
             records[fqn] = {**note, "weight_placeholder": first.placeholder.name, "alpha_placeholder": alpha_node.name,
                             "node": fq.name, "aliases": list(names)}
             n_done += 1

@@ -254,6 +254,37 @@ class _Lowering:
                 return t, self.cg.fqn.get(node.name, node.name)
         return None
 
+    def const_value(self, node: Any) -> tuple[torch.Tensor, str] | None:
+        """A float constant of the model computed from parameters/buffers only: the parameter itself, or it through
+        casts to a float dtype and arithmetic with Python numbers (Gemma's norm gain ``1 + w``, its embedding scale
+        ``to(embed_scale)``). Evaluated here, in float, at lowering time — never in the integer graph."""
+        p = self.param(node)
+        if p is not None or not isinstance(node, fx.Node) or node.op != "call_function":
+            return p
+        name = op_name(node)
+        if name in ("to", "_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh_copy"):
+            dt = node.kwargs.get("dtype", next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None))
+            inner = self.const_value(node.args[0])
+            if inner is None or (dt is not None and not dt.is_floating_point):
+                return None
+            return (inner[0].to(dt) if dt is not None else inner[0]), inner[1]
+        if name in ("add", "sub", "mul") and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            a, b = node.args
+            for t, c, first in ((a, b, True), (b, a, False)):
+                if isinstance(c, (int, float)) and not isinstance(c, bool):
+                    inner = self.const_value(t)
+                    if inner is None:
+                        return None
+                    x = inner[0]
+                    if name == "add":
+                        out = x + c
+                    elif name == "mul":
+                        out = x * c
+                    else:
+                        out = x - c if first else c - x
+                    return out, inner[1]
+        return None
+
     def weight_codes(self, w: torch.Tensor, fqn: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Integer weight codes ``[N, K]`` (int8) and per-channel multipliers (< 2^24) on one exponent."""
         from fxquant.quant import QuantizedWeight, QuantSpec, quantize_weight  # noqa: PLC0415
@@ -320,7 +351,7 @@ class _Lowering:
             users = tensor_users(out)
             if len(users) == 1 and op_name(users[0]) == "mul":
                 other = users[0].args[0] if users[0].args[1] is out else users[0].args[1]
-                if self.param(other) is not None and len(_dims(other)) == 1:
+                if self.const_value(other) is not None and len(_dims(other)) == 1:
                     gamma = other
                     out = users[0]
                     inner.add(out)
@@ -440,7 +471,8 @@ class _Lowering:
             x = self.align(x, 1)
         x = self.requant(x, self.cfg.inner_bits) if x.bits > 16 else x
         n = len(_dims(info["x"]))
-        gamma_t = self.param(info["gamma"])[0] if info["gamma"] is not None else torch.ones(int(_dims(info["x"])[-1]))
+        gamma_t = (self.const_value(info["gamma"])[0] if info["gamma"] is not None
+                   else torch.ones(int(_dims(info["x"])[-1])))
         c, ck = self.int_constant(gamma_t.float(), self.cfg.gamma_bits)
         gq = self.const(f"{node.name}_gamma_q", c)
         eps = _dyadic(info["eps"])
@@ -498,6 +530,14 @@ def _identity(L: _Lowering, node: fx.Node) -> IntValue:
         raise LoweringError(f"{node.name}: a cast of an integer-region value to {dt} has no integer meaning",
                             "the model casts activations to a non-float type; lower it by hand")
     return _v(L, node)
+
+
+@rule("type_as")
+def _type_as(L: _Lowering, node: fx.Node) -> IntValue:
+    dt = _dtype(node)
+    if dt is not None and not dt.is_floating_point:
+        raise LoweringError(f"{node.name}: type_as to {dt} has no integer meaning")
+    return _v(L, node)                          # a cast between float types: the integer value stays as it is
 
 
 @rule("dropout")
@@ -586,6 +626,27 @@ def _select(L: _Lowering, node: fx.Node) -> IntValue:
     return _layout(L, v, node.target, node.args[1:], s_args, vary)
 
 
+@rule("index")
+def _index(L: _Lowering, node: fx.Node) -> IntValue:
+    """``x[..., idx, ...]`` with one 1-D integer index tensor (Falcon picks its key/value heads so): the rank and
+    the dims stay; the scale is indexed alike where it varies along that dim, and kept where it does not."""
+    v = _v(L, node)
+    indices = list(node.args[1])
+    used = [i for i, t in enumerate(indices) if t is not None]
+    val = indices[used[0]].meta.get("val") if len(used) == 1 and isinstance(indices[used[0]], fx.Node) else None
+    if not (isinstance(val, torch.Tensor) and val.dim() == 1 and not val.dtype.is_floating_point
+            and val.dtype != torch.bool):
+        raise LoweringError(f"{node.name}: indexing with {len(used)} index tensors (only one 1-D integer index "
+                            "tensor keeps the dims in place)")
+    dim = used[0]
+    q = L.g.call_function(node.target, (v.q, indices))
+    if v.vary[dim]:
+        m = L.g.call_function(node.target, (v.m, indices))
+        k = L.g.call_function(node.target, (v.k, indices))
+        return replace(v, q=q, m=m, k=k, key=L.new_key("index"))
+    return replace(v, q=q)
+
+
 @rule("neg")
 def _neg(L: _Lowering, node: fx.Node) -> IntValue:
     v = _v(L, node)
@@ -597,7 +658,11 @@ def _neg(L: _Lowering, node: fx.Node) -> IntValue:
 
 @rule("cat")
 def _cat(L: _Lowering, node: fx.Node) -> IntValue:
-    parts = [L.as_value(a, node) for a in node.args[0]]
+    # torch.cat skips 1-D empty tensors (a KV cache's initial empty keys/values): so does the integer cat
+    args = [a for a in node.args[0] if not _empty_1d(a)]
+    parts = [L.as_value(a, node) for a in args]
+    if len(parts) == 1 and parts[0] is not None:
+        return parts[0]
     if any(p is None for p in parts):
         raise LoweringError(f"{node.name}: cat of integer and float tensors")
     dim_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -628,6 +693,11 @@ def _cat(L: _Lowering, node: fx.Node) -> IntValue:
     L.count("cat_scaled")
     v = L.value(q, m, k, max(widths), vary, unsigned=first.unsigned, tag="cat")
     return L.align(v, 1) if vary[-1] else v
+
+
+def _empty_1d(a: Any) -> bool:
+    val = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0
 
 
 def _signed(L: _Lowering, v: IntValue) -> IntValue:
@@ -709,7 +779,7 @@ def _mul(L: _Lowering, node: fx.Node) -> IntValue:
         vx = L.as_value(x, node)
         if isinstance(y, (int, float)):
             return _scale_by(L, vx, float(y))
-        p = L.param(y)
+        p = L.const_value(y)
         if p is not None:
             return _mul_param(L, node, vx, y, p[0])
         vy = L.as_value(y, node)
@@ -753,9 +823,13 @@ def _mul_param(L: _Lowering, node: fx.Node, v: IntValue, pnode: fx.Node, t: torc
     return replace(v, q=q, k=k, bits=64, key=("mulc", v.key, pnode.name))
 
 
-@rule("add")
+@rule("add", "add_")
 def _add(L: _Lowering, node: fx.Node) -> IntValue:
     a, b = node.args[0], node.args[1]
+    if op_name(node) == "add_" and isinstance(a, fx.Node) and len(a.users) > 1:
+        # in place (Falcon: mlp_output += attention_output): as an add only if nothing else reads the mutated tensor
+        raise LoweringError(f"{node.name}: in-place add into {a.name}, which other nodes also read",
+                            "export the model functionally, or add a rule")
     if node.kwargs.get("alpha", 1) != 1:
         raise LoweringError(f"{node.name}: add with alpha != 1")
     va, vb = L.as_value(a, node), L.as_value(b, node)
@@ -776,7 +850,7 @@ def _add(L: _Lowering, node: fx.Node) -> IntValue:
     return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="add")
 
 
-@rule("linear", "addmm", "mm")
+@rule("linear", "addmm", "mm", "matmul")
 def _linear(L: _Lowering, node: fx.Node) -> IntValue:
     from fxquant.graphview import as_linear  # noqa: PLC0415
     lin = as_linear(node, lambda n: L.param(n) is not None)
@@ -809,7 +883,7 @@ def _linear(L: _Lowering, node: fx.Node) -> IntValue:
 def _linear_input_of(node: fx.Node) -> Any:
     """The activation operand of a linear-like node (``linear(x, W)``, ``addmm(b, x, W)``, ``mm(x, W)``)."""
     name = op_name(node)
-    if name in ("linear", "mm"):
+    if name in ("linear", "mm", "matmul"):
         return node.args[0]
     if name == "addmm":
         return node.args[1]

@@ -65,7 +65,8 @@ class TrainParetoQ(Pass):
         alphas = {fqn: cg.tensors[rec["alpha_placeholder"]] for fqn, rec in records.items()}
         modules = [fqn[: -len(".weight")] for fqn in records]
         was_training = model.training
-        prepare_qat(model, spec, include=modules, exclude=(), alphas=alphas)
+        # the graph shows each selected module computing x @ Wᵀ (+ b): nn.Linear subclasses (FalconLinear) too
+        prepare_qat(model, spec, include=modules, exclude=(), alphas=alphas, linear_subclasses=True)
         try:
             prepared = qat_modules(model)
             if set(prepared) != set(modules):

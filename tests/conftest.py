@@ -56,8 +56,9 @@ def make_tiny_llama(layers: int = 1, hidden: int = 64, heads: int = 4, kv_heads:
 
 def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int = 128, inter: int = 96,
                      **extra) -> torch.nn.Module:
-    """A tiny random model of a Hugging Face family (llama, qwen2, mistral, phi3, opt, gpt2, bert), built from its
-    config (no download); ``extra`` goes into the config (e.g. ``partial_rotary_factor=0.5`` for phi3)."""
+    """A tiny random model of a Hugging Face family (llama, qwen2, qwen3, mistral, phi3, gemma, neox, falcon, opt,
+    gpt2, bert), built from its config (no download); ``extra`` goes into the config (e.g.
+    ``partial_rotary_factor=0.5`` for phi3)."""
     import transformers as T
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -79,6 +80,18 @@ def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int 
         return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
                                               n_positions=64, n_inner=inter, bos_token_id=0, eos_token_id=0,
                                               **extra)).eval()
+    if family == "qwen3":        # RMSNorm on q and k per head
+        return T.Qwen3ForCausalLM(T.Qwen3Config(intermediate_size=inter, num_key_value_heads=2, head_dim=16,
+                                                **common)).eval()
+    if family == "gemma":        # norm gain 1 + w, embeddings times sqrt(hidden), tanh-GELU gate
+        return T.GemmaForCausalLM(T.GemmaConfig(intermediate_size=inter, num_key_value_heads=2, head_dim=16,
+                                                **common)).eval()
+    if family == "neox":         # fused qkv, rotary on a quarter of each head, parallel attention + MLP
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(intermediate_size=inter, rotary_pct=0.25, **common)).eval()
+    if family == "falcon":       # FalconLinear (x @ W.T), multi-query attention, parallel attention + MLP
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                                  num_attention_heads=4, new_decoder_architecture=False,
+                                                  multi_query=True, **extra)).eval()
     if family == "bert":
         return T.BertModel(T.BertConfig(intermediate_size=inter, **common), add_pooling_layer=False).eval()
     raise ValueError(f"no tiny model for family {family!r}")

@@ -1,6 +1,8 @@
 """The recipes on Hugging Face families other than LLaMA (every other test file uses LLaMA): Qwen2 (q/k/v biases),
-Mistral, Phi-3 (fused qkv and gate_up projections), OPT (ReLU, LayerNorm, learned positions) and GPT-2 (Conv1D
-weights read as ``[in, out]`` by ``addmm``, GELU). Each method family quantizes every linear but ``lm_head``, keeps
+Qwen3 (q/k norms), Mistral, Phi-3 (fused qkv and gate_up projections), Gemma (norm gain ``1 + w``, scaled embeddings,
+GeGLU), GPT-NeoX (parallel attention + MLP, partial rotary), Falcon (``x @ W.T`` linears, multi-query attention,
+one norm for attention and MLP), OPT (ReLU, LayerNorm, learned positions) and GPT-2 (Conv1D weights read as
+``[in, out]`` by ``addmm``, GELU). Each method family quantizes every linear but ``lm_head``, keeps
 the float function within its width's error, and the model still generates; the torch.compile backend lowers every
 quantized linear to its custom op; and what a method cannot do on a family is refused with a reason."""
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fxquant import backend as fxbackend
 
 from conftest import make_tiny_family
 
-FAMILIES = ["qwen2", "mistral", "phi3", "opt", "gpt2"]
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma", "neox", "falcon", "opt", "gpt2"]
 
 #: recipe -> (options for a tiny, quick run, the largest relative logit error allowed)
 RECIPES = {
@@ -67,8 +69,9 @@ def test_recipe_on_family(models, family, recipe):
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert sorted(changed) == sorted(after), f"not quantized: {sorted(set(after) - set(changed))}"
     if recipe.startswith(("rtn-", "gptq-", "teq-")):
-        # 4-bit symmetric groups of 128 (a whole row here): at most 16 levels per row
-        assert all(int(torch.unique(w[i]).numel()) <= 16 for w in after.values() for i in range(w.shape[0]))
+        # 4-bit symmetric groups of 128: at most 16 levels in each group of each row
+        assert all(int(torch.unique(w[i, j:j + 128]).numel()) <= 16
+                   for w in after.values() for i in range(w.shape[0]) for j in range(0, w.shape[1], 128))
     with torch.no_grad():
         got = res.eval_model(ids).logits
     assert _rel(got, ref) < bound
@@ -99,7 +102,7 @@ def test_paretoq_on_gpt2_names_the_conv1d_layers(models):
         fxquant.quantize(model, r, calibration=CALIBRATION)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "opt"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "neox", "falcon", "opt"])
 def test_paretoq_on_family(models, family):
     model = copy.deepcopy(models[family])
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,9 @@
 """Integer-only lowering beyond LLaMA: the Hugging Face families whose graphs hold other ops than LLaMA's —
-Qwen2 (q/k/v biases), Phi-3 (fused qkv and gate_up projections, ``chunk``, partial rotary: ``cat`` of a rotated and
-a pass-through piece), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears) and GPT-2
-(Conv1D as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out). Each lowers, passes the verifier and
+Qwen2 (q/k/v biases), Qwen3 (RMSNorm on q and k), Phi-3 (fused qkv and gate_up projections, ``chunk``, partial
+rotary: ``cat`` of a rotated and a pass-through piece), Gemma (norm gain ``1 + w`` computed in the graph,
+``type_as``, embeddings scaled by a buffer, tanh-GELU gate), GPT-NeoX (partial rotary, the KV cache's ``cat`` with an
+empty tensor), Falcon (``x @ W.T`` as ``matmul``, key/value heads picked by ``index``, an in-place add), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears) and GPT-2 (Conv1D
+as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out). Each lowers, passes the verifier and
 keeps the float function, with a padding token (a zero embedding row) in the batch; and the scale rules behind
 them (``cat`` of pieces with their own scales, reshapes that merge per-token dims) are checked on their own."""
 from __future__ import annotations
@@ -24,6 +26,10 @@ FAMILIES = {
                                               "di_linear": (4, 1)}),
     "opt": ({}, {"relu": (1, 0), "di_layernorm": (2, 1), "di_attention": (1, 0), "di_linear": (6, 1)}),
     "gpt2": ({}, {"di_gelu": (1, 0), "di_layernorm": (2, 1), "di_attention": (1, 0), "di_linear": (4, 1)}),
+    "qwen3": ({}, {"di_rmsnorm": (4, 1), "di_swiglu": (1, 0), "di_attention": (1, 0)}),
+    "gemma": ({}, {"di_rmsnorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "mul_const": (0, 1)}),
+    "neox": ({}, {"di_layernorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "cat_scaled": (2, 0)}),
+    "falcon": ({}, {"di_layernorm": (1, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "di_linear": (4, 1)}),
 }
 
 
