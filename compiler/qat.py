@@ -528,6 +528,9 @@ def cmd_qat(args: Any) -> int:
     finally:
         if created:
             import torch.distributed as dist
+            # every rank leaves together: a rank that tears gloo down while rank 0 still writes --out/--json
+            # was seen to abort ("terminate called without an active exception") on a loaded machine
+            dist.barrier()
             dist.destroy_process_group()
 
 
