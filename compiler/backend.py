@@ -114,10 +114,24 @@ _T_VIEWS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # keyed by tensor
 
 
 def _transposed_view(t: torch.Tensor) -> torch.Tensor:
-    """``t.t()``, the same view object every time (the pack cache is keyed on the tensor object)."""
+    """``t.t()``, the same view object every time (the pack cache and the graph's constants are keyed on the
+    tensor object). Used both ways for Conv1D's ``[in, out]`` weights: the stored weight to its ``[out, in]``
+    transpose (quantized and packed like any linear's), and a dequantized ``[out, in]`` weight back to the
+    layout the ``addmm``/``mm`` reads."""
     if t not in _T_VIEWS:
         _T_VIEWS[t] = t.t()
     return _T_VIEWS[t]
+
+
+def _is_weight(entry: tuple[torch.Tensor, str] | None) -> bool:
+    """A parameter, or a tensor fxquant remembers quantizing (in either layout)."""
+    from fxquant.backends import registry
+
+    if entry is None:
+        return False
+    real = entry[0]
+    return (isinstance(real, torch.nn.Parameter) or registry.recorded_quantization(real) is not None
+            or registry.recorded_quantization(real, in_out=True) is not None)
 
 
 def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_inputs: Sequence[Any],
@@ -139,6 +153,9 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
                     and tuple(real.shape) == tuple(fake.shape) and real.dtype == fake.dtype):
                 real_of[ph] = (real, fqns[i])
     sites, rejected = find_linear_sites(gm.graph)
+    # an [in, out] product ``mm(x, W)`` is a linear only when W is a parameter (or a weight fxquant quantized):
+    # ``mm`` of two activations is not one, and quantizing a user's input would be silently wrong
+    sites = [s for s in sites if not s.in_out or s.weight.op == "get_attr" or _is_weight(real_of.get(s.weight))]
     by_weight: dict[fx.Node, list] = {}
     for s in sites:
         by_weight.setdefault(s.weight, []).append(s)
@@ -151,6 +168,9 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
             real, fqn = getattr(gm, str(w_node.target), None), str(w_node.target)
         elif w_node in real_of:
             real, fqn = real_of[w_node]
+            if not _is_weight(real_of[w_node]):
+                return Lowering("keep", reason="its weight is an input of the compiled function, not a parameter",
+                                name=fqn)
         else:
             return Lowering("keep", reason="its weight is computed in the graph or could not be matched to a "
                                            "parameter", name=w_node.name)
@@ -201,7 +221,8 @@ def _lower_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], real_in
         # data-free recipe without kernels: the float linear on exactly dequantized weights (cached like a pack)
         deq = registry.packed_for(real, spec, lambda: registry.PackedWeight(
             "float", {"weight": quantized().dequantize(real.dtype)}, {}, spec), device=real.device, kind="float")
-        return Lowering("float", weight=deq.tensors["weight"], name=fqn)
+        weight = deq.tensors["weight"]
+        return Lowering("float", weight=_transposed_view(weight) if site.in_out else weight, name=fqn)
 
     counter = [0]
 

@@ -29,7 +29,6 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import fx
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from fxquant.capture import CapturedGraph, fxmeta
 from fxquant.errors import PassError
@@ -63,7 +62,8 @@ class LinearSite:
 class Lowering:
     action: Literal["op", "float", "keep"]
     packed: Any = None  # PackedWeight for "op"
-    weight: torch.Tensor | None = None  # the dequantized float weight for "float"
+    #: the dequantized float weight for "float", in the layout the site reads (``[in, out]`` for ``in_out``)
+    weight: torch.Tensor | None = None
     reason: str = ""
     name: str = ""
 
@@ -171,13 +171,8 @@ def lower_linear_sites(gm: fx.GraphModule, sites: list[LinearSite], resolve: Cal
         base = re.sub(r"\W", "_", name)
         with graph.inserting_before(site.node):
             if decision.action == "float":
-                if site.in_out:      # the dequantized weight is [out, in]; the addmm/mm reads [in, out]
-                    wnode = const(f"{base}_dequantized_t", _transposed(decision.weight))
-                    site.node.replace_input_with(site.weight, wnode)
-                    report.as_float.append(name)
-                    continue
                 wnode = const(f"{base}_dequantized", decision.weight)
-                if site.transpose is None:
+                if site.transpose is None:   # linear(x, W), or an [in, out] weight given in that layout
                     site.node.replace_input_with(site.weight, wnode)
                 else:
                     new_t = graph.call_function(site.transpose.target, (wnode, *site.transpose.args[1:]))
@@ -202,16 +197,6 @@ def lower_linear_sites(gm: fx.GraphModule, sites: list[LinearSite], resolve: Cal
     graph.eliminate_dead_code()
     gm.recompile()
     return report
-
-
-_TRANSPOSED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # keyed by tensor identity
-
-
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    """``t.t()`` made contiguous once per tensor (a weight shared by several sites gets one constant)."""
-    if t not in _TRANSPOSED:
-        _TRANSPOSED[t] = t.t().contiguous()
-    return _TRANSPOSED[t]
 
 
 def only_linear_users(weight: fx.Node, sites_of_weight: list[LinearSite]) -> bool:

@@ -61,6 +61,41 @@ def test_tiny_llama_logits_match_eager_quantized(kernels: str) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+class _InOutAndInputProducts(torch.nn.Module):
+    """A Conv1D-style ``[in, out]`` parameter read by ``mm``, a product of two inputs, and an ``nn.Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(64, 32, generator=g))
+        self.lin = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.w) + torch.mm(x, y)[:, :32] + self.lin(x)
+
+
+@pytest.mark.parametrize("kernels", ["always", "auto"])
+def test_a_recipe_quantizes_parameters_never_the_inputs(kernels: str) -> None:
+    """``mm(x, W)`` with ``W`` a parameter is a linear on ``Wᵀ``; ``mm(x, y)`` of two inputs is not, and ``y``
+    must reach the product unquantized. Both policies (packed op, float on dequantized weights) agree with an
+    eager model whose two weights hold their RTN values."""
+    spec = QuantSpec(4, group_size=32)
+    model = _InOutAndInputProducts()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 64, generator=g), torch.randn(64, 64, generator=g)
+    with torch.no_grad():
+        wq = quantize_weight(model.w.t(), spec).dequantize().t()
+        lq = quantize_weight(model.lin.weight, spec).dequantize()
+        ref = x @ wq + (x @ y)[:, :32] + torch.nn.functional.linear(x, lq, model.lin.bias)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="fxquant", options={"recipe": "rtn-w4g32", "kernels": kernels})(x, y)
+    report = fxbackend.last_reports[-1]
+    names = set(report.lowered) | set(report.as_float) | set(report.kept)
+    assert names == {"w", "lin.weight"}, names          # y is neither lowered nor reported as a kept linear
+    assert (report.stats()["int4"] == 2) if kernels == "always" else (len(report.as_float) == 2)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_remembered_quantization_is_lowered_without_a_recipe() -> None:
     from conftest import make_tiny_llama
     from fxquant.backends.registry import remember_quantized
