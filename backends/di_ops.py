@@ -229,6 +229,10 @@ def di_gelu(x: Tensor, m: Tensor, k: Tensor, order: int, bits: int) -> Triple:
     return _impl(x).di_gelu(x, m, k, bits=bits, order=order)
 
 
+def di_tanh(x: Tensor, m: Tensor, k: Tensor, order: int, bits: int) -> Triple:
+    return _impl(x).di_tanh(x, m, k, bits=bits, order=order)
+
+
 def di_swiglu(g: Tensor, gm: Tensor, gk: Tensor, u: Tensor, um: Tensor, uk: Tensor, order: int, bits: int) -> Triple:
     return _impl(g).di_swiglu(g, gm, gk, u, um, uk, bits, order=order)
 
@@ -273,6 +277,7 @@ _SPECS: list[tuple[str, Callable, Callable]] = [
     ("di_clipped_softmax", di_clipped_softmax, _softmax_fake),
     ("di_silu", di_silu, _unary_fake),
     ("di_gelu", di_gelu, _unary_fake),
+    ("di_tanh", di_tanh, _unary_fake),
     ("di_swiglu", di_swiglu, _swiglu_fake),
     ("di_rmsnorm", di_rmsnorm, _rms_fake),
     ("di_layernorm", di_layernorm, _ln_fake),

@@ -15,6 +15,7 @@ constant / bound       what it is
 ``exp2_order1_rel``    max relative error of I-LLM's shift-only ``2^-x ≈ 1 - x/2`` (6.15%, at ``x = 2 - 1/ln 2``)
 ``exp2_order2_rel``    max relative error of the quadratic (0.18%)
 ``gelu_alpha``         1.702 of ``gelu(x) ≈ x·σ(1.702 x)``; ``gelu_abs`` its max absolute error vs erf-GELU
+``tanh_abs_bound``     absolute error of the integer ``tanh = 2σ(2|x|) - 1`` (from DI-Exp's relative bound)
 =====================  ==========================================================================================
 """
 from __future__ import annotations
@@ -115,6 +116,12 @@ class Constants:
         bit, doubled per right shift of the integer part)."""
         poly = self.exp2_order1_rel if order == 1 else self.exp2_order2_rel
         return poly + self.log2e_rel * (frac_bits + 2) + 4.0 * 2.0 ** -frac_bits
+
+    def tanh_abs_bound(self, order: int) -> float:
+        """Absolute error bound of the integer ``tanh = 2σ(2|v|) - 1`` (before its output requantization):
+        ``σ = 1/(1+e)`` with ``e`` off by a relative ``δ`` moves by ``δ·e/(1+e)² ≤ δ/4``, the division rounds by
+        half a unit of ``2^-15``; doubled, and one unit of ``2^-15`` to spare."""
+        return self.exp_rel_bound(order) / 2 + 2.0 ** -14
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ from .dyadic import DyadicConstant, constants
 
 __all__ = ["MANT_BITS", "bitlen", "shift_round", "div_round", "floor_div", "normalize", "isqrt", "qrange",
            "requantize_rows", "quantize_rows", "dequantize", "align_add", "di_add", "di_mul", "di_linear",
-           "di_matmul", "di_exp", "di_clipped_softmax", "di_sigmoid", "di_silu", "di_swiglu", "di_gelu",
+           "di_matmul", "di_exp", "di_clipped_softmax", "di_sigmoid", "di_silu", "di_swiglu", "di_gelu", "di_tanh", "tanh_q15",
            "di_rmsnorm", "di_layernorm", "requantize_q31", "quantize_multiplier_q31", "int_dtype"]
 
 #: bits of the normalised scale mantissa ``m`` (``2^14 <= m < 2^15``)
@@ -456,6 +456,26 @@ def di_swiglu(g: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, u: torch.Tens
     sig = di_sigmoid(g, gm, gk, order=order)
     p = _long(g) * sig * _long(u)                                # < 2^15 · 2^15 · 2^15
     return requantize_rows(p, _long(gm) * _long(um), _long(gk) + _long(uk) + SIGMOID_BITS, bits)
+
+
+def tanh_q15(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, order: int = 2) -> torch.Tensor:
+    """``tanh(x · m·2^-k)`` in ``SIGMOID_BITS`` fractional bits: ``tanh(v) = 2σ(2|v|) - 1`` with the sign of ``v``
+    put back, so the result is exactly odd and ``tanh(0) = 0``; ``2|v|`` is the same codes on the scale
+    ``m·2^-(k-1)``. Its error is twice the integer sigmoid's: ``|Δ| ≤ 2·(δ_exp + 2^-15)`` (δ_exp the DI-Exp
+    relative bound), derived in :mod:`fxquant.backends.dyadic`."""
+    x = _long(x)
+    s = di_sigmoid(x.abs(), m, _long(k) - 1, order=order)
+    t = 2 * s - (1 << SIGMOID_BITS)
+    return torch.where(x < 0, -t, t)
+
+
+def di_tanh(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 16, order: int = 2
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer tanh (Gemma-2's attention and logit soft-caps ``c · tanh(x / c)``, GELU's tanh form):
+    :func:`tanh_q15` requantized per row to ``bits``."""
+    t = tanh_q15(x, m, k, order=order)
+    one = torch.ones_like(_long(m))
+    return requantize_rows(t, one, one * SIGMOID_BITS, bits)
 
 
 def di_gelu(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 8, order: int = 2

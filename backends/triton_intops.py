@@ -105,6 +105,8 @@ OP_ADD = 2       # v = shift_round(a·am, ak-kc) + shift_round(b·bm, bk-kc)
 OP_MUL = 3       # v = a · b
 OP_SIG = 4       # v = x · σ(x)                              (SiLU, GELU with the 1.702 folded in the scale)
 OP_SWIGLU = 5    # v = g · σ(g) · u
+OP_TANH = 6      # v = sign(x)·(2σ(2|x|) - 1), 15 fractional bits (the 2 folded in the row's k)
+_SIGMOID_OPS = (OP_SIG, OP_SWIGLU, OP_TANH)
 
 
 def _py_shift_round(v: int, s: int) -> int:
@@ -398,9 +400,12 @@ def _produce(x0_ptr, x1_ptr, c0_ptr, c1_ptr, rows, cols, cmask, mask, stride_x0,
         v = x * y
     elif OP == 4:
         v = x * _sigmoid(x, r0, r1, ORDER)
-    else:
+    elif OP == 5:
         y = tl.load(x1_ptr + rows[:, None] * stride_x1 + cols[None, :], mask=mask, other=0).to(tl.int64)
         v = x * _sigmoid(x, r0, r1, ORDER) * y
+    else:
+        t = 2 * _sigmoid(tl.abs(x), r0, r1, ORDER) - (ONE << SIG_BITS)
+        v = tl.where(x < 0, -t, t)
     return v
 
 
@@ -730,7 +735,7 @@ def _ew_blocks(op: int, rows: int, cols: int, interpret: bool = INTERPRET) -> tu
     producers, 8 for the sigmoid ones (more registers per value), so that nothing spills."""
     if interpret:
         return 4, 64, 4
-    per_prog = 1024 if op in (OP_SIG, OP_SWIGLU) else 2048
+    per_prog = 1024 if op in _SIGMOID_OPS else 2048
     bc = min(512, max(64, triton.next_power_of_2(cols)))
     br = max(1, per_prog // bc)
     return br, bc, 4
@@ -751,8 +756,12 @@ _REQUANT_INTERPRET = _rcfg(4, 64, 4)
 
 
 def _requant_prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    narrow = kwargs.get("OP", named_args.get("OP")) in (OP_SIG, OP_SWIGLU)
-    return [c for c in configs if (c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] <= 1024) == narrow] or configs
+    op = kwargs.get("OP", named_args.get("OP"))
+    narrow = op in _SIGMOID_OPS
+    kept = [c for c in configs if (c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_C"] <= 1024) == narrow] or configs
+    if op == OP_TANH:            # at 8 warps ptxas caps the tanh producer at 64 registers and spills 8 bytes (sm_90)
+        kept = [c for c in kept if c.num_warps == 4] or kept
+    return kept
 
 
 def _requant_splits(r: int, c: int, br: int, bc: int) -> int:
@@ -1012,6 +1021,18 @@ def di_swiglu(g: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, u: torch.Tens
     q, mo, ko = _ew_requant(OP_SWIGLU, _as_2d(g), x1=_as_2d(u), rp=(gm_r, gk_r), m_in=m_in, k_in=k_in, bits=bits,
                             order=order)
     return _finish(q, mo, ko, tuple(g.shape))
+
+
+def di_tanh(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 16, order: int = 2
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fxquant.backends.intops.di_tanh` (the sigmoid of ``2|x|``: the row's ``k - 1``)."""
+    lead = tuple(x.shape[:-1])
+    dev = x.device
+    m_r, k_r = _per_row(m, lead, dev), _per_row(k, lead, dev)
+    one = torch.ones_like(m_r)
+    q, mo, ko = _ew_requant(OP_TANH, _as_2d(x), rp=(m_r, (k_r - 1).contiguous()), m_in=one,
+                            k_in=one * ref.SIGMOID_BITS, bits=bits, order=order)
+    return _finish(q, mo, ko, tuple(x.shape))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1404,7 +1425,7 @@ def aot_variants() -> list[IntopsVariant]:
         consts = dict(A_UNSIGNED=uns, HAS_BIAS=bias, EVEN_K=not bias, **cfg.kwargs)
         ones = ("stride_ak", "stride_bn") if uns else ("stride_ak", "stride_bk")
         out.append(_variant(name, _igemm_kernel, sig, consts, cfg.num_warps, cfg.num_stages, True, ones, archs))
-    for op, oname, x0 in ((OP_COLMUL, "colmul", "*i32"), (OP_SWIGLU, "swiglu", "*i16")):
+    for op, oname, x0 in ((OP_COLMUL, "colmul", "*i32"), (OP_SWIGLU, "swiglu", "*i16"), (OP_TANH, "tanh", "*i16")):
         for cfg in _requant_prune(REQUANT_CONFIGS, {"OP": op}):
             br, bc = cfg.kwargs["BLOCK_R"], cfg.kwargs["BLOCK_C"]
             out.append(_variant(f"requant_{oname}_{br}x{bc}w{cfg.num_warps}", _ew_requant_kernel,

@@ -342,6 +342,28 @@ def test_swiglu_silu_gelu_within_bounds(seed, cols, scale):
 
 
 @SETTINGS
+@given(st.integers(0, 10 ** 6), st.integers(1, 120), st.floats(0.01, 40.0), st.sampled_from([1, 2]),
+       st.sampled_from([8, 16]))
+def test_tanh_within_the_derived_bound(seed, cols, scale, order, bits):
+    """Integer tanh (soft-caps): within ``tanh_abs_bound`` plus half an output step of ``tanh``, exactly odd,
+    0 at 0, and saturating at ±1 without overflow for the largest codes."""
+    x = _rows(seed, 3, cols, scale=scale, outliers=True)
+    q, m, k = I.quantize_rows(x, 16)
+    v = deq(q, m, k)
+    y, ym, yk = I.di_tanh(q, m, k, bits=bits, order=order)
+    step = ym.double() * torch.pow(2.0, -yk.double())
+    bound = constants().tanh_abs_bound(order) + 0.5 * step
+    assert bool(((deq(y, ym, yk) - torch.tanh(v)).abs() <= bound + 1e-12).all())
+    t = I.tanh_q15(q, m, k, order=order)
+    assert torch.equal(I.tanh_q15(-q, m, k, order=order), -t)                  # odd, bit for bit
+    assert bool((t.abs() <= 2 ** 15).all())
+    assert bool((I.tanh_q15(torch.zeros_like(q), m, k) == 0).all())
+    big = torch.tensor([[32767, -32767, 1]], dtype=torch.int16)
+    tb = I.tanh_q15(big, torch.tensor([[2 ** 14]]), torch.tensor([[10]]))        # ±16: saturated
+    assert tb[0, 0] == 2 ** 15 and tb[0, 1] == -(2 ** 15)
+
+
+@SETTINGS
 @given(st.integers(0, 10 ** 6), st.integers(1, 100), st.floats(1e-3, 1e3))
 def test_di_add_aligns_scales(seed, cols, ratio):
     a = _rows(seed, 3, cols)
@@ -405,6 +427,8 @@ OPS = {
                           (_ints(3, 8, dtype=torch.int16), _ints(3, 1, lo=16384, hi=32767), _ints(3, 1, lo=10, hi=30),
                            _ints(3, 8, dtype=torch.int16), _ints(3, 1, lo=16384, hi=32767), _ints(3, 1, lo=10, hi=30))),
     "di_gelu": lambda: (lambda x, m, k: I.di_gelu(x, m, k), (_ints(3, 8, dtype=torch.int16),
+                                                             _ints(3, 1, lo=16384, hi=32767), _ints(3, 1, lo=10, hi=30))),
+    "di_tanh": lambda: (lambda x, m, k: I.di_tanh(x, m, k), (_ints(3, 8, dtype=torch.int16),
                                                              _ints(3, 1, lo=16384, hi=32767), _ints(3, 1, lo=10, hi=30))),
     "di_add": lambda: (lambda a, am, ak, b, bm, bk: I.di_add(a, am, ak, b, bm, bk, 16),
                        (_ints(3, 8), _ints(3, 1, lo=16384, hi=32767), _ints(3, 1, lo=10, hi=30),

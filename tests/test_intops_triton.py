@@ -328,7 +328,7 @@ def test_di_norm_long_rows() -> None:
 # ---- element-wise ------------------------------------------------------------------------------------------------
 @settings(max_examples=15, **SETTINGS)
 @given(seed=st.integers(0, 2 ** 31 - 1), lead=st.sampled_from([(1,), (3,), (2, 2)]), cols=st.integers(1, 70),
-       op=st.sampled_from(["add", "mul", "mul_none", "silu", "silu_none", "gelu", "swiglu"]),
+       op=st.sampled_from(["add", "mul", "mul_none", "silu", "silu_none", "gelu", "tanh", "swiglu"]),
        order=st.sampled_from([1, 2]), bits=st.sampled_from([4, 8, 16]), special=st.sampled_from(SPECIALS),
        dtype=st.sampled_from([torch.int8, torch.int16]))
 def test_elementwise(seed: int, lead: tuple[int, ...], cols: int, op: str, order: int, bits: int, special: str,
@@ -350,10 +350,24 @@ def test_elementwise(seed: int, lead: tuple[int, ...], cols: int, op: str, order
         got = T.di_silu(*_dev(a, am, ak), bits=bb, order=order)
     elif op == "gelu":
         want, got = R.di_gelu(a, am, ak, bits=bits, order=order), T.di_gelu(*_dev(a, am, ak), bits=bits, order=order)
+    elif op == "tanh":
+        want, got = R.di_tanh(a, am, ak, bits=bits, order=order), T.di_tanh(*_dev(a, am, ak), bits=bits, order=order)
     else:
         want = R.di_swiglu(a, am, ak, b, bm, bk, bits, order=order)
         got = T.di_swiglu(*_dev(a, am, ak, b, bm, bk), bits, order=order)
     assert_same(got, want, op)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("special", SPECIALS)
+def test_tanh_equals_reference(order: int, special: str) -> None:
+    """DI-Tanh (the soft-caps): every special code pattern, odd row lengths, 8 and 16-bit outputs, bit for bit."""
+    gen = torch.Generator().manual_seed(order)
+    for cols, bits in ((1, 16), (37, 8), (70, 16)):
+        a = codes(gen, (3, cols), 32767, special, torch.int16)
+        am, ak = row_scale(gen, (3,), klo=0, khi=30)
+        assert_same(T.di_tanh(*_dev(a, am, ak), bits=bits, order=order),
+                    R.di_tanh(a, am, ak, bits=bits, order=order), "tanh")
 
 
 def test_swiglu_rejects_wide_codes() -> None:
