@@ -107,6 +107,28 @@ def _quantize_fixed_fake(x: Tensor, frac_bits: int, bits: int) -> Triple:
     return x.new_empty(x.shape, dtype=ref.int_dtype(bits)), one, one.clone()
 
 
+#: an additive-mask entry at or below this masks its key: ``exp`` of it is 0 in every float format softmax runs in
+ADDITIVE_MASK_LIMIT = -1.0e4
+
+
+def mask_from_additive(mask: Tensor) -> Tensor:
+    """Eager attention's additive mask (0 = attend, a large negative number = masked) as DI-ClippedSoftmax's
+    boolean mask (True = attend). Any other entry — a position bias such as ALiBi, or a partly masked key — has no
+    boolean form and is refused here rather than rounded away."""
+    keep = mask == 0
+    odd = ~keep & ~(mask <= ADDITIVE_MASK_LIMIT)
+    if bool(odd.any()):
+        vals = mask[odd].flatten()[:4].tolist()
+        raise ValueError(f"the additive attention mask holds values other than 0 and <= {ADDITIVE_MASK_LIMIT:g} "
+                         f"(e.g. {vals}): a position bias has no integer-only form; quantize with a recipe that "
+                         "keeps float activations (fsbr-w8a8) or load the model with attn_implementation='sdpa'")
+    return keep
+
+
+def _mask_fake(mask: Tensor) -> Tensor:
+    return torch.empty_like(mask, dtype=torch.bool)
+
+
 def dequantize(q: Tensor, m: Tensor, k: Tensor) -> Tensor:
     return ref.dequantize(q, m, k, torch.float32)
 
@@ -266,6 +288,7 @@ def _ln_fake(x: Tensor, m: Tensor, k: Tensor, gamma: Tensor, beta: Tensor | None
 _SPECS: list[tuple[str, Callable, Callable]] = [
     ("quantize_rows", quantize_rows, _quantize_rows_fake),
     ("quantize_fixed", quantize_fixed, _quantize_fixed_fake),
+    ("mask_from_additive", mask_from_additive, _mask_fake),
     ("dequantize", dequantize, _dequantize_fake),
     ("rescale", rescale, _rescale_fake),
     ("align_rows", align_rows, _align_rows_fake),
@@ -286,7 +309,7 @@ _SPECS: list[tuple[str, Callable, Callable]] = [
 #: name -> the custom op (``torch.ops.fxquant.<name>``)
 OPS: dict[str, Any] = {name: _define(name, f, fake) for name, f, fake in _SPECS}
 #: ops that turn float tensors into integer ones / integer into float: the integer region's boundaries
-ENTER_OPS = frozenset({"quantize_rows", "quantize_fixed"})
+ENTER_OPS = frozenset({"quantize_rows", "quantize_fixed", "mask_from_additive"})
 EXIT_OPS = frozenset({"dequantize"})
 
 

@@ -28,7 +28,7 @@ from .dyadic import DyadicConstant, constants
 
 __all__ = ["MANT_BITS", "bitlen", "shift_round", "div_round", "floor_div", "normalize", "isqrt", "qrange",
            "requantize_rows", "quantize_rows", "dequantize", "align_add", "di_add", "di_mul", "di_linear",
-           "di_matmul", "di_exp", "di_clipped_softmax", "di_sigmoid", "di_silu", "di_swiglu", "di_gelu", "di_tanh", "tanh_q15",
+           "di_matmul", "di_exp", "di_clipped_softmax", "di_sigmoid", "di_silu", "di_swiglu", "di_gelu", "di_tanh", "tanh_q30", "TANH_BITS",
            "di_rmsnorm", "di_layernorm", "requantize_q31", "quantize_multiplier_q31", "int_dtype"]
 
 #: bits of the normalised scale mantissa ``m`` (``2^14 <= m < 2^15``)
@@ -458,24 +458,44 @@ def di_swiglu(g: torch.Tensor, gm: torch.Tensor, gk: torch.Tensor, u: torch.Tens
     return requantize_rows(p, _long(gm) * _long(um), _long(gk) + _long(uk) + SIGMOID_BITS, bits)
 
 
-def tanh_q15(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, order: int = 2) -> torch.Tensor:
-    """``tanh(x · m·2^-k)`` in ``SIGMOID_BITS`` fractional bits: ``tanh(v) = 2σ(2|v|) - 1`` with the sign of ``v``
-    put back, so the result is exactly odd and ``tanh(0) = 0``; ``2|v|`` is the same codes on the scale
-    ``m·2^-(k-1)``. Its error is twice the integer sigmoid's: ``|Δ| ≤ 2·(δ_exp + 2^-15)`` (δ_exp the DI-Exp
-    relative bound), derived in :mod:`fxquant.backends.dyadic`."""
+#: fractional bits of the integer tanh before its output requantization
+TANH_BITS = 30
+
+
+def tanh_q30(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, order: int = 2) -> torch.Tensor:
+    """``tanh(v)``, ``v = x · m·2^-k``, in ``TANH_BITS`` fractional bits, exactly odd (computed on ``|v|``, the sign
+    put back) with ``tanh(0) = 0``:
+
+    * ``|v| >= 1/4``: ``2σ(2|v|) - 1`` from the integer sigmoid (``2|v|`` is the same codes on ``m·2^-(k-1)``),
+      absolute error ``<= tanh_abs_bound`` (``dyadic``);
+    * ``|v| < 1/4``: ``u - u³/3 + 2u⁵/15`` on ``u = v`` in Q30 — the sigmoid's absolute error would be a large
+      relative one there (a soft-cap divides by 30 or 50 first); the series' remainder is below the next term,
+      ``17/315·|v|⁷ < 4·10^-6·|v|``, plus a few units of ``2^-30``.
+    """
     x = _long(x)
-    s = di_sigmoid(x.abs(), m, _long(k) - 1, order=order)
-    t = 2 * s - (1 << SIGMOID_BITS)
+    ax = x.abs()
+    m, k = _long(m), _long(k)
+    s = di_sigmoid(ax, m, k - 1, order=order)
+    big = (2 * s - (1 << SIGMOID_BITS)) << (TANH_BITS - SIGMOID_BITS)
+    xm = ax * m
+    kk = torch.broadcast_to(k, xm.shape)
+    small = torch.where(kk >= 2, torch.bitwise_right_shift(xm, torch.clamp(kk - 2, 0, 62)) == 0, xm == 0)
+    u = shift_round(torch.where(small, xm, 0), kk - TANH_BITS)
+    u2 = shift_round(u * u, TANH_BITS)
+    u3 = shift_round(u2 * u, TANH_BITS)
+    u5 = shift_round(u3 * u2, TANH_BITS)
+    poly = u - floor_div(2 * u3 + 3, torch.full_like(u3, 6)) + floor_div(4 * u5 + 15, torch.full_like(u5, 30))
+    t = torch.where(small, poly, big)
     return torch.where(x < 0, -t, t)
 
 
 def di_tanh(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 16, order: int = 2
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer tanh (Gemma-2's attention and logit soft-caps ``c · tanh(x / c)``, GELU's tanh form):
-    :func:`tanh_q15` requantized per row to ``bits``."""
-    t = tanh_q15(x, m, k, order=order)
+    """Integer tanh (Gemma-2's attention and logit soft-caps ``c · tanh(x / c)``): :func:`tanh_q30` requantized
+    per row to ``bits``."""
+    t = tanh_q30(x, m, k, order=order)
     one = torch.ones_like(_long(m))
-    return requantize_rows(t, one, one * SIGMOID_BITS, bits)
+    return requantize_rows(t, one, one * TANH_BITS, bits)
 
 
 def di_gelu(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 8, order: int = 2

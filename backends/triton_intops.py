@@ -93,6 +93,7 @@ C2_K = tl.constexpr(_C.exp2_c2.k)
 #: fractional bits of the integer sigmoid (``intops.SIGMOID_BITS``) and of its DI-Exp (di_sigmoid's default)
 SIG_BITS = tl.constexpr(ref.SIGMOID_BITS)
 SIG_F = tl.constexpr(15)
+TANH_F = tl.constexpr(ref.TANH_BITS)
 #: torch.iinfo(int64).min // 4: the "minus infinity" of masked scores
 LOWEST = tl.constexpr(-(1 << 61))
 EPS_UNITS_MAX = tl.constexpr(ref.EPS_UNITS_MAX)
@@ -105,7 +106,7 @@ OP_ADD = 2       # v = shift_round(a·am, ak-kc) + shift_round(b·bm, bk-kc)
 OP_MUL = 3       # v = a · b
 OP_SIG = 4       # v = x · σ(x)                              (SiLU, GELU with the 1.702 folded in the scale)
 OP_SWIGLU = 5    # v = g · σ(g) · u
-OP_TANH = 6      # v = sign(x)·(2σ(2|x|) - 1), 15 fractional bits (the 2 folded in the row's k)
+OP_TANH = 6      # v = tanh(x) in Q30: 2σ(2|x|) - 1 (the 2 folded in the row's k), a series below 1/4
 _SIGMOID_OPS = (OP_SIG, OP_SWIGLU, OP_TANH)
 
 
@@ -304,6 +305,25 @@ def _sigmoid(x, m, k, ORDER: tl.constexpr):
 
 
 @triton.jit
+def _tanh_q30(x, m, k1, ORDER: tl.constexpr):
+    """``intops.tanh_q30`` (``k1 = k - 1``: the sigmoid's scale of ``2|x|``). The series' divisions by 3 and 15 run
+    in 32 bits (|u³|, |u⁵| < 2^25 below 1/4)."""
+    ax = tl.abs(x)
+    big = (2 * _sigmoid(ax, m, k1, ORDER) - (ONE << SIG_BITS)) << (TANH_F - SIG_BITS)
+    xm = ax * m
+    kk = k1 + 1
+    small = tl.where(kk >= 2, (xm >> tl.minimum(tl.maximum(kk - 2, 0), 62)) == 0, xm == 0)
+    u = _shift_round(tl.where(small, xm, 0), kk - TANH_F)
+    u2 = _shr_c(u * u, TANH_F)
+    u3 = _shr_c(u2 * u, TANH_F)
+    u5 = _shr_c(u3 * u2, TANH_F)
+    d3 = ((2 * u3 + 3).to(tl.int32) // 6).to(tl.int64)
+    d15 = ((4 * u5 + 15).to(tl.int32) // 30).to(tl.int64)
+    t = tl.where(small, u - d3 + d15, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _bias_term(bias, bsh, xm):
     """DI-MatMul's bias in accumulator units: ``div_round(shift_round(b, bsh), xm)`` where ``xm > 0``."""
     b = _shift_round(bias, bsh)
@@ -404,8 +424,7 @@ def _produce(x0_ptr, x1_ptr, c0_ptr, c1_ptr, rows, cols, cmask, mask, stride_x0,
         y = tl.load(x1_ptr + rows[:, None] * stride_x1 + cols[None, :], mask=mask, other=0).to(tl.int64)
         v = x * _sigmoid(x, r0, r1, ORDER) * y
     else:
-        t = 2 * _sigmoid(tl.abs(x), r0, r1, ORDER) - (ONE << SIG_BITS)
-        v = tl.where(x < 0, -t, t)
+        v = _tanh_q30(x, r0, r1, ORDER)
     return v
 
 
@@ -1031,7 +1050,7 @@ def di_tanh(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, *, bits: int = 16
     m_r, k_r = _per_row(m, lead, dev), _per_row(k, lead, dev)
     one = torch.ones_like(m_r)
     q, mo, ko = _ew_requant(OP_TANH, _as_2d(x), rp=(m_r, (k_r - 1).contiguous()), m_in=one,
-                            k_in=one * ref.SIGMOID_BITS, bits=bits, order=order)
+                            k_in=one * ref.TANH_BITS, bits=bits, order=order)
     return _finish(q, mo, ko, tuple(x.shape))
 
 

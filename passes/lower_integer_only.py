@@ -29,6 +29,12 @@ layer_norm                  ``di_layernorm``
 scaled_dot_product_attn     ``di_matmul`` (Q Kᵀ, per-key column multipliers) -> ``rescale`` (1/sqrt(d)) ->
                             ``di_clipped_softmax`` (bool/causal mask) -> ``di_matmul`` (P V, value scales
                             folded into P)
+matmul / bmm of two values  ``di_matmul`` (eager attention's Q Kᵀ and P V): left operand per row, right operand
+                            per row (scale folded into the left's columns) or per column (Kᵀ), ``attn_bits``
+add of a float mask         eager attention's ``scores + mask`` read only by a softmax: the mask's boolean form
+                            (``mask_from_additive``, an enter boundary that refuses a position bias)
+softmax                     ``di_clipped_softmax`` (with that mask), ``attn_bits`` unsigned
+tanh                        ``di_tanh`` (Gemma-2's soft-caps; ``div`` by a number is scale-only, like ``mul``)
 silu (·mul)                 ``di_swiglu`` when the SiLU feeds one product, else ``di_silu``
 gelu                        ``di_gelu``
 add                         same scale: integer add; else ``di_add`` (aligned, requantized to ``inner_bits``)
@@ -119,6 +125,15 @@ class _Deferred:
     node: fx.Node
 
 
+@dataclass
+class _Masked:
+    """Attention scores plus an additive mask (eager attention's ``scores + mask``), read only by a softmax:
+    lowered with it as DI-ClippedSoftmax with the mask's boolean form."""
+
+    scores: IntValue
+    mask: fx.Node              # bool, True = attend (``fxquant::mask_from_additive`` of the float mask)
+
+
 def _dims(node: Any) -> list[sp.Expr]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
@@ -155,6 +170,7 @@ class _Lowering:
         self.consts: dict[str, fx.Node] = {}
         self.keyseq = 0
         self.fixed: dict[fx.Node, IntValue] = {}
+        self.masks: dict[fx.Node, fx.Node] = {}
 
     # ---- emitting ---------------------------------------------------------------------------------------
     def call(self, target: Any, *args: Any, n_out: int = 0, boundary: str | None = None) -> Any:
@@ -237,6 +253,15 @@ class _Lowering:
                         self.fixed[a] = self.enter_fixed(a)
                 return self.fixed[a]
         return None
+
+    def bool_mask(self, mask: fx.Node) -> fx.Node:
+        """The boolean form of a float additive attention mask, made once per mask tensor (a runtime check refuses
+        a mask that holds anything but 0 and large negative numbers: a position bias has no integer form)."""
+        if mask not in self.masks:
+            with self.g.inserting_before(mask.next):
+                self.masks[mask] = self.call(_di("mask_from_additive"), mask, boundary="enter")
+            self.count("mask_from_additive")
+        return self.masks[mask]
 
     def emit_silu(self, d: _Deferred) -> IntValue:
         g = self.requant(d.gate, self.cfg.inner_bits)
@@ -832,6 +857,10 @@ def _add(L: _Lowering, node: fx.Node) -> IntValue:
                             "export the model functionally, or add a rule")
     if node.kwargs.get("alpha", 1) != 1:
         raise LoweringError(f"{node.name}: add with alpha != 1")
+    for x, y in ((a, b), (b, a)):
+        if isinstance(L.env.get(x), IntValue) and _is_additive_mask(L, y) and _only_softmax_reads(node):
+            L.count("masked_scores")
+            return _Masked(L.env[x], L.bool_mask(y))
     va, vb = L.as_value(a, node), L.as_value(b, node)
     if va is None or vb is None:
         raise LoweringError(f"{node.name}: add of an integer value and {b if va is not None else a} (a constant "
@@ -850,13 +879,98 @@ def _add(L: _Lowering, node: fx.Node) -> IntValue:
     return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="add")
 
 
+def _is_additive_mask(L: _Lowering, y: Any) -> bool:
+    """A float tensor from outside the integer region that is not a parameter (eager attention's mask, built from
+    the attention mask and the positions)."""
+    if not isinstance(y, fx.Node) or y in L.env or L.param(y) is not None:
+        return False
+    dt = _dtype(y)
+    return dt is not None and dt.is_floating_point
+
+
+def _only_softmax_reads(node: fx.Node) -> bool:
+    users = list(node.users)
+    return len(users) == 1 and op_name(users[0]) in ("softmax", "_softmax")
+
+
+@rule("softmax", "_softmax")
+def _softmax(L: _Lowering, node: fx.Node) -> IntValue:
+    """Eager attention's softmax over the scores (masked or not): DI-ClippedSoftmax, ``attn_bits`` unsigned."""
+    src = L.env.get(node.args[0])
+    mask = None
+    if isinstance(src, _Masked):
+        v, mask = src.scores, src.mask
+    else:
+        v = _v(L, node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    if dim % v.ndim != v.ndim - 1:
+        raise LoweringError(f"{node.name}: softmax over dim {dim} of a {v.ndim}-d value (only the last dim has an "
+                            "integer rule)")
+    s = L.requant(v, L.cfg.inner_bits)
+    c = _dyadic(L.cfg.softmax_clip)
+    ab = L.cfg.attn_bits
+    p, pm, pk = L.call(_di("di_clipped_softmax"), s.q, s.m, s.k, mask, False, c.m, c.k, L.cfg.exp_order, ab,
+                       n_out=3)
+    L.count("di_softmax")
+    return L.value(p, pm, pk, ab, tuple([True] * (v.ndim - 1) + [False]), unsigned=True, tag="softmax")
+
+
+@rule("bmm")
+def _activation_matmul(L: _Lowering, node: fx.Node) -> IntValue:
+    """A product of two integer values (eager attention's ``Q Kᵀ`` and ``P V``): DI-MatMul at ``attn_bits``. The
+    left operand is requantized per row; the right one per row (``V``: its scale along the reduction is folded
+    into the left operand's columns) or, when its scale varies along the columns (``Kᵀ``), per column."""
+    a, b = L.as_value(node.args[0], node), L.as_value(node.args[1], node)
+    if a is None or b is None:
+        raise LoweringError(f"{node.name}: {op_name(node)} of {node.args[0]} and {node.args[1]}: one operand is "
+                            "neither a parameter nor an integer value")
+    if a.ndim < 2 or b.ndim < 2:
+        raise LoweringError(f"{node.name}: {op_name(node)} with a 1-d operand has no integer rule")
+    ab = L.cfg.attn_bits
+    a = L.requant(a, ab, unsigned=a.unsigned)
+    if b.vary[-1] and not b.vary[-2]:                  # per column (keys transposed): requantize the columns
+        swapped = tuple(list(b.vary[:-2]) + [b.vary[-1], b.vary[-2]])
+        bt = L.requant(_layout(L, b, aten.transpose.int, (-1, -2), (-1, -2), swapped), ab)
+        b = _layout(L, bt, aten.transpose.int, (-1, -2), (-1, -2),
+                    tuple(list(bt.vary[:-2]) + [bt.vary[-1], bt.vary[-2]]))
+    else:
+        b = L.requant(b, ab)
+    bits = L.cfg.inner_bits
+    q, m, k = L.call(_di("di_matmul"), a.q, a.m, a.k, b.q, b.m, b.k, bits, ab, a.unsigned, n_out=3)
+    L.count("di_matmul")
+    nd = len(_dims(node))
+    return L.value(q, m, k, bits, tuple([True] * (nd - 1) + [False]), tag="mm")
+
+
+@rule("tanh")
+def _tanh(L: _Lowering, node: fx.Node) -> IntValue:
+    """DI-Tanh (Gemma-2's soft-caps ``c·tanh(x/c)``; the ``/c`` and ``·c`` are scale-only)."""
+    x = _v(L, node)
+    x = L.requant(x, 16) if x.bits > 16 or x.vary[-1] or not all(x.vary[:-1]) else x
+    bits = L.out_bits(node)
+    q, m, k = L.call(_di("di_tanh"), x.q, x.m, x.k, L.cfg.exp_order, bits, n_out=3)
+    L.count("di_tanh")
+    return L.value(q, m, k, bits, tuple([True] * (x.ndim - 1) + [False]), tag="tanh")
+
+
+@rule("div")
+def _div(L: _Lowering, node: fx.Node) -> IntValue:
+    """Division by a Python number: scale-only (the codes do not change)."""
+    c = node.args[1]
+    if node.kwargs.get("rounding_mode") is not None or not isinstance(c, (int, float)) or c == 0:
+        raise LoweringError(f"{node.name}: div by {c!r} (only a nonzero Python number has an integer rule)")
+    return _scale_by(L, _v(L, node), 1.0 / float(c))
+
+
 @rule("linear", "addmm", "mm", "matmul")
 def _linear(L: _Lowering, node: fx.Node) -> IntValue:
     from fxquant.graphview import as_linear  # noqa: PLC0415
     lin = as_linear(node, lambda n: L.param(n) is not None)
     if lin is None:
-        raise LoweringError(f"{node.name}: {op_name(node)} whose weight is not a parameter of the model (a product "
-                            "of two activations outside attention has no integer rule)")
+        if op_name(node) in ("matmul", "mm") and all(isinstance(L.env.get(a), IntValue) for a in node.args[:2]):
+            return _activation_matmul(L, node)
+        raise LoweringError(f"{node.name}: {op_name(node)} whose weight is not a parameter of the model, of an "
+                            "integer value and something that is neither")
     x = L.as_value(lin.input, node)
     if x is None:
         raise LoweringError(f"{node.name}: {op_name(node)} whose input is not an integer value")

@@ -56,8 +56,8 @@ def make_tiny_llama(layers: int = 1, hidden: int = 64, heads: int = 4, kv_heads:
 
 def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int = 128, inter: int = 96,
                      **extra) -> torch.nn.Module:
-    """A tiny random model of a Hugging Face family (llama, qwen2, qwen3, mistral, phi3, gemma, neox, falcon, opt,
-    gpt2, bert), built from its config (no download); ``extra`` goes into the config (e.g.
+    """A tiny random model of a Hugging Face family (llama, qwen2, qwen3, mistral, phi3, gemma, gemma2, neox, falcon,
+    opt, gpt2, bert), built from its config (no download); ``extra`` goes into the config (e.g.
     ``partial_rotary_factor=0.5`` for phi3)."""
     import transformers as T
     torch.manual_seed(0)
@@ -86,6 +86,10 @@ def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int 
     if family == "gemma":        # norm gain 1 + w, embeddings times sqrt(hidden), tanh-GELU gate
         return T.GemmaForCausalLM(T.GemmaConfig(intermediate_size=inter, num_key_value_heads=2, head_dim=16,
                                                 **common)).eval()
+    if family == "gemma2":       # eager attention with tanh soft-caps on the scores and the logits, sliding window
+        return T.Gemma2ForCausalLM(T.Gemma2Config(intermediate_size=inter, num_key_value_heads=2, head_dim=16,
+                                                  query_pre_attn_scalar=16, sliding_window=6,
+                                                  attn_implementation="eager", **common)).eval()
     if family == "neox":         # fused qkv, rotary on a quarter of each head, parallel attention + MLP
         return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(intermediate_size=inter, rotary_pct=0.25, **common)).eval()
     if family == "falcon":       # FalconLinear (x @ W.T), multi-query attention, parallel attention + MLP

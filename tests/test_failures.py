@@ -103,13 +103,13 @@ def test_integer_only_recipe_names_the_op_without_a_lowering_rule():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, hidden_act="tanh")
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, hidden_act="mish")
     model = LlamaForCausalLM(cfg).eval()
     recipe = fxquant.get_recipe("illm-w8a8")
     recipe.options["fsbr"] = False  # data-free: RTN weights, then the lowering
     with pytest.raises(PassError) as info:
         fxquant.quantize(model, recipe)
-    assert "no rule for aten.tanh" in info.value.message
+    assert "no rule for aten.mish" in info.value.message
     assert "fsbr-w8a8" in info.value.hint and "RULES" in info.value.hint
 
 

@@ -1,6 +1,6 @@
 """The recipes on Hugging Face families other than LLaMA (every other test file uses LLaMA): Qwen2 (q/k/v biases),
 Qwen3 (q/k norms), Mistral, Phi-3 (fused qkv and gate_up projections), Gemma (norm gain ``1 + w``, scaled embeddings,
-GeGLU), GPT-NeoX (parallel attention + MLP, partial rotary), Falcon (``x @ W.T`` linears, multi-query attention,
+GeGLU), Gemma-2 (eager attention with tanh soft-caps, four norms per layer, sliding-window layers), GPT-NeoX (parallel attention + MLP, partial rotary), Falcon (``x @ W.T`` linears, multi-query attention,
 one norm for attention and MLP), OPT (ReLU, LayerNorm, learned positions) and GPT-2 (Conv1D weights read as
 ``[in, out]`` by ``addmm``, GELU). Each method family quantizes every linear but ``lm_head``, keeps
 the float function within its width's error, and the model still generates; the torch.compile backend lowers every
@@ -17,7 +17,7 @@ from fxquant import backend as fxbackend
 
 from conftest import make_tiny_family
 
-FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma", "neox", "falcon", "opt", "gpt2"]
+FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "neox", "falcon", "opt", "gpt2"]
 
 #: recipe -> (options for a tiny, quick run, the largest relative logit error allowed)
 RECIPES = {
@@ -102,7 +102,7 @@ def test_paretoq_on_gpt2_names_the_conv1d_layers(models):
         fxquant.quantize(model, r, calibration=CALIBRATION)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "neox", "falcon", "opt"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "gemma2", "neox", "falcon", "opt"])
 def test_paretoq_on_family(models, family):
     model = copy.deepcopy(models[family])
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -2,8 +2,10 @@
 Qwen2 (q/k/v biases), Qwen3 (RMSNorm on q and k), Phi-3 (fused qkv and gate_up projections, ``chunk``, partial
 rotary: ``cat`` of a rotated and a pass-through piece), Gemma (norm gain ``1 + w`` computed in the graph,
 ``type_as``, embeddings scaled by a buffer, tanh-GELU gate), GPT-NeoX (partial rotary, the KV cache's ``cat`` with an
-empty tensor), Falcon (``x @ W.T`` as ``matmul``, key/value heads picked by ``index``, an in-place add), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears) and GPT-2 (Conv1D
-as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out). Each lowers, passes the verifier and
+empty tensor), Falcon (``x @ W.T`` as ``matmul``, key/value heads picked by ``index``, an in-place add), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears), GPT-2 (Conv1D
+as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out) and Gemma-2 (eager attention —
+``matmul``, an additive float mask, ``softmax``, ``matmul`` — with ``tanh`` soft-caps on the scores and the logits,
+sliding-window layers). Each lowers, passes the verifier and
 keeps the float function, with a padding token (a zero embedding row) in the batch; and the scale rules behind
 them (``cat`` of pieces with their own scales, reshapes that merge per-token dims) are checked on their own."""
 from __future__ import annotations
@@ -30,6 +32,9 @@ FAMILIES = {
     "gemma": ({}, {"di_rmsnorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "mul_const": (0, 1)}),
     "neox": ({}, {"di_layernorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "cat_scaled": (2, 0)}),
     "falcon": ({}, {"di_layernorm": (1, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "di_linear": (4, 1)}),
+    # eager attention: matmul -> ·scale -> /cap, tanh, ·cap -> + additive mask -> softmax -> matmul; logits soft-capped
+    "gemma2": ({}, {"di_tanh": (1, 1), "di_matmul": (2, 0), "masked_scores": (1, 0), "di_softmax": (1, 0),
+                    "di_rmsnorm": (4, 1), "di_gelu": (1, 0), "di_linear": (7, 1)}),
 }
 
 
@@ -117,3 +122,51 @@ def test_reshapes_that_merge_token_dims_and_cats_of_scaled_pieces(seed, batch, s
     assert stats["cat_scaled"] == 1 and stats["di_linear"] == 4
     verify_integer_only(cg, ids)                           # a static capture: shapes from these ids
     assert float(_rel(cg(ids), ref).max()) < 0.03
+
+
+def test_eager_attention_is_the_same_integer_attention_as_sdpa():
+    """LLaMA captured with ``attn_implementation="eager"`` (matmul, + additive mask, softmax, matmul) lowers to the
+    same DI-MatMul / DI-ClippedSoftmax / DI-MatMul as its SDPA capture: the integer logits agree to float rounding."""
+    outs = {}
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for impl in ("sdpa", "eager"):
+        model = make_tiny_family("llama", layers=2)
+        model.config._attn_implementation = impl
+        cg = capture(model)
+        stats = lower_integer_only(cg)
+        assert verify_integer_only(cg).ok
+        if impl == "eager":
+            assert stats["di_matmul"] == 4 and stats["di_softmax"] == 2 and stats["masked_scores"] == 2
+            assert stats["mask_from_additive"] == 1 and "di_attention" not in stats
+        outs[impl] = cg(ids)
+    torch.testing.assert_close(outs["eager"], outs["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_additive_mask_other_than_0_and_minus_infinity_is_refused():
+    """A position bias (ALiBi-like) in the additive mask has no boolean form: refused with what to do; a padded
+    causal mask (0 and the dtype's minimum) becomes its boolean form."""
+    from fxquant.backends.di_ops import op
+    lo = torch.finfo(torch.float32).min
+    causal = torch.full((1, 1, 4, 4), lo).triu(1)
+    torch.testing.assert_close(op("mask_from_additive")(causal), torch.ones(4, 4, dtype=torch.bool).tril()[None, None])
+    alibi = -torch.arange(4.0)[None, None, None, :] + causal
+    with pytest.raises(ValueError, match="position bias.*fsbr-w8a8"):
+        op("mask_from_additive")(alibi)
+
+
+def test_gemma2_illm_recipe_end_to_end():
+    """Gemma-2 through the whole illm-w8a8 recipe (FSBR on its four norms per layer, RTN, lowering): soft-capped
+    logits close to float, verified integer-only, and it generates with its sliding-window cache."""
+    from fxquant import quantize
+    from fxquant.recipes import get_recipe
+    model = make_tiny_family("gemma2", layers=2)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    calib = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
+    res = quantize(model, get_recipe({"base": "illm-w8a8", "options": {"seq_len": 32}}), calibration=calib)
+    assert res.artifacts["integer_only"]["di_tanh"] == 3
+    im = res.integer_model
+    assert float(_rel(im(input_ids=ids).logits, ref).max()) < 0.05
+    out = im.generate(ids, max_new_tokens=4)
+    assert out.shape == (1, 14) and torch.equal(out[:, :10], ids)
