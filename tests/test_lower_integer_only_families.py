@@ -24,6 +24,7 @@ from conftest import make_tiny_family
 #: family -> (config extras, the lowering's counters: (per layer, once))
 FAMILIES = {
     "qwen2": ({}, {"di_swiglu": (1, 0), "di_attention": (1, 0), "di_rmsnorm": (2, 1), "di_linear": (7, 1)}),
+    "mistral": ({}, {"di_swiglu": (1, 0), "di_attention": (1, 0), "di_rmsnorm": (2, 1), "di_linear": (7, 1)}),
     "phi3": ({"partial_rotary_factor": 0.5}, {"di_swiglu": (1, 0), "di_attention": (1, 0), "cat_scaled": (2, 0),
                                               "di_linear": (4, 1)}),
     "opt": ({}, {"relu": (1, 0), "di_layernorm": (2, 1), "di_attention": (1, 0), "di_linear": (6, 1)}),
