@@ -28,12 +28,13 @@ aten = torch.ops.aten
 SHAPE_OPS: frozenset[str] = frozenset({
     "view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "contiguous",
     "clone", "alias", "detach", "to", "_to_copy", "_assert_tensor_metadata", "slice", "t", "flatten",
-    "unflatten", "lift_fresh_copy",
+    "unflatten", "lift_fresh_copy", "type_as",
 })
 
 #: ops that pass their first input through unchanged (no layout change at all)
 IDENTITY_OPS: frozenset[str] = frozenset({
     "contiguous", "clone", "alias", "detach", "to", "_to_copy", "lift_fresh_copy",
+    "type_as",                     # a cast to the second tensor's dtype (Gemma's norms)
 })
 
 

@@ -60,6 +60,7 @@ class NormGroup:
     other_users: list[str]          # readers that are not consumer linears (e.g. a post-LN residual)
     final: bool = False             # consumers are the model's last linears (lm_head)
     layer: int | None = None
+    weight_offset: float = 0.0      # the gain is ``offset + weight`` (Gemma's ``1 + w``): folds must keep the offset
 
 
 @dataclass
@@ -286,6 +287,17 @@ class _Outcome:
     head_dim: int | None = None
     #: channel-slice nodes seen on the unmoved channel axis -> producer channels they carry
     slices: dict[str, Range] = field(default_factory=dict)
+
+
+def _gain_of(node: object) -> tuple[object, float]:
+    """A norm gain ``w`` or ``c + w`` (``add`` of the weight, through casts, and a Python number): (w, c)."""
+    if isinstance(node, fx.Node) and op_name(node) == "add" and len(node.args) == 2 \
+            and node.kwargs.get("alpha", 1) == 1:
+        a, b = node.args
+        for t, c in ((a, b), (b, a)):
+            if isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(t, fx.Node):
+                return walk_back_shape_ops(t), float(c)
+    return node, 0.0
 
 
 def _norm_dim(dim: int, ndim: int) -> int:
@@ -685,12 +697,15 @@ class _Analysis:
                 found = self._decomposed_rms(node)
                 if found is not None:
                     self.norm_outputs[found[0]] = {"kind": "rmsnorm", "form": "decomposed", "weight": found[1],
-                                                   "bias": None}
+                                                   "bias": None, "offset": found[2]}
         for out, info in self.norm_outputs.items():
             self.meta(out)["norm"] = {"kind": info["kind"], "weight": self.fqn(info["weight"])}
+            if info.get("offset"):
+                self.meta(out)["norm"]["weight_offset"] = info["offset"]
 
-    def _decomposed_rms(self, rsqrt: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
-        """``x * rsqrt(mean(x², -1) + eps)`` [``* w``]: returns (norm output, weight placeholder)."""
+    def _decomposed_rms(self, rsqrt: fx.Node) -> tuple[fx.Node, fx.Node | None, float] | None:
+        """``x * rsqrt(mean(x², -1) + eps)`` [``* w`` or ``* (c + w)``]: returns (norm output, weight placeholder,
+        the gain's offset ``c``: Gemma's ``1 + w``, else 0)."""
         inner = rsqrt.args[0]
         if isinstance(inner, fx.Node) and op_name(inner) == "add":
             inner = next((a for a in inner.args if isinstance(a, fx.Node)), None)
@@ -728,10 +743,10 @@ class _Analysis:
         for user in tensor_users(out):
             if op_name(user) == "mul":
                 other = user.args[0] if user.args[1] is out else user.args[1]
-                w = walk_back_shape_ops(other)
+                w, offset = _gain_of(walk_back_shape_ops(other))
                 if isinstance(w, fx.Node) and self.is_param(w) and len(concrete_shape(w) or ()) == 1:
-                    return user, w
-        return out, None
+                    return user, w, offset
+        return out, None, 0.0
 
     # -- walking
     def _depends(self, producer: fx.Node, dead: set[str]) -> Callable[[fx.Node], bool]:
@@ -857,7 +872,7 @@ class _Analysis:
             group = NormGroup(out.name, info["kind"], info["form"], weight_fqn, bias_fqn,
                               [self.wfqn(self.linears[c]) for c in cons], [c.name for c in cons],
                               not res.blockers, sorted({b.name for b, _ in res.blockers}), final,
-                              _layer_of(weight_fqn) if not final else None)
+                              _layer_of(weight_fqn) if not final else None, float(info.get("offset", 0.0)))
             index = len(self.s.norm_groups)
             self.s.norm_groups.append(group)
             self.meta(out)["norm"].update(group=index, final=final)

@@ -55,22 +55,22 @@ def test_widths_are_configurable_and_wider_is_closer():
 
 
 def test_an_op_without_a_rule_is_named():
-    class TanhLM(torch.nn.Module):
+    class AtanLM(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Embedding(32, 16)
             self.out = torch.nn.Linear(16, 32)
 
         def forward(self, input_ids):
-            return self.out(torch.tanh(self.emb(input_ids)))
+            return self.out(torch.atan(self.emb(input_ids)))
 
-    cg = capture(TanhLM().eval(), (torch.randint(0, 32, (1, 5)),))
+    cg = capture(AtanLM().eval(), (torch.randint(0, 32, (1, 5)),))
     try:
         lower_integer_only(cg)
     except LoweringError as exc:
-        assert "aten.tanh" in str(exc) and "RULES" in str(exc)
+        assert "aten.atan" in str(exc) and "RULES" in str(exc)
     else:
-        raise AssertionError("lowering a tanh should fail with a LoweringError")
+        raise AssertionError("lowering an atan should fail with a LoweringError")
 
 
 def test_a_model_without_embedding_is_refused():
@@ -201,6 +201,8 @@ def test_custom_ops_pass_opcheck():
         "di_clipped_softmax": (ints(2, 5, 5), xm, xk, None, True, 30720, 11, 2, 8),
         "di_silu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, 2, 16),
         "di_gelu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, 2, 8),
+        "di_tanh": (ints(2, 5, 8, dtype=torch.int16), xm, xk, 2, 16),
+        "mask_from_additive": (torch.full((1, 1, 5, 5), torch.finfo(torch.float32).min).triu(1),),
         "di_swiglu": (ints(2, 5, 8, dtype=torch.int16), xm, xk, ints(2, 5, 8, dtype=torch.int16), *scale(2, 5, 1),
                       2, 8),
         "di_rmsnorm": (ints(2, 5, 8, dtype=torch.int16), xm, xk, ints(8, lo=1, hi=2 ** 14), 14, 17180, 34, 8),

@@ -94,6 +94,43 @@ def test_fold_keeps_the_float_function(arch, seed, spread, outliers):
     assert moved > 1e-3
 
 
+@functools.lru_cache(maxsize=None)
+def _captured_family(family: str):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import make_tiny_family
+    model = make_tiny_family(family, layers=2).double()
+    cg = capture(model)
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    return cg, ctx.artifacts["structure"], dict(cg.tensors)
+
+
+@settings(max_examples=FEW, deadline=None)
+@given(family=st.sampled_from(["gemma", "gemma2"]), seed=st.integers(0, 2**16), spread=st.floats(0.1, 2.0))
+def test_fold_into_an_offset_norm_gain_keeps_the_float_function(family, seed, spread):
+    """Gemma's RMSNorm multiplies by ``1 + w``: its norm → qkv and norm → gate/up groups are found (the gain's
+    offset recorded), and folding ``1/s`` writes ``w' = (1 + w)/s - 1`` — the function is unchanged."""
+    cg0, structure, tensors = _captured_family(family)
+    cg = dataclasses.replace(cg0, tensors=dict(tensors))
+    norms = [g for g in structure.norm_groups if not g.final]
+    assert len(norms) == 4 and all(g.weight_offset == 1.0 for g in norms)
+    plan = plan_scales(cg, structure)
+    assert sum(g.kind == "norm" for g in plan.groups) == 4, plan.render()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    before = cg(ids).detach().clone()
+    scales = random_scales(plan, spread=spread, generator=torch.Generator().manual_seed(seed))
+    fold = FoldEquivalentScales(scales=EquivalentScales(plan, scales))
+    ctx = PassContext(verify=True)
+    fold.requires(cg, ctx)
+    fold.call(cg, ctx)
+    fold.ensures(cg, ctx)
+    assert _rel(cg(ids), before) <= 1e-5
+    g = next(g for g in plan.groups if g.kind == "norm")
+    ph = next(p for p, f in cg.fqn.items() if f == g.producer)
+    torch.testing.assert_close(1 + cg.tensors[ph], (1 + tensors[ph]) / scales[g.name].double())
+
+
 def test_a_broken_fold_is_caught():
     """Dropping the consumer side of one group must change the function: the equivalence check is not vacuous."""
     model, cg, structure = _fresh(ARCHS[1], 7, 2)
