@@ -54,6 +54,7 @@ from torch import fx
 
 from .capture import CapturedGraph, fxmeta
 from .errors import PassError
+from .graphview import is_identity, op_name
 
 __all__ = ["ActAllocation", "ActSites", "EagerActQuant", "SwiGLUSmooth", "ATTENTION_NAME", "act_fake_quantize",
            "unit_fake_quantize", "aligned_fake_quantize", "channel_absmax", "norm_align_from_absmax",
@@ -237,8 +238,8 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
                               module_path(cg, act) if act is not None else None))
     for a in structure.attentions:
         core = nodes.get(a.core)
-        if a.form != "sdpa" or core is None:
-            sites.skipped.append((f"attention {a.core}", f"form {a.form}: only scaled_dot_product_attention is built"))
+        if core is None or a.form not in ("sdpa", "matmul_softmax"):
+            sites.skipped.append((f"attention {a.core}", f"form {a.form}: no fake-quant attention for it"))
             continue
         sites.attentions.append((a.core, module_path(cg, core)))
     return sites
@@ -335,6 +336,12 @@ def _fake_quant_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q, k, v = q.contiguous(), _repeat_kv(k, n_rep).contiguous(), _repeat_kv(v, n_rep).contiguous()
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap is not None:                      # Gemma-2: c·tanh(s/c), before the mask, as its eager attention
+        scores = torch.tanh(scores / softcap) * softcap
+    if kwargs.get("s_aux") is not None:
+        raise PassError(f"{type(module).__name__}: attention sinks (s_aux) have no fake-quant attention",
+                        "set attn: 16 and softmax: 16")
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : k.shape[-2]], float("-inf"))
@@ -542,7 +549,6 @@ def _norm_reads(cg: CapturedGraph, x: fx.Node, path: str) -> list[tuple[fx.Node,
     norm's own no-op cast of its input (``to(float32)`` of a float32 tensor) to the residual add outside the
     module: such an alias keeps the float value and its readers inside the norm read the quantized one, as in the
     eager model, where the quantizer is a pre-hook of the norm alone."""
-    from fxquant.graphview import op_name
     out, todo = [], [x]
     while todo:
         v = todo.pop()
@@ -595,17 +601,58 @@ def _decompose_sdpa(graph: fx.Graph, node: fx.Node, a: ActAllocation) -> None:
                             "report the model")
         p = graph.call_function(aten._softmax.default, (scores, -1, False))
         if a.softmax < 16:
-            levels = float(2 ** a.softmax - 1)
-            pmax = graph.call_function(aten.amax.default, (p, [-1], True))
-            step = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (pmax, levels)), 1e-12))
-            r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (p, step)),))
-            p = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.clamp.default, (r, 0.0, levels)), step))
-            fxmeta(p)["act_quant"] = {"bits": a.softmax, "granularity": "per-row, max-relative", "what": "softmax"}
+            p = _graph_unit_fq(graph, p, a.softmax)
         out = graph.call_function(aten.matmul.default, (p, vq))
     out.meta["val"] = node.meta.get("val")
     fxmeta(out)["decomposed_sdpa"] = node.name
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _graph_unit_fq(graph: fx.Graph, p: fx.Node, bits: int) -> fx.Node:
+    """:func:`unit_fake_quantize` in the graph: the softmax output on ``2^bits - 1`` levels of its row maximum."""
+    levels = float(2 ** bits - 1)
+    pmax = graph.call_function(aten.amax.default, (p, [-1], True))
+    step = graph.call_function(aten.clamp.default, (graph.call_function(aten.div.Tensor, (pmax, levels)), 1e-12))
+    r = graph.call_function(aten.round.default, (graph.call_function(aten.div.Tensor, (p, step)),))
+    out = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.clamp.default, (r, 0.0, levels)), step))
+    out.meta["val"] = p.meta.get("val")
+    fxmeta(out)["act_quant"] = {"bits": bits, "granularity": "per-row, max-relative", "what": "softmax"}
+    return out
+
+
+def _quantize_eager_attention(graph: fx.Graph, out: fx.Node, a: ActAllocation) -> None:
+    """Eager attention (``softmax(q @ kᵀ · scale [soft-cap] + mask) @ v``, ``out`` the second product): Q, K (before
+    its transpose) and V per token, P per row — the positions and quantizers of :func:`_decompose_sdpa`."""
+    probs, v = out.args[0], out.args[1]
+    soft = probs
+    while isinstance(soft, fx.Node) and (is_identity(soft) or op_name(soft) == "dropout"):
+        soft = soft.args[0]
+    if op_name(soft) not in ("softmax", "_softmax"):
+        raise PassError(f"{out.name}: the attention's probabilities do not come from a softmax", "report the model")
+    scores = soft.args[0]
+    while isinstance(scores, fx.Node) and op_name(scores) not in ("matmul", "bmm"):
+        scores = next((x for x in scores.args if isinstance(x, fx.Node) and op_name(x) in (
+            "matmul", "bmm", "add", "mul", "div", "sub", "tanh", "to", "_to_copy")), None)
+    kt = scores.args[1] if isinstance(scores, fx.Node) else None
+    if not (isinstance(kt, fx.Node) and op_name(kt) == "transpose"
+            and sorted(d % len(kt.meta["val"].shape) for d in kt.args[1:3]) == [len(kt.meta["val"].shape) - 2,
+                                                                                len(kt.meta["val"].shape) - 1]):
+        raise PassError(f"{out.name}: the keys reach q @ kᵀ other than through a transpose of their last two dims",
+                        "report the model")
+    q, k = scores.args[0], kt.args[0]
+    if a.attn < 16:
+        for user, x, what in ((scores, q, "q"), (kt, k, "k"), (out, v, "v")):
+            with graph.inserting_before(user):
+                xq = graph.call_function(aten.clone.default, (_graph_token_fq(graph, x, a.attn, {"what": what}),),
+                                         {"memory_format": torch.contiguous_format})
+                xq.meta["val"] = x.meta.get("val")
+            user.replace_input_with(x, xq)
+    if a.softmax < 16:
+        with graph.inserting_before(out):
+            pq = _graph_unit_fq(graph, probs, a.softmax)
+        out.replace_input_with(probs, pq)
+    fxmeta(out)["quantized_attention"] = {"form": "matmul_softmax"}
 
 
 def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActAllocation, *,
@@ -645,7 +692,10 @@ def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActA
             counts["swiglu"] += 1
     if a.attn < 16 or a.softmax < 16:
         for core, _ in sites.attentions:
-            _decompose_sdpa(graph, nodes[core], a)
+            if op_name(nodes[core]) == "scaled_dot_product_attention":
+                _decompose_sdpa(graph, nodes[core], a)
+            else:
+                _quantize_eager_attention(graph, nodes[core], a)
             counts["attn"] += 1
     graph.lint()
     cg.gm.recompile()

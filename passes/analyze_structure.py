@@ -952,10 +952,12 @@ class _Analysis:
                 cores.append((node, "sdpa", q, k, v))
             elif name in _SOFTMAX:
                 scores = node.args[0]
-                while isinstance(scores, fx.Node) and (op_name(scores) in ("add", "mul", "div", "sub")
+                # scale, mask, and soft-cap (Gemma-2: c·tanh(s/c)) between the product and the softmax
+                while isinstance(scores, fx.Node) and (op_name(scores) in ("add", "mul", "div", "sub", "tanh")
                                                        or is_identity(scores)):
                     scores = next((a for a in scores.args if isinstance(a, fx.Node)
-                                   and op_name(a) in ("matmul", "bmm", "add", "mul", "div", "sub", "to", "_to_copy")),
+                                   and op_name(a) in ("matmul", "bmm", "add", "mul", "div", "sub", "tanh", "to",
+                                                      "_to_copy")),
                                   scores.args[0])
                 if not isinstance(scores, fx.Node) or op_name(scores) not in ("matmul", "bmm"):
                     continue

@@ -89,6 +89,38 @@ def test_graph_quantizers_and_eager_hooks_compute_the_same_function(arch, seed, 
     assert model.config._attn_implementation != "fxquant_fakequant"
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("attn,softmax", [(8, 8), (4, 16), (16, 4)])
+def test_eager_attention_is_quantized_in_graph_and_eager_model_alike(family, attn, softmax):
+    """Eager attention (``matmul``, scale, Gemma-2's tanh soft-cap, additive mask, ``softmax``, ``matmul``): the graph
+    quantizers on Q, K, V and P and the eager model's fake-quant attention (which applies the soft-cap too) compute
+    the same function, and quantizing changes it."""
+    from conftest import make_tiny_family
+    model = make_tiny_family(family, layers=2)
+    model.set_attn_implementation("eager")
+    cg = capture(model)
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    structure = ctx.artifacts["structure"]
+    assert [a.form for a in structure.attentions] == ["matmul_softmax"] * 2
+    QuantizeWeightsRTN(QuantSpec(bits=8), exclude=("lm_head*",)).call(cg, ctx)
+    cg.write_back()
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    alloc = ActAllocation(linear=16, norm=16, swiglu=16, attn=attn, softmax=softmax)
+    stats = QuantizeActivations(16, alloc).call(cg, ctx).stats
+    assert stats["attn_quantized"] == 2
+    with torch.no_grad():
+        eager, graph = model(input_ids=ids).logits, cg(ids)
+    torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-5)
+    assert _rel(eager, ref) > 1e-4
+    for h in ctx.artifacts.get("activation_hooks", []):
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
 @settings(max_examples=FEW, deadline=None)
 @given(arch=ARCH, seed=st.integers(0, 2**16), spread=st.floats(0.2, 2.0))
 def test_act_smooth_fold_is_exact_on_graph_and_eager_model(arch, seed, spread):
