@@ -118,12 +118,14 @@ def _remember_for_backend(model: torch.nn.Module, quantized: dict[str, Any]) -> 
     """Tell the torch.compile backend which parameters hold quantized values (it sees tensors, not names), so
     ``torch.compile(model, backend="fxquant")`` lowers an offline-quantized model without a recipe."""
     from fxquant.backends.registry import remember_quantized
+    from .fpformats import FPQuantizedWeight
+    from .paretoq import ParetoQWeight
     from .quant import QuantizedWeight
     params = dict(model.named_parameters(remove_duplicate=False))
     in_out = _in_out_weights(model)
     for fqn, qw in quantized.items():
         p = params.get(fqn)
-        if p is None or not isinstance(qw, QuantizedWeight):
+        if p is None or not isinstance(qw, (QuantizedWeight, FPQuantizedWeight, ParetoQWeight)):
             continue
         if fqn in in_out and tuple(p.shape) == tuple(qw.shape)[::-1]:
             remember_quantized(p, qw, in_out=True)          # Conv1D: qw quantized the [out, in] transpose

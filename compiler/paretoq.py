@@ -63,7 +63,7 @@ from .quant import check_weight
 
 __all__ = [
     "ParetoQSpec", "ParetoQWeight", "LEVELS", "ALPHA_EPS", "CLIP", "quantize_codes", "levels_of", "dequantize_codes",
-    "init_alpha", "paretoq_fake_quant", "ParetoQFakeQuant", "quantize_paretoq", "QATLinear", "PackedLinear",
+    "init_alpha", "paretoq_fake_quant", "ParetoQFakeQuant", "quantize_paretoq", "QATLinear", "PackedLinear", "is_conv1d",
     "prepare_qat", "convert", "paretoq_weights", "qat_modules", "grad_scale", "expand_groups", "group_sum",
 ]
 
@@ -390,30 +390,50 @@ def quantize_paretoq(w: torch.Tensor, alpha: torch.Tensor, spec: ParetoQSpec, na
 
 
 # ---- eager QAT modules ----------------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with the weight stored ``[in, out]``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
 class QATLinear(nn.Module):
-    """An ``nn.Linear`` whose weight is fake-quantized with ParetoQ on every forward pass.
+    """An ``nn.Linear`` (or transformers' ``Conv1D``) whose weight is fake-quantized with ParetoQ on every forward.
 
     It keeps the original ``weight`` and ``bias`` Parameters (same objects, same state-dict keys) and adds the
     trainable scale ``weight_alpha`` (float32 ``[out, groups]``), so an optimizer built after
-    :func:`prepare_qat` trains both and a state dict saved mid-training restores both.
+    :func:`prepare_qat` trains both and a state dict saved mid-training restores both. A ``Conv1D`` weight is
+    stored ``[in, out]`` (``in_out``): the quantizer sees its ``[out, in]`` transpose, so scales, levels and
+    codes are per output channel as for every other linear.
     """
 
-    def __init__(self, linear: nn.Linear, spec: ParetoQSpec, alpha: torch.Tensor | None = None):
+    def __init__(self, linear: nn.Module, spec: ParetoQSpec, alpha: torch.Tensor | None = None):
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.in_out = is_conv1d(linear)
         self.weight = linear.weight
         self.bias = linear.bias
+        self.out_features, self.in_features = self._oi().shape
         self.spec = spec
-        init = init_alpha(linear.weight, spec) if alpha is None else alpha.detach().to(torch.float32).clone()
+        init = init_alpha(self._oi(), spec) if alpha is None else alpha.detach().to(torch.float32).clone()
         _check_alpha(init, self.out_features, self.in_features, spec.effective_group_size(self.in_features))
         self.weight_alpha = nn.Parameter(init.to(linear.weight.device))
-        # an nn.Linear subclass (Falcon's FalconLinear: x @ W.T + b) comes back as itself after QAT, not as
-        # nn.Linear; kept in a tuple so that it is no submodule (no second copy of the parameters in state dicts)
+        # an nn.Linear subclass (Falcon's FalconLinear: x @ W.T + b) or a Conv1D comes back as itself after QAT,
+        # not as nn.Linear; kept in a tuple so that it is no submodule (no second copy of the parameters)
         self._subclass_module = (linear,) if type(linear) is not nn.Linear else ()
 
+    def _oi(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a view for Conv1D)."""
+        return self.weight.t() if self.in_out else self.weight
+
     def quantized_weight(self) -> torch.Tensor:
-        return ParetoQFakeQuant.apply(self.weight, self.weight_alpha, self.spec)
+        """The fake-quantized weight, ``[out, in]``."""
+        return ParetoQFakeQuant.apply(self._oi(), self.weight_alpha, self.spec)
+
+    def quantized(self) -> ParetoQWeight:
+        """Codes and scales of the ``[out, in]`` weight."""
+        return quantize_paretoq(self._oi(), self.weight_alpha, self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -425,7 +445,8 @@ class QATLinear(nn.Module):
         if self._subclass_module:
             if dequantized:
                 with torch.no_grad():
-                    self.weight.copy_(self.quantized_weight())
+                    w = self.quantized_weight()
+                    self.weight.copy_(w.t() if self.in_out else w)
             return self._subclass_module[0]
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = self.weight
@@ -436,7 +457,8 @@ class QATLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.describe()}"
+        layout = ", layout=[in, out] (Conv1D)" if self.in_out else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.describe()}{layout}"
 
 
 class PackedLinear(nn.Module):
@@ -523,7 +545,8 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
 def prepare_qat(model: nn.Module, recipe: Any = "paretoq-w2", *, exclude: Sequence[str] | None = None,
                 include: Sequence[str] | None = None, alphas: dict[str, torch.Tensor] | None = None,
                 linear_subclasses: bool = False) -> nn.Module:
-    """Replace every selected ``nn.Linear`` of ``model`` (in place) by a :class:`QATLinear`; return ``model``.
+    """Replace every selected ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's ``[in, out]`` linears) of
+    ``model`` (in place) by a :class:`QATLinear`; return ``model``.
 
     ``recipe`` is a ParetoQ recipe name (``paretoq-w2``), a :class:`~fxquant.recipes.Recipe`, a
     :class:`ParetoQSpec` or a bit width. ``exclude``/``include`` are glob patterns over module names (default:
@@ -541,7 +564,8 @@ def prepare_qat(model: nn.Module, recipe: Any = "paretoq-w2", *, exclude: Sequen
     tied = _tied_weight_ids(model)
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear and not (linear_subclasses and isinstance(module, nn.Linear)):
+        if type(module) is not nn.Linear and not (linear_subclasses and isinstance(module, nn.Linear)) \
+                and not is_conv1d(module):
             continue
         if include is not None and not any(_matches(name, p) for p in include):
             continue
@@ -581,17 +605,18 @@ def convert(model: nn.Module, *, packed: bool = True) -> nn.Module:
     if not modules:
         raise RecipeError(f"{type(model).__name__} has no QATLinear to convert", "call prepare_qat(model, recipe) first")
     for name, m in modules.items():
-        qw = quantize_paretoq(m.weight, m.weight_alpha, m.spec, name=f"{name}.weight")
+        qw = quantize_paretoq(m._oi(), m.weight_alpha, m.spec, name=f"{name}.weight")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if packed:
+        if packed:                       # x @ Wᵀ + b over the [out, in] codes: a Conv1D's x @ W + b too
             new: nn.Module = PackedLinear(qw, m.bias).to(m.weight.device)
         else:
             new = m.to_linear()
+            deq = qw.dequantize(new.weight.dtype)
             with torch.no_grad():
-                new.weight.copy_(qw.dequantize(new.weight.dtype))
+                new.weight.copy_(deq.t() if m.in_out else deq)
             new.weight.requires_grad_(False)
-            registry.remember_quantized(new.weight, qw)
+            registry.remember_quantized(new.weight, qw, in_out=m.in_out)
         setattr(parent, child, new)
     return model
 
@@ -602,11 +627,11 @@ def paretoq_weights(model: nn.Module) -> dict[str, ParetoQWeight]:
     out: dict[str, ParetoQWeight] = {}
     for name, m in model.named_modules():
         if isinstance(m, QATLinear):
-            out[f"{name}.weight"] = quantize_paretoq(m.weight, m.weight_alpha, m.spec)
+            out[f"{name}.weight"] = m.quantized()
         elif isinstance(m, PackedLinear):
             out[f"{name}.weight"] = m.quantized()
-        elif isinstance(m, nn.Linear):
-            rec = registry.recorded_quantization(m.weight)
+        elif isinstance(m, nn.Linear) or is_conv1d(m):
+            rec = registry.recorded_quantization(m.weight, in_out=is_conv1d(m))
             if isinstance(rec, ParetoQWeight):
                 out[f"{name}.weight"] = rec
     return out

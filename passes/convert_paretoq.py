@@ -49,26 +49,42 @@ class ConvertParetoQ(Pass):
         for node in fake_quant_nodes(cg):
             w_node, a_node, bits, group = node.args
             info = fxmeta(node).get("paretoq", {})
+            in_out = info.get("layout") == "in_out"
+            wt_node = None
+            if in_out:          # t(fake_quant(t(W))): the quantizer saw Wᵀ; W is stored [in, out]
+                wt_node, w_node = w_node, w_node.args[0]
             fqn = info.get("weight") or cg.fqn_of(w_node) or w_node.name
             spec = ParetoQSpec(bits, group or None)
             weight = cg.tensors[w_node.name]
-            qw = quantize_paretoq(weight, cg.tensors[a_node.name], spec, name=fqn)
+            qw = quantize_paretoq(weight.t() if in_out else weight, cg.tensors[a_node.name], spec, name=fqn)
             deq = qw.dequantize(weight.dtype)
+            deq = deq.t().contiguous() if in_out else deq
             aliases = ctx.artifacts.get("paretoq_fake_quant", {}).get(fqn, {}).get("aliases", [w_node.name])
             for alias in aliases:
                 cg.tensors[alias] = deq
-            users = list(node.users)
-            node.replace_all_uses_with(w_node)
-            graph.erase_node(node)
+            if in_out:
+                back = list(node.users)                     # the transposes back to [in, out]
+                users = [u for b in back for u in b.users]
+                for b in back:
+                    b.replace_all_uses_with(w_node)
+                    graph.erase_node(b)
+                graph.erase_node(node)
+                graph.erase_node(wt_node)
+            else:
+                users = list(node.users)
+                node.replace_all_uses_with(w_node)
+                graph.erase_node(node)
             if not a_node.users:
                 graph.erase_node(a_node)
                 cg.tensors.pop(a_node.name, None)
                 cg.fqn.pop(a_node.name, None)
             note = {"weight": fqn, "spec": spec.describe(), "bits": spec.bits, "group_size": qw.group_size,
                     "method": "paretoq"}
+            if in_out:
+                note["layout"] = "in_out"
             for user in users:
                 # a linear written x @ W.T reads the weight through its transpose: annotate the product
-                targets = list(user.users) if _is_transpose(user) else [user]
+                targets = list(user.users) if _is_transpose(user) and not in_out else [user]
                 for t in targets:
                     fxmeta(t)["quant"] = dict(note)
             table[fqn] = qw
@@ -90,6 +106,9 @@ class ConvertParetoQ(Pass):
             if lin is None:
                 raise PassError(f"{self.name}: {node.name} is annotated as a ParetoQ linear but reads no weight")
             current = cg.tensors[lin.weight.name]
-            if not torch.equal(current, qw.dequantize(current.dtype)):
+            expected = qw.dequantize(current.dtype)
+            if lin.layout == "in_out":
+                expected = expected.t()
+            if current.shape != expected.shape or not torch.equal(current, expected):
                 raise PassError(f"{self.name}: cg.tensors of {note['weight']} is not its dequantized weight",
                                 "the pass must store qw.dequantize(dtype)")

@@ -13,7 +13,8 @@ Contract
     ``alphas`` when given);
   - inserts one node ``fxquant.paretoq.paretoq_fake_quant(W, alpha, bits, group_size)`` before the weight's first
     use and rewires every linear that read ``W`` to read it instead (a linear written ``x @ W.T`` reads it through
-    its transpose; a weight stored ``[in, out]``, GPT-2's Conv1D, is skipped with a warning);
+    its transpose; a weight stored ``[in, out]``, GPT-2's Conv1D read by ``addmm``/``mm``, is fake-quantized as
+    its ``[out, in]`` transpose — ``t(fake_quant(t(W)))`` — so its scales are per output channel too);
   - annotates the new node: ``fxmeta(node)["paretoq"] = {"weight": fqn, "alpha": fqn + "_alpha", "spec": ...,
     "bits": ..., "group_size": ...}`` and records the same in ``ctx.artifacts["paretoq_fake_quant"][fqn]``.
 
@@ -130,10 +131,11 @@ class InsertParetoQFakeQuant(Pass):
             if not all(self.selected(f) for f in fqns):
                 n_excluded += 1
                 continue
-            if any(u.in_out for u in group):
-                skip(fqn, "it is read as an [in, out] matrix (Conv1D/mm); ParetoQ fake-quant handles [out, in] "
-                          "nn.Linear weights — convert the layer to nn.Linear to quantize it")
+            layouts = {u.in_out for u in group}
+            if len(layouts) > 1:
+                skip(fqn, "it is read both as [out, in] and as [in, out] by different layers")
                 continue
+            in_out = first.in_out
             reads = {u.node for u in group} | {u.via for u in group if u.via is not None}
             other = [u for n in names if n in placeholders for u in placeholders[n].users if u not in reads]
             if other:
@@ -141,22 +143,35 @@ class InsertParetoQFakeQuant(Pass):
                      + " (tied weights?); quantizing it would change that use too — untie the weights to quantize it")
                 continue
             weight = cg.tensors[first.placeholder.name]
+            w_oi = weight.t() if in_out else weight
             alpha = self.alphas.get(fqn)
-            alpha = init_alpha(weight, self.spec) if alpha is None else alpha.detach().to(torch.float32).clone()
+            alpha = init_alpha(w_oi, self.spec) if alpha is None else alpha.detach().to(torch.float32).clone()
             group_size = self.spec.group_size or 0
             alpha_node = cg.add_tensor(f"{first.placeholder.name}_alpha", alpha.to(weight.device), fqn=f"{fqn}_alpha")
             first_use = min(reads, key=order.__getitem__)             # a transpose view comes before its linear
+            val = first.placeholder.meta.get("val")
             with graph.inserting_before(first_use):
-                fq = graph.call_function(paretoq_fake_quant,
-                                         (first.placeholder, alpha_node, self.spec.bits, group_size))
-            if "val" in first.placeholder.meta:
-                fq.meta["val"] = first.placeholder.meta["val"]
+                src = first.placeholder
+                if in_out:                                            # Conv1D: quantize Wᵀ ([out, in])
+                    src = graph.call_function(torch.ops.aten.t.default, (first.placeholder,))
+                    if val is not None:
+                        src.meta["val"] = val.t()
+                fq = graph.call_function(paretoq_fake_quant, (src, alpha_node, self.spec.bits, group_size))
+                if val is not None:
+                    fq.meta["val"] = val.t() if in_out else val
+                out = fq
+                if in_out:                                            # ... and read it back as [in, out]
+                    out = graph.call_function(torch.ops.aten.t.default, (fq,))
+                    if val is not None:
+                        out.meta["val"] = val
             note = {"weight": fqn, "alpha": f"{fqn}_alpha", "spec": self.spec.describe(), "bits": self.spec.bits,
                     "group_size": self.spec.group_size}
+            if in_out:
+                note["layout"] = "in_out"
             fxmeta(fq)["paretoq"] = dict(note)
             for use in group:
                 # ``x @ W.T`` (Falcon's FalconLinear): the fake-quant goes under the transpose, W stays [out, in]
-                (use.via if use.via is not None else use.node).replace_input_with(use.placeholder, fq)
+                (use.via if use.via is not None else use.node).replace_input_with(use.placeholder, out)
             records[fqn] = {**note, "weight_placeholder": first.placeholder.name, "alpha_placeholder": alpha_node.name,
                             "node": fq.name, "aliases": list(names)}
             n_done += 1
@@ -172,9 +187,14 @@ class InsertParetoQFakeQuant(Pass):
             if node is None:
                 raise PassError(f"{self.name}: the fake-quant node of {fqn} ({rec['node']}) is missing")
             w, a = node.args[0], node.args[1]
-            if w.name != rec["weight_placeholder"] or a.name != rec["alpha_placeholder"]:
+            in_out = rec.get("layout") == "in_out"
+            if in_out:
+                w = w.args[0] if isinstance(w, fx.Node) and w.target is torch.ops.aten.t.default else None
+            if w is None or w.name != rec["weight_placeholder"] or a.name != rec["alpha_placeholder"]:
                 raise PassError(f"{self.name}: {node.name} does not read {fqn} and its scale")
             weight, alpha = cg.tensors[w.name], cg.tensors[a.name]
+            if in_out:
+                weight = weight.t()
             n_groups = -(-weight.shape[1] // self.spec.effective_group_size(weight.shape[1]))
             if tuple(alpha.shape) != (weight.shape[0], n_groups):
                 raise PassError(f"{self.name}: scale of {fqn} has shape {tuple(alpha.shape)}, "

@@ -223,3 +223,85 @@ def test_scale_lr_trains_the_scales_in_their_own_group_and_resumes_only_into_the
 def test_scale_lr_must_be_a_positive_number(bad):
     with pytest.raises(RecipeError, match="scale learning rate"):
         QATConfig(scale_lr=bad)
+
+
+# ---- GPT-2's Conv1D: weights stored [in, out] ----------------------------------------------------------------------
+def _gpt2(seed: int = 0) -> torch.nn.Module:
+    from conftest import make_tiny_family
+    torch.manual_seed(seed)
+    return make_tiny_family("gpt2", layers=2)
+
+
+def test_conv1d_eager_qat_fx_graph_and_converted_forms_compute_the_same_model():
+    """GPT-2's Conv1D (``x @ W + b``, ``W`` stored ``[in, out]``) under ParetoQ: ``prepare_qat`` wraps it with scales
+    per output channel of ``Wᵀ``; the FX graph (``t(fake_quant(t(W)))``), the eager QAT model, the packed model and
+    the float checkpoint form compute the same logits, and every form gives the same codes."""
+    from transformers.pytorch_utils import Conv1D
+
+    from fxquant.passes.convert_paretoq import ConvertParetoQ
+    from fxquant.passes.insert_paretoq_fake_quant import InsertParetoQFakeQuant, fake_quant_nodes
+    spec = ParetoQSpec(2, group_size=16)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    eager = _gpt2()
+    prepare_qat(eager, spec)
+    mods = qat_modules(eager)
+    assert len(mods) == 8 and all(m.in_out for m in mods.values())
+    c_fc = mods["transformer.h.0.mlp.c_fc"]
+    assert (c_fc.out_features, c_fc.in_features) == (96, 64) and tuple(c_fc.weight_alpha.shape) == (96, 4)
+    eager.eval()
+    with torch.no_grad():
+        want = eager(input_ids=x).logits
+    codes = paretoq_weights(eager)
+    assert codes["transformer.h.0.mlp.c_fc.weight"].codes.shape == (96, 64)
+    # the FX passes on a fresh copy, the same initial scales: the graph view of the same fake-quant model
+    model = _gpt2()
+    cg = capture(model)
+    ctx = PassContext()
+    Pipeline([InsertParetoQFakeQuant(spec)]).run(cg, ctx, verify=True)
+    assert len(fake_quant_nodes(cg)) == 8
+    assert ctx.artifacts["paretoq_fake_quant"]["transformer.h.0.attn.c_attn.weight"]["layout"] == "in_out"
+    with torch.no_grad():
+        torch.testing.assert_close(cg(x), want, rtol=1e-5, atol=1e-5)
+    Pipeline([ConvertParetoQ()]).run(cg, ctx, verify=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cg(x), want, rtol=1e-5, atol=1e-5)
+    qw = ctx.artifacts["quantized_weights"]["transformer.h.0.mlp.c_fc.weight"]
+    assert torch.equal(qw.codes, codes["transformer.h.0.mlp.c_fc.weight"].codes)
+    # packed: PackedLinear over the [out, in] codes computes x @ W + b
+    packed_model = _gpt2()
+    prepare_qat(packed_model, spec)
+    convert(packed_model)
+    assert sum(isinstance(m, PackedLinear) for m in packed_model.modules()) == 8
+    packed_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed_model(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+    # float form: the Conv1D modules stay (save_pretrained-compatible), holding the dequantized [in, out] weights
+    float_model = _gpt2()
+    prepare_qat(float_model, spec)
+    convert(float_model, packed=False)
+    assert isinstance(float_model.transformer.h[0].mlp.c_fc, Conv1D)
+    float_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(float_model(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+    again = paretoq_weights(float_model)
+    assert set(again) == set(codes) and all(torch.equal(again[k].codes, codes[k].codes) for k in codes)
+
+
+def test_conv1d_paretoq_recipe_compiles_to_packed_ops():
+    """``paretoq-w2`` on GPT-2 through ``fxquant.quantize`` (insert, train, convert), then ``torch.compile`` with
+    the fxquant backend: every Conv1D weight is lowered to the packed 2-bit op from its remembered codes, and the
+    compiled model computes what the eager quantized model does."""
+    import fxquant
+    from fxquant import backend as fxbackend
+    model = _gpt2(3)
+    recipe = fxquant.get_recipe({"base": "paretoq-w2", "options": {"steps": 2, "batch_size": 2, "seq_len": 32}})
+    res = fxquant.quantize(model, recipe, calibration=_ids())
+    assert len(res.quantized) == 8
+    x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="fxquant", options={"kernels": "always"})(input_ids=x).logits
+    report = fxbackend.last_reports[-1]
+    assert report.stats().get("pq_w2") == 8, report.stats()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
