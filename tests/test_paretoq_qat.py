@@ -287,10 +287,10 @@ def test_conv1d_eager_qat_fx_graph_and_converted_forms_compute_the_same_model():
     assert set(again) == set(codes) and all(torch.equal(again[k].codes, codes[k].codes) for k in codes)
 
 
-def test_conv1d_paretoq_recipe_compiles_to_packed_ops():
+def test_conv1d_paretoq_recipe_compiles_to_packed_ops_and_reloads(tmp_path):
     """``paretoq-w2`` on GPT-2 through ``fxquant.quantize`` (insert, train, convert), then ``torch.compile`` with
     the fxquant backend: every Conv1D weight is lowered to the packed 2-bit op from its remembered codes, and the
-    compiled model computes what the eager quantized model does."""
+    compiled model computes what the eager quantized model does; the saved checkpoint reloads bit for bit."""
     import fxquant
     from fxquant import backend as fxbackend
     model = _gpt2(3)
@@ -305,3 +305,7 @@ def test_conv1d_paretoq_recipe_compiles_to_packed_ops():
     report = fxbackend.last_reports[-1]
     assert report.stats().get("pq_w2") == 8, report.stats()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    res.save(str(tmp_path / "q"))
+    loaded = fxquant.load(str(tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(getattr(loaded, "model", loaded)(input_ids=x).logits, want)
