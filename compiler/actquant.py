@@ -231,9 +231,11 @@ def find_sites(cg: CapturedGraph, structure: Any, quantized_fqns: Iterable[str])
     for s in structure.swiglus:
         act = nodes.get(s.act_node or "")
         gate, up = linears.get(s.gate_node), linears.get(s.up_node)
-        if gate is None or up is None or gate.node is up.node:
-            sites.skipped.append((f"swiglu {s.act_node}", "gate and up are not two separate linears"))
+        if gate is None or up is None:
+            sites.skipped.append((f"swiglu {s.act_node}", "gate or up is not a linear of the graph"))
             continue
+        # a fused gate_up projection (Phi-3): its output is quantized once, per token over both halves (the
+        # integer-only graph's pieces share that scale too)
         sites.swiglus.append((s.gate_node, s.up_node, s.gate.rsplit(".", 1)[0], s.up.rsplit(".", 1)[0],
                               module_path(cg, act) if act is not None else None))
     for a in structure.attentions:
@@ -442,7 +444,7 @@ class EagerActQuant:
                     self.handles.append(get(path).register_forward_pre_hook(norm_pre(path)))
         if a.swiglu < 16:
             for _, _, gate, up, _ in sites.swiglus:
-                for path in (gate, up):
+                for path in dict.fromkeys((gate, up)):
                     if path is not None:
                         # after the linear's own input hook: the product's operands are the linears' outputs
                         self.handles.append(get(path).register_forward_hook(post(a.swiglu)))
@@ -687,7 +689,7 @@ def insert_graph_quantizers(cg: CapturedGraph, sites: ActSites, allocation: ActA
             counts["norm"] += done
     if a.swiglu < 16:
         for gate, up, *_ in sites.swiglus:
-            for name in (gate, up):
+            for name in dict.fromkeys((gate, up)):
                 _quantize_output(graph, nodes[name], a.swiglu, {"what": "swiglu"})
             counts["swiglu"] += 1
     if a.attn < 16 or a.softmax < 16:

@@ -168,25 +168,32 @@ def _plan_swiglu(cg: CapturedGraph, structure: Any, plan: ScalePlan, linears: Ma
             plan.skipped.append((what, f"the activation is {getattr(act, 'target', None)}, not SiLU: "
                                        "g·σ(g ⊘ s) is exact only for SiLU"))
             continue
-        if gate is None or up is None or gate.node is up.node:
-            plan.skipped.append((what, "gate and up are not two separate linears"))
+        if gate is None or up is None:
+            plan.skipped.append((what, "gate or up is not a linear of the graph"))
             continue
         if any(fnmatch.fnmatch(f, pat) for f in (sw.gate, sw.up) for pat in exclude):
             plan.skipped.append((what, "gate or up is excluded from quantization"))
             continue
-        if gate.layout != "out_in" or up.layout != "out_in" or gate.out_features != up.out_features:
+        (g_lo, g_hi), (u_lo, u_hi) = sw.gate_channels, sw.up_channels
+        fused = gate.node is up.node              # Phi-3: one gate_up linear, gate and up are its two halves
+        if gate.layout != "out_in" or up.layout != "out_in" or g_hi - g_lo != u_hi - u_lo:
             plan.skipped.append((what, "the act-smooth needs nn.Linear ([out, in]) gate and up of one width"))
             continue
-        if tuple(sw.gate_channels) != (0, gate.out_features) or tuple(sw.up_channels) != (0, up.out_features):
+        if not fused and ((g_lo, g_hi) != (0, gate.out_features) or (u_lo, u_hi) != (0, up.out_features)):
             plan.skipped.append((what, "gate and up are slices of wider outputs"))
+            continue
+        if fused and (max(g_lo, u_lo) < min(g_hi, u_hi) or max(g_hi, u_hi) > gate.out_features):
+            plan.skipped.append((what, f"the fused projection's gate {sw.gate_channels} and up {sw.up_channels} "
+                                       "rows overlap or exceed it"))
             continue
         if cg.model is not None and module_path(cg, act) is None:
             plan.skipped.append((what, "the SiLU is not a module of its own in the eager model (a hook applies "
                                        "σ(g ⊘ s) there)"))
             continue
-        size = gate.out_features
+        size = g_hi - g_lo
         idx = torch.arange(size)
-        sites = [ScaleSite(sw.gate, 0, idx, idx, +1), ScaleSite(sw.up, 0, idx, idx, -1)]
+        rows = {+1: torch.arange(g_lo, g_hi), -1: torch.arange(u_lo, u_hi)}
+        sites = [ScaleSite(sw.gate, 0, rows[+1], idx, +1), ScaleSite(sw.up, 0, rows[-1], idx, -1)]
         ok = True
         for lin, power in ((gate, +1), (up, -1)):
             if lin.bias is not None:
@@ -194,7 +201,7 @@ def _plan_swiglu(cg: CapturedGraph, structure: Any, plan: ScalePlan, linears: Ma
                 if bias is None:
                     ok = False
                     break
-                sites.append(ScaleSite(bias, 0, idx, idx, power))
+                sites.append(ScaleSite(bias, 0, rows[power], idx, power))
         if not ok:
             plan.skipped.append((what, "a gate/up bias is computed in the graph, not a parameter"))
             continue
@@ -281,7 +288,7 @@ def smoothquant_modules(plan: ScalePlan, act_smooth_alpha: float = 0.5) -> tuple
     :func:`~fxquant.actquant.channel_absmax` pass)."""
     consumer_of, smooth = _smoothquant_sites(plan, act_smooth_alpha)
     return ([f.rsplit(".", 1)[0] for f in consumer_of],
-            [f.rsplit(".", 1)[0] for g in smooth for f in g.consumers])   # [gate weight, up weight]
+            list(dict.fromkeys(f.rsplit(".", 1)[0] for g in smooth for f in g.consumers)))   # gate, up (or gate_up)
 
 
 @torch.no_grad()
@@ -327,18 +334,20 @@ def smoothquant_init(model: torch.nn.Module, plan: ScalePlan, tensors: Mapping[s
         s = stats[g.name].cpu().clamp(min=1e-5) ** alpha / wmax.clamp(min=1e-5) ** (1 - alpha)
         out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
     for g in smooth:
-        gate, up = g.consumers[0], g.consumers[1]
         eff = {}
-        for fqn in (gate, up):   # the rows' factor from every other group: Π s^power over the sites on those rows
-            f = torch.ones(g.size)
+        for power, fqn in ((+1, g.consumers[0]), (-1, g.consumers[1])):
+            # gate's (+1) or up's (-1) rows of its weight: all of it, or a half of a fused gate_up projection
+            mine = next(site for site in g.sites if site.fqn == fqn and site.power == power and site.axis == 0)
+            amax = out_amax[fqn.rsplit(".", 1)[0]].cpu()
+            f = torch.ones(amax.shape[-1])   # the rows' factor from every other group: Π s^power of their sites
             for h in plan.groups:
                 if h.kind == "swiglu" or h.name not in out:
                     continue
                 for site in h.sites:
                     if site.fqn == fqn and site.axis == 0:
                         f[site.positions] *= out[h.name][site.index] ** site.power
-            eff[fqn] = out_amax[fqn.rsplit(".", 1)[0]].cpu() * f
-        s = (eff[up].clamp(min=1e-5) / eff[gate].clamp(min=1e-5)) ** act_smooth_alpha
+            eff[power] = (amax * f)[mine.positions]
+        s = (eff[-1].clamp(min=1e-5) / eff[+1].clamp(min=1e-5)) ** act_smooth_alpha
         out[g.name] = s.clamp(min=MIN_SCALE, max=1e4)
     return out
 

@@ -154,6 +154,55 @@ def test_act_smooth_fold_is_exact_on_graph_and_eager_model(arch, seed, spread):
     assert not any(n.target == torch.ops.aten.silu.default for n in cg.gm.graph.nodes)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_act_smooth_on_a_fused_gate_up_projection(seed):
+    """Phi-3's MLP is one ``gate_up_proj`` whose output is chunked: the act-smooth multiplies its gate rows by ``s``
+    and divides its up rows by ``s`` (exact fold, graph and eager model), the SmoothQuant init reads each half's
+    output range, and the fused output is the SwiGLU operand quantized (once, per token), graph and eager alike."""
+    from conftest import make_tiny_family
+    model = make_tiny_family("phi3", layers=2).double()
+    cg = capture(model)
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    plan = plan_fsbr(cg, ctx.artifacts["structure"])
+    sw = [g for g in plan.groups if g.kind == "swiglu"]
+    assert len(sw) == 2 and all(g.consumers[0] == g.consumers[1] for g in sw)
+    inter = model.config.intermediate_size
+    rows = {site.power: site.positions for site in sw[0].sites}
+    assert torch.equal(rows[1], torch.arange(inter)) and torch.equal(rows[-1], torch.arange(inter, 2 * inter))
+    scales = {g.name: torch.ones(g.size, dtype=torch.float64) for g in plan.groups}
+    rnd = random_scales(plan, spread=1.0, generator=torch.Generator().manual_seed(seed))
+    scales.update({g.name: rnd[g.name] for g in sw})
+    ctx.artifacts["fsbr"] = EquivalentScales(plan, scales, method="fsbr")
+    w = model.model.layers[0].mlp.gate_up_proj.weight.detach().clone()
+    assert FoldEquivalentScales(source="fsbr").call(cg, ctx).stats["swiglu_smoothed"] == 2
+    cg.write_back()
+    s0 = scales[sw[0].name]
+    folded = model.model.layers[0].mlp.gate_up_proj.weight
+    torch.testing.assert_close(folded, torch.cat([w[:inter] * s0[:, None], w[inter:] / s0[:, None]]))
+    with torch.no_grad():
+        assert _rel(cg(ids), before) <= 1e-9 and _rel(model(input_ids=ids).logits, before) <= 1e-9
+    for h in ctx.artifacts["activation_hooks"]:
+        h.remove()
+    # the operand quantizers: one per fused projection, graph and eager model computing the same function
+    model2 = make_tiny_family("phi3", layers=2)
+    cg2 = capture(model2)
+    ctx2 = PassContext()
+    AnalyzeStructure().call(cg2, ctx2)
+    QuantizeWeightsRTN(QuantSpec(bits=8), exclude=("lm_head*",)).call(cg2, ctx2)
+    cg2.write_back()
+    stats = QuantizeActivations(16, ActAllocation(linear=16, norm=16, swiglu=8, attn=16, softmax=16)).call(
+        cg2, ctx2).stats
+    assert stats["swiglu_quantized"] == 2
+    marks = [n for n in cg2.gm.graph.nodes if n.meta.get("fxquant", {}).get("act_quant", {}).get("what") == "swiglu"]
+    assert len(marks) == 2
+    with torch.no_grad():
+        assert torch.equal(model2(input_ids=ids).logits, cg2(ids))
+
+
 def test_act_smooth_scales_of_one_leave_the_graph_alone():
     model, cg, ctx = _llama((32, 4, 2, 48, 1), 0)
     plan = plan_fsbr(cg, ctx.artifacts["structure"])
@@ -362,6 +411,37 @@ def test_balanced_act_smooth_init_gives_gate_and_up_the_same_channel_ranges():
     assert torch.allclose(amax["gate"], amax["up"], rtol=1e-3), (amax["gate"] / amax["up"])
     for h in ctx.artifacts.get("activation_hooks", []):
         h.remove()
+
+
+def test_balanced_act_smooth_init_on_a_fused_gate_up_projection():
+    """The balanced init on Phi-3's fused gate_up: after the fold, the projection's gate half and up half have the
+    same per-channel output range on the calibration windows."""
+    from conftest import make_tiny_family
+    from fxquant.passes.train_teq_scales import calibration_windows
+    model = make_tiny_family("phi3", layers=2)
+    cg = capture(model)
+    ctx = PassContext()
+    AnalyzeStructure().call(cg, ctx)
+    plan = plan_fsbr(cg, ctx.artifacts["structure"])
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(3))
+    cfg = FSBRConfig(act_bits=8, epochs=0, samples=4, seq_len=32, progress=False, holdout=0, act_smooth_alpha=0.5)
+    ctx.artifacts["fsbr"] = train_fsbr(cg, plan, QuantSpec(bits=8), ids, cfg, structure=ctx.artifacts["structure"])
+    FoldEquivalentScales(source="fsbr").call(cg, ctx)
+    cg.write_back()
+    out = []
+    h = model.model.layers[1].mlp.gate_up_proj.register_forward_hook(
+        lambda mod, args, y: out.append(y.detach().abs().reshape(-1, y.shape[-1]).amax(0)))
+    windows = calibration_windows(ids, 32)
+    perm = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for b in windows[perm[:4]]:
+            model(input_ids=b[None])
+    h.remove()
+    amax = torch.stack(out).amax(0)
+    inter = model.config.intermediate_size
+    assert torch.allclose(amax[:inter], amax[inter:], rtol=1e-3), amax[:inter] / amax[inter:]
+    for hook in ctx.artifacts.get("activation_hooks", []):
+        hook.remove()
 
 
 def _train(**options):
