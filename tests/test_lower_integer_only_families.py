@@ -67,20 +67,25 @@ def test_family_lowers_to_integers_and_keeps_the_function(family):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
 
 
-def test_gpt2_illm_recipe_end_to_end():
-    """Conv1D weights through the whole illm-w8a8 recipe (SmoothQuant on FSBR's groups, RTN, lowering): the
-    integer model keeps the function and generates."""
+@pytest.mark.parametrize("family,layers,counts", [
+    ("gpt2", 1, {"di_gelu": 1, "di_linear": 5}),      # Conv1D weights, LayerNorm, the tanh-GELU written out
+    ("gemma2", 2, {"di_tanh": 3, "di_softmax": 2}),   # eager attention, soft-caps on the scores and the logits
+])
+def test_illm_recipe_end_to_end(family, layers, counts):
+    """The whole illm-w8a8 recipe (SmoothQuant on FSBR's groups, RTN, lowering) on GPT-2 and Gemma-2: the integer
+    model keeps the function, holds the ops it should, and generates (Gemma-2 with its sliding-window cache)."""
     from fxquant import quantize
     from fxquant.recipes import get_recipe
-    model = make_tiny_family("gpt2", layers=1)
-    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    model = make_tiny_family(family, layers=layers)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits
     calib = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
     res = quantize(model, get_recipe({"base": "illm-w8a8", "options": {"seq_len": 32}}), calibration=calib)
+    for what, n in counts.items():
+        assert res.artifacts["integer_only"][what] == n, (what, res.artifacts["integer_only"])
     im = res.integer_model
     assert float(_rel(im(input_ids=ids).logits, ref).max()) < 0.05
-    assert res.artifacts["integer_only"]["di_gelu"] == 1 and res.artifacts["integer_only"]["di_linear"] == 5
     out = im.generate(ids, max_new_tokens=3)
     assert out.shape == (1, 11) and torch.equal(out[:, :8], ids)
 
@@ -153,21 +158,3 @@ def test_an_additive_mask_other_than_0_and_minus_infinity_is_refused():
     alibi = -torch.arange(4.0)[None, None, None, :] + causal
     with pytest.raises(ValueError, match="position bias.*fsbr-w8a8"):
         op("mask_from_additive")(alibi)
-
-
-def test_gemma2_illm_recipe_end_to_end():
-    """Gemma-2 through the whole illm-w8a8 recipe (FSBR on its four norms per layer, RTN, lowering): soft-capped
-    logits close to float, verified integer-only, and it generates with its sliding-window cache."""
-    from fxquant import quantize
-    from fxquant.recipes import get_recipe
-    model = make_tiny_family("gemma2", layers=2)
-    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids).logits
-    calib = torch.randint(0, 128, (2048,), generator=torch.Generator().manual_seed(2))
-    res = quantize(model, get_recipe({"base": "illm-w8a8", "options": {"seq_len": 32}}), calibration=calib)
-    assert res.artifacts["integer_only"]["di_tanh"] == 3
-    im = res.integer_model
-    assert float(_rel(im(input_ids=ids).logits, ref).max()) < 0.05
-    out = im.generate(ids, max_new_tokens=4)
-    assert out.shape == (1, 14) and torch.equal(out[:, :10], ids)
