@@ -154,13 +154,18 @@ def check_integer_region(gm: fx.GraphModule | CapturedGraph, *,
     return IntegerRegionReport(len(region), len(enters), len(exits), problems, ops)
 
 
-def propagate_meta(cg: CapturedGraph, example: torch.Tensor | None = None) -> None:
+def propagate_meta(cg: CapturedGraph, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None) -> None:
     """Fill ``meta["val"]`` (a meta-device tensor: dtype and shape) of every node by running the graph once on a
-    small input (``example``, default: 1 x 8 token ids)."""
+    small input (``example``: the token ids, or a tuple with one tensor per user input; default: 1 x 8 token ids)."""
     if example is None:
         vocab = int(getattr(getattr(cg.model, "config", None), "vocab_size", 2) or 2)
         example = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
-    feed = dict(zip(cg.user_inputs, (example,)))
+    examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if len(examples) != len(cg.user_inputs):
+        raise IntegerOnlyViolation(f"the graph takes {len(cg.user_inputs)} input(s) ({', '.join(cg.user_inputs)}), "
+                                   f"the example gives {len(examples)}",
+                                   "pass one example tensor per input, as a tuple")
+    feed = dict(zip(cg.user_inputs, examples))
     args = []
     for n in cg.gm.graph.nodes:
         if n.op == "placeholder":
@@ -177,8 +182,10 @@ def propagate_meta(cg: CapturedGraph, example: torch.Tensor | None = None) -> No
         _Prop(cg.gm).run(*args)
 
 
-def verify_integer_only(cg: CapturedGraph, example: torch.Tensor | None = None) -> IntegerRegionReport:
-    """Raise :class:`IntegerOnlyViolation` unless ``cg`` is integer-only between its boundaries."""
+def verify_integer_only(cg: CapturedGraph, example: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+                        ) -> IntegerRegionReport:
+    """Raise :class:`IntegerOnlyViolation` unless ``cg`` is integer-only between its boundaries (``example``: see
+    :func:`propagate_meta`)."""
     if any(n.op == "call_function" and not isinstance(n.meta.get("val"), torch.Tensor)
            and _op(n) not in ("getitem", "sym_size") for n in cg.gm.graph.nodes):
         propagate_meta(cg, example)

@@ -258,7 +258,10 @@ class _Lowering:
         """The boolean form of a float additive attention mask, made once per mask tensor (a runtime check refuses
         a mask that holds anything but 0 and large negative numbers: a position bias has no integer form)."""
         if mask not in self.masks:
-            with self.g.inserting_before(mask.next):
+            where = mask.next
+            if mask.op == "placeholder":             # a mask given as an input: after the last placeholder
+                where = next(n for n in self.g.nodes if n.op != "placeholder")
+            with self.g.inserting_before(where):
                 self.masks[mask] = self.call(_di("mask_from_additive"), mask, boundary="enter")
             self.count("mask_from_additive")
         return self.masks[mask]

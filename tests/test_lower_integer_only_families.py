@@ -158,3 +158,33 @@ def test_an_additive_mask_other_than_0_and_minus_infinity_is_refused():
     alibi = -torch.arange(4.0)[None, None, None, :] + causal
     with pytest.raises(ValueError, match="position bias.*fsbr-w8a8"):
         op("mask_from_additive")(alibi)
+
+
+class _MaskedAttention(torch.nn.Module):
+    """One eager attention head whose additive mask is an input of the model (a placeholder of the graph)."""
+
+    def __init__(self, d: int = 16, vocab: int = 40):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)
+        s = torch.matmul(self.q(x), self.k(x).transpose(-1, -2)) * 0.25 + mask
+        return self.o(torch.matmul(torch.softmax(s, dim=-1), self.v(x)))
+
+
+def test_an_additive_mask_given_as_an_input_enters_once_after_the_inputs():
+    model = _MaskedAttention().eval()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.full((7, 7), torch.finfo(torch.float32).min).triu(1)
+    with torch.no_grad():
+        ref = model(ids, mask)
+    cg = capture(model, (ids, mask))
+    stats = lower_integer_only(cg)
+    assert stats["mask_from_additive"] == 1 and stats["di_softmax"] == 1 and stats["di_matmul"] == 2
+    cg.gm.graph.lint()
+    kinds = [n.op for n in cg.gm.graph.nodes]
+    assert "placeholder" not in kinds[kinds.index("call_function"):]      # the inputs still come first
+    assert verify_integer_only(cg, (ids, mask)).ok
+    assert float(_rel(cg(ids, mask), ref).max()) < 0.03
