@@ -441,7 +441,7 @@ class QATLinear(nn.Module):
 
     def to_linear(self, dequantized: bool = False) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this module's Parameters (``dequantized``: holding the quantized values);
-        the original module, for an ``nn.Linear`` subclass."""
+        the original module for an ``nn.Linear`` subclass or a ``Conv1D`` (its weight back in ``[in, out]``)."""
         if self._subclass_module:
             if dequantized:
                 with torch.no_grad():

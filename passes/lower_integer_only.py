@@ -972,8 +972,8 @@ def _linear(L: _Lowering, node: fx.Node) -> IntValue:
     if lin is None:
         if op_name(node) in ("matmul", "mm") and all(isinstance(L.env.get(a), IntValue) for a in node.args[:2]):
             return _activation_matmul(L, node)
-        raise LoweringError(f"{node.name}: {op_name(node)} whose weight is not a parameter of the model, of an "
-                            "integer value and something that is neither")
+        raise LoweringError(f"{node.name}: {op_name(node)} of {node.args[0]} and {node.args[1]} is neither a linear "
+                            "by a parameter of the model nor a product of two integer values")
     x = L.as_value(lin.input, node)
     if x is None:
         raise LoweringError(f"{node.name}: {op_name(node)} whose input is not an integer value")
