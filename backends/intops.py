@@ -29,7 +29,8 @@ from .dyadic import DyadicConstant, constants
 __all__ = ["MANT_BITS", "bitlen", "shift_round", "div_round", "floor_div", "normalize", "isqrt", "qrange",
            "requantize_rows", "quantize_rows", "dequantize", "align_add", "di_add", "di_mul", "di_linear",
            "di_matmul", "di_exp", "di_clipped_softmax", "di_sigmoid", "di_silu", "di_swiglu", "di_gelu", "di_tanh",
-           "tanh_q30", "TANH_BITS", "di_rmsnorm", "di_layernorm", "requantize_q31", "quantize_multiplier_q31", "int_dtype"]
+           "tanh_q30", "TANH_BITS", "di_rmsnorm", "di_layernorm", "requantize_q31", "quantize_multiplier_q31",
+           "int_dtype"]
 
 #: bits of the normalised scale mantissa ``m`` (``2^14 <= m < 2^15``)
 MANT_BITS = 15

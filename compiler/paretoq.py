@@ -63,8 +63,8 @@ from .quant import check_weight
 
 __all__ = [
     "ParetoQSpec", "ParetoQWeight", "LEVELS", "ALPHA_EPS", "CLIP", "quantize_codes", "levels_of", "dequantize_codes",
-    "init_alpha", "paretoq_fake_quant", "ParetoQFakeQuant", "quantize_paretoq", "QATLinear", "PackedLinear", "is_conv1d",
-    "prepare_qat", "convert", "paretoq_weights", "qat_modules", "grad_scale", "expand_groups", "group_sum",
+    "init_alpha", "paretoq_fake_quant", "ParetoQFakeQuant", "quantize_paretoq", "QATLinear", "PackedLinear",
+    "is_conv1d", "prepare_qat", "convert", "paretoq_weights", "qat_modules", "grad_scale", "expand_groups", "group_sum",
 ]
 
 log = logging.getLogger("fxquant")

@@ -1,10 +1,11 @@
 """The recipes on Hugging Face families other than LLaMA (every other test file uses LLaMA): Qwen2 (q/k/v biases),
 Qwen3 (q/k norms), Mistral, Phi-3 (fused qkv and gate_up projections), Gemma (norm gain ``1 + w``, scaled embeddings,
-GeGLU), Gemma-2 (eager attention with tanh soft-caps, four norms per layer, sliding-window layers), GPT-NeoX (parallel attention + MLP, partial rotary), Falcon (``x @ W.T`` linears, multi-query attention,
-one norm for attention and MLP), OPT (ReLU, LayerNorm, learned positions) and GPT-2 (Conv1D weights read as
-``[in, out]`` by ``addmm``, GELU; ParetoQ quantizes them as their ``[out, in]`` transpose). Each method family quantizes every linear but ``lm_head``, keeps
-the float function within its width's error, and the model still generates; the torch.compile backend lowers every
-quantized linear to its custom op; and what a method cannot do on a family is refused with a reason."""
+GeGLU), Gemma-2 (eager attention with tanh soft-caps, four norms per layer, sliding-window layers), GPT-NeoX (parallel
+attention + MLP, partial rotary), Falcon (``x @ W.T`` linears, multi-query attention, one norm for attention and
+MLP), OPT (ReLU, LayerNorm, learned positions) and GPT-2 (Conv1D weights read as ``[in, out]`` by ``addmm``, GELU;
+ParetoQ quantizes them as their ``[out, in]`` transpose). Each method family quantizes every linear but ``lm_head``,
+keeps the float function within its width's error, and the model still generates; the torch.compile backend lowers
+every quantized linear to its custom op; and what a method cannot do on a family is refused with a reason."""
 from __future__ import annotations
 
 import copy

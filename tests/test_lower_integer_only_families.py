@@ -2,12 +2,13 @@
 Qwen2 (q/k/v biases), Qwen3 (RMSNorm on q and k), Phi-3 (fused qkv and gate_up projections, ``chunk``, partial
 rotary: ``cat`` of a rotated and a pass-through piece), Gemma (norm gain ``1 + w`` computed in the graph,
 ``type_as``, embeddings scaled by a buffer, tanh-GELU gate), GPT-NeoX (partial rotary, the KV cache's ``cat`` with an
-empty tensor), Falcon (``x @ W.T`` as ``matmul``, key/value heads picked by ``index``, an in-place add), OPT (ReLU, learned positions, biases, tokens flattened to rows before the linears), GPT-2 (Conv1D
-as ``addmm`` with ``[in, out]`` weights, the tanh-GELU written out) and Gemma-2 (eager attention —
-``matmul``, an additive float mask, ``softmax``, ``matmul`` — with ``tanh`` soft-caps on the scores and the logits,
-sliding-window layers). Each lowers, passes the verifier and
-keeps the float function, with a padding token (a zero embedding row) in the batch; and the scale rules behind
-them (``cat`` of pieces with their own scales, reshapes that merge per-token dims) are checked on their own."""
+empty tensor), Falcon (``x @ W.T`` as ``matmul``, key/value heads picked by ``index``, an in-place add), OPT (ReLU,
+learned positions, biases, tokens flattened to rows before the linears), GPT-2 (Conv1D as ``addmm`` with
+``[in, out]`` weights, the tanh-GELU written out) and Gemma-2 (eager attention — ``matmul``, an additive float mask,
+``softmax``, ``matmul`` — with ``tanh`` soft-caps on the scores and the logits, sliding-window layers). Each lowers,
+passes the verifier and keeps the float function, with a padding token (a zero embedding row) in the batch; and the
+scale rules behind them (``cat`` of pieces with their own scales, reshapes that merge per-token dims) are checked on
+their own."""
 from __future__ import annotations
 
 import pytest
@@ -33,7 +34,7 @@ FAMILIES = {
     "gemma": ({}, {"di_rmsnorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "mul_const": (0, 1)}),
     "neox": ({}, {"di_layernorm": (2, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "cat_scaled": (2, 0)}),
     "falcon": ({}, {"di_layernorm": (1, 1), "di_gelu": (1, 0), "di_attention": (1, 0), "di_linear": (4, 1)}),
-    # eager attention: matmul -> ·scale -> /cap, tanh, ·cap -> + additive mask -> softmax -> matmul; logits soft-capped
+    # eager attention: matmul, ·scale, /cap, tanh, ·cap, + additive mask, softmax, matmul; the logits soft-capped
     "gemma2": ({}, {"di_tanh": (1, 1), "di_matmul": (2, 0), "masked_scores": (1, 0), "di_softmax": (1, 0),
                     "di_rmsnorm": (4, 1), "di_gelu": (1, 0), "di_linear": (7, 1)}),
 }
