@@ -301,16 +301,42 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
     return requantize_rows(s, xm, kacc, bits)
 
 
+def _align_exponents_causal(m: torch.Tensor, k: torch.Tensor, rows: int, headroom: int = 16
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_align_exponents` of per-reduction-index scales ``[..., K, 1]`` done separately for each of ``rows``
+    output rows over only the indices that row attends to causally (row ``i`` sees ``j <= i + K - rows``: the
+    bottom-right alignment of a query block that follows ``K - rows`` cached keys). Returns multipliers
+    ``[..., rows, K]`` (0 where the row does not look) and the rows' exponents ``[..., rows, 1]``. No row depends
+    on a scale it cannot see: the product of row ``i`` is the same whether the later keys exist or not, which is
+    what makes a KV cache give the full sequence's result bit for bit."""
+    m, k = _long(m)[..., 0], _long(k)[..., 0]                         # [..., K]
+    kdim = k.shape[-1]
+    if kdim == 0:
+        shape = (*k.shape[:-1], rows)
+        return k.new_zeros((*shape, 0)), k.new_zeros((*shape, 1))
+    kmax = torch.cummax(k, dim=-1).values
+    big = torch.full_like(k, 1 << 40)
+    kmin = torch.minimum(torch.cummin(torch.where(m > 0, k, big), dim=-1).values, kmax)
+    kc = torch.minimum(kmax, kmin + headroom)                          # [..., K]: the row whose last key is j
+    last = torch.arange(rows, device=k.device) + (kdim - rows)         # each row's last visible key
+    kc_rows = kc[..., torch.clamp(last, min=0)]                        # [..., rows]
+    mk = shift_round(m[..., None, :], k[..., None, :] - kc_rows[..., :, None])
+    visible = torch.arange(kdim, device=k.device)[None, :] <= last[:, None]
+    return torch.where(visible, mk, torch.zeros_like(mk)), kc_rows[..., None]
+
+
 def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
-              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False
+              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DI-MatMul between two activations (the attention products): ``a[..., M, K] @ b[..., K, N]``.
 
     ``a``'s scale must be per row (``[..., M, 1]``). ``b``'s scale may be per column (``[..., 1, N]``, e.g. keys
     quantized per token in ``Q Kᵀ``): the columns' multipliers are aligned to one exponent and applied to the int32
     product; or per row (``[..., K, 1]``, e.g. values quantized per token in ``P V``): a scale along the reduction
-    dimension cannot stay outside the sum, so it is folded into ``a``'s columns (causally: ``a``'s row ``i`` sees
-    only the scales of the keys it attends to) and ``a`` is requantized per row to ``a_bits`` before the product.
+    dimension cannot stay outside the sum, so it is folded into ``a``'s columns (on one exponent common to all keys)
+    and ``a`` is requantized per row to ``a_bits`` before the product. With ``causal`` (causal attention's ``P V``)
+    the fold's exponent is chosen per row over only the keys that row sees (:func:`_align_exponents_causal`), so
+    no row depends on a later key, and a KV cache gives the full sequence's result bit for bit.
     Per-tensor scales (``[..., 1, 1]``) are both. The output is requantized per row to ``bits``.
     """
     a, b = _long(a), _long(b)
@@ -319,7 +345,14 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
         raise ValueError(f"di_matmul: a's scale must be per row ([..., M, 1]), got shape {tuple(am.shape)}")
     if bm.shape[-2] != 1 and bm.shape[-1] != 1:
         raise ValueError(f"di_matmul: b's scale must be per column or per row, got shape {tuple(bm.shape)}")
-    if bm.shape[-2] != 1:                                       # per reduction index: fold into a's columns
+    if causal and bm.shape[-1] == 1:                            # per reduction index, aligned per row (a
+        kshape = (*bm.shape[:-2], b.shape[-2], 1)               # per-tensor scale too: one key is no special case)
+        mk, kc = _align_exponents_causal(bm.expand(kshape), bk.expand(kshape), a.shape[-2])   # [.., M, K], [.., M, 1]
+        a, am, ak = requantize_rows(a * mk, am, ak + kc, a_bits, unsigned=a_unsigned)
+        a, am, ak = _long(a), _long(am), _long(ak)
+        bm = torch.ones_like(bm[..., :1, :])
+        bk = torch.zeros_like(bm)
+    elif bm.shape[-2] != 1:                                     # per reduction index: fold into a's columns
         mk, kc = _align_exponents(bm, bk, dim=-2)               # [..., K, 1], [..., 1, 1]
         a2 = a * mk.transpose(-1, -2)                           # [..., M, K] · [..., 1, K]
         a, am, ak = requantize_rows(a2, am, ak + kc, a_bits, unsigned=a_unsigned)

@@ -923,10 +923,11 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
 
 
 def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
-              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False
+              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fxquant.backends.intops.di_matmul`: the scale alignment in torch (per-row/per-column vectors), the
-    fold of a per-row ``b`` scale into ``a`` as a fused Triton requantization, the batched int8 GEMM with its
+    fold of a per-row ``b`` scale into ``a`` as a fused Triton requantization (``causal``: the per-row multipliers
+    ``[M, K]`` made in torch, applied by the element-wise product kernel), the batched int8 GEMM with its
     row-max epilogue and the requantization pass in Triton."""
     dev = a.device
     am, ak, bm, bk = (_i64(t, dev) for t in (am, ak, bm, bk))
@@ -944,7 +945,20 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     a3 = torch.broadcast_to(a, batch + (mdim, kdim)).reshape(nb, mdim, kdim)
     am_r = torch.broadcast_to(am, batch + (mdim, 1)).reshape(-1).contiguous()
     ak_r = torch.broadcast_to(ak, batch + (mdim, 1)).reshape(-1).contiguous()
-    if bm.shape[-2] != 1:                                        # per reduction index: fold into a's columns
+    if causal and bm.shape[-1] == 1:                             # per reduction index, aligned per row
+        kshape = (*bm.shape[:-2], kdim, 1)
+        mk, kc = ref._align_exponents_causal(bm.expand(kshape), bk.expand(kshape), mdim)   # [.., M, K], [.., M, 1]
+        mk_r = torch.broadcast_to(mk, batch + (mdim, kdim)).reshape(nb * mdim, kdim).contiguous()
+        kc_r = torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)
+        a2 = a3.reshape(nb * mdim, kdim)
+        if a2.stride(-1) != 1:
+            a2 = a2.contiguous()
+        q, am_r, ak_r = _ew_requant(OP_MUL, a2, x1=mk_r, m_in=am_r, k_in=(ak_r + kc_r).contiguous(),
+                                    bits=a_bits, unsigned=a_unsigned)
+        a3 = q.reshape(nb, mdim, kdim)
+        bm = torch.ones_like(bm[..., :1, :])
+        bk = torch.zeros_like(bm)
+    elif bm.shape[-2] != 1:                                      # per reduction index: fold into a's columns
         mk, kc = ref._align_exponents(bm, bk, dim=-2)            # [..., K, 1], [..., 1, 1]
         mk_c = torch.broadcast_to(mk.transpose(-1, -2), batch + (1, kdim)).reshape(nb, kdim).contiguous()
         kc_r = torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)

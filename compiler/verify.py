@@ -161,6 +161,10 @@ def propagate_meta(cg: CapturedGraph, example: torch.Tensor | tuple[torch.Tensor
         vocab = int(getattr(getattr(cg.model, "config", None), "vocab_size", 2) or 2)
         example = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if cg.meta.get("kv_cache") and len(examples) == 1:     # token ids only: the first call, with an empty cache
+        from fxquant.passes.lower_integer_only import empty_kv_cache  # noqa: PLC0415
+        cache = empty_kv_cache(cg, int(examples[0].shape[0]), examples[0].device)
+        examples = (examples[0], *[cache[n] for n in cg.user_inputs[1:]])
     if len(examples) != len(cg.user_inputs):
         raise IntegerOnlyViolation(f"the graph takes {len(cg.user_inputs)} input(s) ({', '.join(cg.user_inputs)}), "
                                    f"the example gives {len(examples)}",

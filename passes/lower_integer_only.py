@@ -67,7 +67,7 @@ from fxquant.verify import INTEGER_BOUNDARY  # the annotation the verifier reads
 log = logging.getLogger("fxquant")
 
 __all__ = ["IntegerOnlyConfig", "LowerIntegerOnly", "lower_integer_only", "RULES", "INTEGER_BOUNDARY",
-           "LoweringError"]
+           "LoweringError", "empty_kv_cache"]
 
 aten = torch.ops.aten
 
@@ -88,6 +88,7 @@ class IntegerOnlyConfig:
     softmax_clip: float = 15.0
     fixed_bits: int = 14       # fractional bits of position tables (RoPE cos/sin)
     gamma_bits: int = 16       # norm gains as 16-bit codes
+    kv_cache: bool = False     # integer KV cache: past keys/values (codes + scales) in, the extended ones out
 
     def __post_init__(self) -> None:
         for name in ("act_bits", "weight_bits", "inner_bits", "attn_bits"):
@@ -171,6 +172,9 @@ class _Lowering:
         self.keyseq = 0
         self.fixed: dict[fx.Node, IntValue] = {}
         self.masks: dict[fx.Node, fx.Node] = {}
+        self.causal_masks: dict[fx.Node, bool] = {}
+        self.kv: list[dict[str, Any]] = []          # per cached tensor: names, outputs, shapes (kv_cache)
+        self.past_length: fx.Node | None = None
 
     # ---- emitting ---------------------------------------------------------------------------------------
     def call(self, target: Any, *args: Any, n_out: int = 0, boundary: str | None = None) -> Any:
@@ -265,6 +269,33 @@ class _Lowering:
                 self.masks[mask] = self.call(_di("mask_from_additive"), mask, boundary="enter")
             self.count("mask_from_additive")
         return self.masks[mask]
+
+    def input_placeholder(self, name: str) -> fx.Node:
+        """A new user input, after every existing placeholder (its name is added to ``cg.user_inputs``)."""
+        last = [n for n in self.g.nodes if n.op == "placeholder"][-1]
+        with self.g.inserting_after(last):
+            node = self.g.placeholder(name)
+        self.cg.user_inputs.append(node.name)
+        return node
+
+    def mask_is_causal(self, mask: fx.Node) -> bool:
+        """Whether a boolean attention mask is exactly the causal one: it must be computed from parameters,
+        buffers and the inputs' shapes only, and evaluate to ``tril`` at several lengths (and just past a sliding
+        window the config declares). Such a mask is replaced by the op's own causal masking."""
+        if mask not in self.causal_masks:
+            self.causal_masks[mask] = _probe_causal(self, mask)
+        return self.causal_masks[mask]
+
+    def kv_cached(self, v: IntValue, name: str, heads: int, dim: int) -> IntValue:
+        """``cat(past, v)`` along the sequence for codes and scales; the past comes in as three new inputs, the
+        concatenation goes out as three new outputs (the next step's past)."""
+        names = [f"past_{name}_{part}" for part in ("q", "m", "k")]
+        phs = [self.input_placeholder(n) for n in names]
+        cats = [self.g.call_function(aten.cat.default, ([ph, x], -2)) for ph, x in zip(phs, (v.q, v.m, v.k))]
+        self.kv.append({"name": name, "inputs": [p.name for p in phs], "outputs": cats, "heads": heads, "dim": dim,
+                        "bits": v.bits, "unsigned": v.unsigned})
+        self.count("kv_cache")
+        return self.value(*cats, v.bits, v.vary, unsigned=v.unsigned, tag="kv")
 
     def emit_silu(self, d: _Deferred) -> IntValue:
         g = self.requant(d.gate, self.cfg.inner_bits)
@@ -1131,11 +1162,25 @@ def _sdpa(L: _Lowering, node: fx.Node) -> IntValue:
                             "capture the model with a boolean mask (transformers' sdpa path) or no mask")
     if isinstance(mask, fx.Node) and mask in L.env:
         raise LoweringError(f"{node.name}: the attention mask is computed from activations")
+    causal = bool(args.get("is_causal", False))
+    if isinstance(mask, fx.Node) and not causal and L.mask_is_causal(mask):
+        mask, causal = None, True               # transformers' explicit causal mask: the op's own causal masking
+        L.count("causal_mask")
     ab = L.cfg.attn_bits
     q = L.requant(_v(L, node, 0), ab)
     kk = L.requant(_v(L, node, 1), ab)
     v = L.requant(_v(L, node, 2), ab)
     qd, kd = _dims(node.args[0]), _dims(node.args[1])
+    if L.cfg.kv_cache:
+        if not causal or mask is not None:
+            raise LoweringError(f"{node.name}: an integer KV cache needs causal attention, and this attention's mask "
+                                "is not (provably) the causal one (a sliding window, padding or a bidirectional "
+                                "encoder)", "lower without kv_cache (each step re-runs the whole sequence)")
+        if not (kd[-3].is_Integer and kd[-1].is_Integer):
+            raise LoweringError(f"{node.name}: the key/value heads and head size are not fixed numbers ({kd})")
+        layer = sum(1 for e in L.kv if e["name"].startswith("k"))
+        kk = L.kv_cached(kk, f"k{layer}", int(kd[-3]), int(kd[-1]))
+        v = L.kv_cached(v, f"v{layer}", int(kd[-3]), int(_dims(node.args[2])[-1]))
     if args.get("enable_gqa") and not _same(qd[-3], kd[-3]):
         rep = int(qd[-3] / kd[-3])
         kk = _repeat_heads(L, kk, rep)
@@ -1148,18 +1193,147 @@ def _sdpa(L: _Lowering, node: fx.Node) -> IntValue:
     d = _dyadic(scale)
     sm, sk = L.call(_di("rescale"), sm, sk, d.m, d.k, n_out=2)
     c = _dyadic(L.cfg.softmax_clip)
-    p, pm, pk = L.call(_di("di_clipped_softmax"), s, sm, sk, mask, bool(args.get("is_causal", False)), c.m, c.k,
-                       L.cfg.exp_order, ab, n_out=3)
-    o, om, ok = L.call(_di("di_matmul"), p, pm, pk, v.q, v.m, v.k, L.cfg.inner_bits, ab, True, n_out=3)
+    p, pm, pk = L.call(_di("di_clipped_softmax"), s, sm, sk, mask, causal, c.m, c.k, L.cfg.exp_order, ab, n_out=3)
+    o, om, ok = L.call(_di("di_matmul"), p, pm, pk, v.q, v.m, v.k, L.cfg.inner_bits, ab, True, causal, n_out=3)
     L.count("di_attention")
     nd = len(_dims(node))
     return L.value(o, om, ok, L.cfg.inner_bits, tuple([True] * (nd - 1) + [False]), tag="attn")
+
+
+#: sequence lengths at which a mask is evaluated before it is taken for the causal one
+_PROBE_LENGTHS = (1, 2, 7, 64)
+#: the longest probe made just past a declared sliding window (a longer window is not probed: the mask is kept)
+_PROBE_MAX = 4096
+
+
+def _probe_causal(L: _Lowering, mask: fx.Node) -> bool:
+    """See :meth:`_Lowering.mask_is_causal`."""
+    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
+    if not (isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name in L.cg.user_inputs):
+        return False
+    ancestors: set[fx.Node] = set()
+    stack = [mask]
+    while stack:
+        n = stack.pop()
+        if n in ancestors:
+            continue
+        ancestors.add(n)
+        if n in L.env or n.op not in ("placeholder", "call_function"):
+            return False
+        if n.op == "placeholder":
+            if n.name in L.cg.user_inputs and n is not ids and n is not L.past_length:
+                return False
+            continue
+        if ids in n.all_input_nodes and op_name(n) != "sym_size":
+            return False                        # reads the token ids' values (padding detection): not positions only
+        stack.extend(n.all_input_nodes)
+    cfg = getattr(L.cg.model, "config", None)
+    lengths = list(_PROBE_LENGTHS)
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(cfg, "use_sliding_window", True) is not False:
+        if window + 2 > _PROBE_MAX:
+            return False
+        lengths.append(window + 2)
+    order = [n for n in L.g.nodes if n in ancestors]
+    for seq in lengths:
+        env: dict[fx.Node, Any] = {}
+        try:
+            for n in order:
+                if n.op == "placeholder":
+                    env[n] = (torch.zeros((2, seq), dtype=torch.long) if n is ids else
+                              torch.zeros((), dtype=torch.long) if n is L.past_length else L.cg.tensors[n.name])
+                    continue
+                a = fx.node.map_arg(n.args, env.__getitem__)
+                kw = fx.node.map_arg(n.kwargs, env.__getitem__)
+                env[n] = n.target(*a, **kw)
+        except Exception as exc:  # noqa: BLE001 - a mask we cannot evaluate is not proven causal, and is kept
+            log.info("fxquant: the attention mask %s could not be evaluated at length %d (%s): kept", mask.name, seq,
+                     exc)
+            return False
+        val = env[mask]
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool or tuple(val.shape[-2:]) != (seq, seq):
+            return False
+        if not torch.equal(val, torch.ones(seq, seq, dtype=torch.bool).tril().expand(val.shape)):
+            return False
+    return True
 
 
 def _repeat_heads(L: _Lowering, v: IntValue, rep: int) -> IntValue:
     t = aten.repeat_interleave.self_int
     return _layout(L, v, t, (rep, v.ndim - 3), (rep, v.ndim - 3) if v.vary[-3] else (), v.vary,
                    scale_too=v.vary[-3])
+
+
+def _erase_float_originals(g: fx.Graph, replaced: set[fx.Node]) -> None:
+    """Erase what the outputs no longer need: the float originals of the lowered ops and what only they read
+    (an explicit causal mask the op's causal masking replaced, position tables...). FX's own dead-code
+    elimination stops at capture-time metadata assertions and at ops it takes for impure (attention, with its
+    dropout), which would keep the whole float model running beside the integer one."""
+    live: set[fx.Node] = set()
+    stack = [g.output_node()]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    for n in reversed(list(g.nodes)):
+        if n.op == "call_function" and n not in live and not n.users and (
+                n in replaced or op_name(n) == "_assert_tensor_metadata" or not n.is_impure()):
+            g.erase_node(n)
+    g.eliminate_dead_code()
+
+
+# ---- the KV cache ------------------------------------------------------------------------------------------------
+def _offset_positions(L: _Lowering) -> None:
+    """A new input ``past_length`` (a 0-d int64 tensor) shifts every ``arange`` over the sequence length — the
+    positions of RoPE tables, learned position embeddings and masks — so that new tokens get the positions after
+    the cached ones."""
+    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
+    if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
+        raise LoweringError("an integer KV cache needs the token ids as the graph's input")
+    seq = {n for n in L.g.nodes if op_name(n) == "sym_size" and n.args[0] is ids and n.args[1] in (1, -1)}
+    aranges = [n for n in L.g.nodes if op_name(n) == "arange" and (
+        (len(n.args) == 1 and n.args[0] in seq) or (len(n.args) >= 2 and n.args[0] == 0 and n.args[1] in seq))]
+    if not aranges:
+        raise LoweringError("an integer KV cache shifts the positions of new tokens, and this graph has no "
+                            "arange over the sequence length to shift", "lower without kv_cache")
+    L.past_length = L.input_placeholder("past_length")
+    for n in aranges:
+        with L.g.inserting_after(n):
+            shifted = L.g.call_function(aten.add.Tensor, (n, L.past_length))
+        n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
+    L.count("positions_shifted")
+
+
+def _cache_outputs(L: _Lowering) -> None:
+    """The extended keys/values become outputs after the model's own, and ``cg.meta["kv_cache"]`` records how
+    to make an empty cache (:func:`empty_kv_cache`)."""
+    if not L.kv:
+        raise LoweringError("kv_cache: the graph has no attention to cache", "lower without kv_cache")
+    out = L.g.output_node()
+    vals = out.args[0]
+    cached = [c for e in L.kv for c in e["outputs"]]
+    out.args = ((*vals, *cached) if isinstance(vals, (tuple, list)) else (vals, *cached),)
+    from fxquant.backends.intops import int_dtype  # noqa: PLC0415
+    L.cg.meta["kv_cache"] = {
+        "past_length": L.past_length.name,
+        "outputs": 1 if not isinstance(vals, (tuple, list)) else len(vals),
+        "entries": [{"inputs": e["inputs"], "heads": e["heads"], "dim": e["dim"],
+                     "dtype": str(int_dtype(e["bits"], e["unsigned"])).removeprefix("torch.")} for e in L.kv]}
+
+
+def empty_kv_cache(cg: CapturedGraph, batch: int, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The inputs of a KV-cached integer graph for its first call: ``past_length`` 0 and empty keys/values."""
+    spec = cg.meta.get("kv_cache")
+    if not spec:
+        return {}
+    feed = {spec["past_length"]: torch.zeros((), dtype=torch.long, device=device)}
+    for e in spec["entries"]:
+        q, m, k = e["inputs"]
+        feed[q] = torch.zeros((batch, e["heads"], 0, e["dim"]), dtype=getattr(torch, e["dtype"]), device=device)
+        feed[m] = torch.zeros((batch, e["heads"], 0, 1), dtype=torch.long, device=device)
+        feed[k] = torch.zeros((batch, e["heads"], 0, 1), dtype=torch.long, device=device)
+    return feed
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------------
@@ -1171,13 +1345,13 @@ def lower_integer_only(cg: CapturedGraph, cfg: IntegerOnlyConfig | None = None,
         raise LoweringError("integer-only lowering starts at the embedding output, and this graph has no "
                             "aten.embedding", "lower a language model (input_ids -> embedding -> layers)")
     low = _Lowering(cg, cfg, quantized or {})
+    if cfg.kv_cache:
+        _offset_positions(low)
     low.run()
     g = cg.gm.graph
-    replaced = set(low.env) | low.skip | set(low.norms)
-    for n in reversed(list(g.nodes)):           # the float originals (dropout/asserts are not dead code to FX)
-        if n in replaced and not n.users and n.op == "call_function":
-            g.erase_node(n)
-    g.eliminate_dead_code()
+    if cfg.kv_cache:
+        _cache_outputs(low)
+    _erase_float_originals(g, set(low.env) | low.skip | set(low.norms))
     for n in list(g.nodes):                     # float weights that nothing reads any more
         if n.op == "placeholder" and not n.users and n.name not in cg.user_inputs:
             g.erase_node(n)

@@ -19,6 +19,10 @@ F64 = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def deq(q, m, k):
     return I.dequantize(q, m, k, F64)
 
@@ -320,6 +324,58 @@ def test_di_matmul_both_scale_layouts(seed, m_rows, kdim, n):
     ref = deq(qp, pm, pk) @ deq(qv, vm, vk)
     bound = (deq(qp, pm, pk).abs() @ deq(qv, vm, vk).abs()).amax(-1, keepdim=True) * (1 / 255 + 1e-3)
     assert bool(((deq(y, ym, yk) - ref).abs() <= bound + 1e-9).all())
+
+
+def _causal_pv(seed: int, heads: int, n: int, d: int):
+    """A causal P (rows sum to 1 over the keys each row sees, 0 after) and V with per-token scales far apart."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(heads, n, n, generator=g, dtype=F64).masked_fill(~torch.ones(n, n).tril().bool(), -1e9)
+    qp, pm, pk = I.quantize_rows(torch.softmax(scores, -1), 8, unsigned=True)
+    v = torch.randn(heads, n, d, generator=g, dtype=F64) * torch.logspace(-2, 3, n, dtype=F64)[None, :, None]
+    qv, vm, vk = I.quantize_rows(v, 8)
+    return qp, pm, pk, qv, vm, vk
+
+
+@SETTINGS
+@given(st.integers(0, 10 ** 6), st.integers(1, 3), st.integers(1, 24), st.integers(1, 16), st.data())
+def test_causal_pv_rows_never_see_later_keys(seed, heads, n, d, data):
+    """``causal=True``: the first ``t`` rows of ``P V`` are the same with or without the keys after them, and the
+    rows of a query block after ``n - t`` cached keys (a KV cache's decode step) are those of the full product."""
+    qp, pm, pk, qv, vm, vk = _causal_pv(seed, heads, n, d)
+    full = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal=True)
+    t = data.draw(st.integers(1, n))
+    prefix = I.di_matmul(qp[:, :t, :t], pm[:, :t], pk[:, :t], qv[:, :t], vm[:, :t], vk[:, :t], 16, a_unsigned=True,
+                         causal=True)
+    for got, want in zip(prefix, full):
+        assert torch.equal(got, want[:, :t])
+    tail = I.di_matmul(qp[:, t - 1:], pm[:, t - 1:], pk[:, t - 1:], qv, vm, vk, 16, a_unsigned=True, causal=True)
+    for got, want in zip(tail, full):
+        assert torch.equal(got, want[:, t - 1:])
+    # the last row sees every key: there the causal and the one-exponent fold are the same computation (with one
+    # key the scale is also per tensor, which the one-exponent path multiplies after the product instead)
+    glob = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True)
+    for got, want in zip(glob, full):
+        assert n == 1 or torch.equal(got[:, -1], want[:, -1])
+    # and it is as accurate as the one-exponent fold
+    ref = deq(qp, pm, pk) @ deq(qv, vm, vk)
+    bound = (deq(qp, pm, pk).abs() @ deq(qv, vm, vk).abs()).amax(-1, keepdim=True) * (1 / 255 + 1e-3)
+    assert bool(((deq(*full) - ref).abs() <= bound + 1e-9).all())
+
+
+def test_causal_pv_without_the_flag_depends_on_later_keys():
+    """Why the flag exists: with one exponent for all keys, a later key with a much coarser scale changes the
+    rounding of earlier rows (the first row here), which a KV cache could not reproduce."""
+    qp, pm, pk, qv, vm, vk = _causal_pv(5, 1, 20, 8)
+    vk[:, -1] = vk[:, 0] - 30                                   # the last value 2^30 coarser than the first
+    full = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True)
+    prefix = I.di_matmul(qp[:, :1, :1], pm[:, :1], pk[:, :1], qv[:, :1], vm[:, :1], vk[:, :1], 16, a_unsigned=True,
+                         causal=True)
+    assert not all(torch.equal(p, f[:, :1]) for p, f in zip(prefix, full))
+    causal = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal=True)
+    assert all(torch.equal(p, c[:, :1]) for p, c in zip(prefix, causal))
+    # the one-exponent fold kept 1 of the first value's 15 scale bits: its row is off by tens of percent
+    ref = deq(qp, pm, pk)[:, :1] @ deq(qv, vm, vk)
+    assert _rel(deq(*full)[:, :1], ref) > 0.05 > 0.01 > _rel(deq(*causal)[:, :1], ref)
 
 
 # ---- activations, add -----------------------------------------------------------------------------------------

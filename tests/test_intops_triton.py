@@ -181,7 +181,7 @@ def test_di_linear_non_int8_codes_and_zero_scale() -> None:
 # ---- DI-MatMul ---------------------------------------------------------------------------------------------------
 @settings(max_examples=12, **SETTINGS)
 @given(seed=st.integers(0, 2 ** 31 - 1), batch=st.sampled_from([(), (3,), (2, 2)]), m=st.integers(1, 20),
-       kdim=st.integers(1, 40), n=st.integers(1, 24), layout=st.sampled_from(["col", "tensor", "row"]),
+       kdim=st.integers(1, 40), n=st.integers(1, 24), layout=st.sampled_from(["col", "tensor", "row", "causal"]),
        a_unsigned=st.booleans(), bits=st.sampled_from([8, 16]), special=st.sampled_from(SPECIALS))
 def test_di_matmul(seed: int, batch: tuple[int, ...], m: int, kdim: int, n: int, layout: str, a_unsigned: bool,
                    bits: int, special: str) -> None:
@@ -199,11 +199,13 @@ def test_di_matmul(seed: int, batch: tuple[int, ...], m: int, kdim: int, n: int,
     elif layout == "tensor":
         bm, bk = row_scale(gen, batch + (1,))
     else:                      # P V: values per token = per row of b (folded into a), b made N-contiguous
+                               # ("causal": a query block of m rows after kdim - m cached keys, or fewer keys)
         b = b.contiguous()
         bm, bk = row_scale(gen, batch + (kdim,), klo=-10, khi=40)
         bm[..., 0, :] = 0                                      # a key with a zero scale
-    want = R.di_matmul(a, am, ak, b, bm, bk, bits, a_unsigned=a_unsigned)
-    got = T.di_matmul(*_dev(a, am, ak, b, bm, bk), bits, a_unsigned=a_unsigned)
+    causal = layout == "causal"   # P V of causal attention: the fold aligned per row over the keys it sees
+    want = R.di_matmul(a, am, ak, b, bm, bk, bits, a_unsigned=a_unsigned, causal=causal)
+    got = T.di_matmul(*_dev(a, am, ak, b, bm, bk), bits, a_unsigned=a_unsigned, causal=causal)
     assert_same(got, want, f"di_matmul {layout}")
 
 
