@@ -213,12 +213,12 @@ def _linear_fake(x: Tensor, xm: Tensor, xk: Tensor, w: Tensor, wm: Tensor, wk: i
 
 
 def di_matmul(a: Tensor, am: Tensor, ak: Tensor, b: Tensor, bm: Tensor, bk: Tensor, bits: int, a_bits: int,
-              a_unsigned: bool, causal: bool = False) -> Triple:
+              a_unsigned: bool, causal: str = "") -> Triple:
     return _impl(a).di_matmul(a, am, ak, b, bm, bk, bits, a_bits=a_bits, a_unsigned=a_unsigned, causal=causal)
 
 
 def _matmul_fake(a: Tensor, am: Tensor, ak: Tensor, b: Tensor, bm: Tensor, bk: Tensor, bits: int, a_bits: int,
-                 a_unsigned: bool, causal: bool = False) -> Triple:
+                 a_unsigned: bool, causal: str = "") -> Triple:
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     y = a.new_empty((*batch, a.shape[-2], b.shape[-1]), dtype=ref.int_dtype(bits))
     return y, _row_scale(y), _row_scale(y)

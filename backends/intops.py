@@ -303,12 +303,11 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
 
 def _align_exponents_causal(m: torch.Tensor, k: torch.Tensor, rows: int, headroom: int = 16
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_align_exponents` of per-reduction-index scales ``[..., K, 1]`` done separately for each of ``rows``
-    output rows over only the indices that row attends to causally (row ``i`` sees ``j <= i + K - rows``: the
-    bottom-right alignment of a query block that follows ``K - rows`` cached keys). Returns multipliers
-    ``[..., rows, K]`` (0 where the row does not look) and the rows' exponents ``[..., rows, 1]``. No row depends
-    on a scale it cannot see: the product of row ``i`` is the same whether the later keys exist or not, which is
-    what makes a KV cache give the full sequence's result bit for bit."""
+    """:func:`_align_exponents` of per-key scales ``[..., K, 1]`` done separately for each of ``rows`` output rows
+    over only the keys that row attends to causally (row ``i`` sees ``j <= i + K - rows``: the bottom-right
+    alignment of a query block that follows ``K - rows`` cached keys). Returns multipliers ``[..., rows, K]`` (0
+    where the row does not look) and the rows' exponents ``[..., rows, 1]``. No row depends on a scale it cannot
+    see, which is what makes a KV cache give the full sequence's result bit for bit."""
     m, k = _long(m)[..., 0], _long(k)[..., 0]                         # [..., K]
     kdim = k.shape[-1]
     if kdim == 0:
@@ -325,8 +324,29 @@ def _align_exponents_causal(m: torch.Tensor, k: torch.Tensor, rows: int, headroo
     return torch.where(visible, mk, torch.zeros_like(mk)), kc_rows[..., None]
 
 
+#: ``di_matmul(causal=...)``: the keys are ``b``'s rows (``P V``) or ``b``'s columns (``Q Kᵀ``)
+CAUSAL_MODES = ("", "reduction", "columns")
+
+
+def causal_key_scales(a: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor, causal: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-key scales of ``b`` as ``[..., keys, 1]`` for ``causal`` (a per-tensor scale broadcast: one key is no
+    special case), checked against ``b``'s layout."""
+    if causal not in CAUSAL_MODES[1:]:
+        raise ValueError(f"di_matmul: causal must be one of {CAUSAL_MODES}, got {causal!r}")
+    if causal == "reduction":
+        if bm.shape[-1] != 1:
+            raise ValueError("di_matmul: causal='reduction' (P V) needs b's scale per row (per key)")
+        shape = (*bm.shape[:-2], b.shape[-2], 1)
+        return bm.expand(shape), bk.expand(shape)
+    if bm.shape[-2] != 1:
+        raise ValueError("di_matmul: causal='columns' (Q Kᵀ) needs b's scale per column (per key)")
+    shape = (*bm.shape[:-2], 1, b.shape[-1])
+    return bm.expand(shape).transpose(-1, -2), bk.expand(shape).transpose(-1, -2)
+
+
 def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
-              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: bool = False
+              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: str = ""
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DI-MatMul between two activations (the attention products): ``a[..., M, K] @ b[..., K, N]``.
 
@@ -334,10 +354,14 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     quantized per token in ``Q Kᵀ``): the columns' multipliers are aligned to one exponent and applied to the int32
     product; or per row (``[..., K, 1]``, e.g. values quantized per token in ``P V``): a scale along the reduction
     dimension cannot stay outside the sum, so it is folded into ``a``'s columns (on one exponent common to all keys)
-    and ``a`` is requantized per row to ``a_bits`` before the product. With ``causal`` (causal attention's ``P V``)
-    the fold's exponent is chosen per row over only the keys that row sees (:func:`_align_exponents_causal`), so
-    no row depends on a later key, and a KV cache gives the full sequence's result bit for bit.
-    Per-tensor scales (``[..., 1, 1]``) are both. The output is requantized per row to ``bits``.
+    and ``a`` is requantized per row to ``a_bits`` before the product. Per-tensor scales (``[..., 1, 1]``) are both.
+    The output is requantized per row to ``bits``.
+
+    ``causal`` is for causal attention, where row ``i`` attends to keys ``j <= i + (keys - M)``: ``"reduction"``
+    (``P V``: the keys are ``b``'s rows) or ``"columns"`` (``Q Kᵀ``: the keys are ``b``'s columns). The keys'
+    exponent is then chosen per row over the keys that row sees (:func:`_align_exponents_causal`) and the keys it
+    does not see count as 0 — in ``Q Kᵀ`` also in the row's maximum, which sets its output scale. No row then
+    depends on a later key, so the rows of a query block after cached keys are those of the whole sequence.
     """
     a, b = _long(a), _long(b)
     am, ak, bm, bk = _long(am), _long(ak), _long(bm), _long(bk)
@@ -345,14 +369,14 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
         raise ValueError(f"di_matmul: a's scale must be per row ([..., M, 1]), got shape {tuple(am.shape)}")
     if bm.shape[-2] != 1 and bm.shape[-1] != 1:
         raise ValueError(f"di_matmul: b's scale must be per column or per row, got shape {tuple(bm.shape)}")
-    if causal and bm.shape[-1] == 1:                            # per reduction index, aligned per row (a
-        kshape = (*bm.shape[:-2], b.shape[-2], 1)               # per-tensor scale too: one key is no special case)
-        mk, kc = _align_exponents_causal(bm.expand(kshape), bk.expand(kshape), a.shape[-2])   # [.., M, K], [.., M, 1]
+    if causal:
+        km, kk = causal_key_scales(a, b, bm, bk, causal)
+        mk, kc = _align_exponents_causal(km, kk, a.shape[-2])          # [..., M, keys], [..., M, 1]
+        if causal == "columns":
+            return requantize_rows(_matmul_int(a, b) * mk, am, ak + kc, bits)
         a, am, ak = requantize_rows(a * mk, am, ak + kc, a_bits, unsigned=a_unsigned)
-        a, am, ak = _long(a), _long(am), _long(ak)
-        bm = torch.ones_like(bm[..., :1, :])
-        bk = torch.zeros_like(bm)
-    elif bm.shape[-2] != 1:                                     # per reduction index: fold into a's columns
+        return requantize_rows(_matmul_int(_long(a), b), am, ak, bits)
+    if bm.shape[-2] != 1:                                       # per reduction index: fold into a's columns
         mk, kc = _align_exponents(bm, bk, dim=-2)               # [..., K, 1], [..., 1, 1]
         a2 = a * mk.transpose(-1, -2)                           # [..., M, K] · [..., 1, K]
         a, am, ak = requantize_rows(a2, am, ak + kc, a_bits, unsigned=a_unsigned)

@@ -923,12 +923,13 @@ def di_linear(x: torch.Tensor, xm: torch.Tensor, xk: torch.Tensor, w: torch.Tens
 
 
 def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,
-              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: bool = False
+              bits: int = 16, *, a_bits: int = 8, a_unsigned: bool = False, causal: str = ""
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fxquant.backends.intops.di_matmul`: the scale alignment in torch (per-row/per-column vectors), the
-    fold of a per-row ``b`` scale into ``a`` as a fused Triton requantization (``causal``: the per-row multipliers
-    ``[M, K]`` made in torch, applied by the element-wise product kernel), the batched int8 GEMM with its
-    row-max epilogue and the requantization pass in Triton."""
+    fold of a per-row ``b`` scale into ``a`` as a fused Triton requantization, the batched int8 GEMM with its
+    row-max epilogue and the requantization pass in Triton. ``causal``: the per-row key multipliers ``[M, keys]``
+    are made in torch and applied by the element-wise product kernel (to ``a`` before the GEMM for ``P V``, to
+    the GEMM's product for ``Q Kᵀ``)."""
     dev = a.device
     am, ak, bm, bk = (_i64(t, dev) for t in (am, ak, bm, bk))
     if am.shape[-1] != 1:
@@ -945,20 +946,24 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     a3 = torch.broadcast_to(a, batch + (mdim, kdim)).reshape(nb, mdim, kdim)
     am_r = torch.broadcast_to(am, batch + (mdim, 1)).reshape(-1).contiguous()
     ak_r = torch.broadcast_to(ak, batch + (mdim, 1)).reshape(-1).contiguous()
-    if causal and bm.shape[-1] == 1:                             # per reduction index, aligned per row
-        kshape = (*bm.shape[:-2], kdim, 1)
-        mk, kc = ref._align_exponents_causal(bm.expand(kshape), bk.expand(kshape), mdim)   # [.., M, K], [.., M, 1]
-        mk_r = torch.broadcast_to(mk, batch + (mdim, kdim)).reshape(nb * mdim, kdim).contiguous()
-        kc_r = torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)
-        a2 = a3.reshape(nb * mdim, kdim)
-        if a2.stride(-1) != 1:
-            a2 = a2.contiguous()
-        q, am_r, ak_r = _ew_requant(OP_MUL, a2, x1=mk_r, m_in=am_r, k_in=(ak_r + kc_r).contiguous(),
-                                    bits=a_bits, unsigned=a_unsigned)
-        a3 = q.reshape(nb, mdim, kdim)
-        bm = torch.ones_like(bm[..., :1, :])
-        bk = torch.zeros_like(bm)
-    elif bm.shape[-2] != 1:                                      # per reduction index: fold into a's columns
+    b3 = torch.broadcast_to(b, batch + (kdim, ndim)).reshape(nb, kdim, ndim)
+    if causal:
+        km, kk = ref.causal_key_scales(a, b, bm, bk, causal)
+        mk, kc = ref._align_exponents_causal(km, kk, mdim)               # [..., M, keys], [..., M, 1]
+        keys = kdim if causal == "reduction" else ndim
+        mk_r = torch.broadcast_to(mk, batch + (mdim, keys)).reshape(nb * mdim, keys).contiguous()
+        k_in = (ak_r + torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)).contiguous()
+        if causal == "reduction":
+            a2 = a3.reshape(nb * mdim, kdim)
+            a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()
+            q, am_r, ak_r = _ew_requant(OP_MUL, a2, x1=mk_r, m_in=am_r, k_in=k_in, bits=a_bits, unsigned=a_unsigned)
+            p = _product(q.reshape(nb, mdim, kdim), b3)
+            q, mo, ko = _ew_requant(OP_IDENT, p.reshape(nb * mdim, ndim), m_in=am_r, k_in=ak_r, bits=bits)
+        else:
+            p = _product(a3, b3)
+            q, mo, ko = _ew_requant(OP_MUL, p.reshape(nb * mdim, ndim), x1=mk_r, m_in=am_r, k_in=k_in, bits=bits)
+        return _finish(q, mo, ko, batch + (mdim, ndim))
+    if bm.shape[-2] != 1:                                        # per reduction index: fold into a's columns
         mk, kc = ref._align_exponents(bm, bk, dim=-2)            # [..., K, 1], [..., 1, 1]
         mk_c = torch.broadcast_to(mk.transpose(-1, -2), batch + (1, kdim)).reshape(nb, kdim).contiguous()
         kc_r = torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)
@@ -973,7 +978,6 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     mk, kc = ref._align_exponents(bm, bk, dim=-1)                # per column multipliers [..., 1, N] on kc
     mult = torch.broadcast_to(mk, batch + (1, ndim)).reshape(nb, ndim).contiguous()
     k_in = (ak_r + torch.broadcast_to(kc, batch + (mdim, 1)).reshape(-1)).contiguous()
-    b3 = torch.broadcast_to(b, batch + (kdim, ndim)).reshape(nb, kdim, ndim)
     if b3.dtype == torch.int8 and a3.dtype in (torch.int8, torch.uint8):
         p, amax = _launch_gemm(a3, b3, mult, a_unsigned=a3.dtype == torch.uint8)
     else:
@@ -982,6 +986,14 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     q, mo, ko = _ew_requant(OP_COLMUL, p.reshape(nb * mdim, ndim), c0=mult, m_in=am_r, k_in=k_in, bits=bits,
                             amax=amax, rows_per_batch=max(mdim, 1))
     return _finish(q, mo, ko, batch + (mdim, ndim))
+
+
+def _product(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """``a3 @ b3`` exactly, contiguous: the int8 tensor-core GEMM where it applies (its row maxima unused)."""
+    if b3.dtype == torch.int8 and a3.dtype in (torch.int8, torch.uint8):
+        ones = torch.ones((a3.shape[0], b3.shape[-1]), dtype=torch.int64, device=a3.device)
+        return _launch_gemm(a3, b3, ones, a_unsigned=a3.dtype == torch.uint8)[0]
+    return _matmul_exact(a3, b3).contiguous()
 
 
 def di_add(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor,

@@ -3,9 +3,14 @@
 :class:`IntegerOnlyModel` wraps the lowered :class:`~fxquant.capture.CapturedGraph` (``input_ids`` -> logits or
 last hidden state; every layer in integers between the quantize at the embedding and the dequantize at the end).
 It answers ``model(input_ids=...)`` with an object that has ``.logits`` (causal LMs) or ``.last_hidden_state``
-(encoders), and ``generate(ids, max_new_tokens)`` greedily. The graph was captured without a KV cache, so every
-generated token re-runs the whole prefix: correct, and slow for long outputs (the torch.compile route is the
-fast one on a GPU).
+(encoders), and ``generate(ids, max_new_tokens)`` greedily.
+
+A graph lowered with ``kv_cache`` (``IntegerOnlyConfig(kv_cache=True)``, on in the ``illm-*`` recipes) also takes
+the past keys and values — int8 codes with their per-token dyadic scales, as the attention read them — and
+returns them extended: :meth:`IntegerOnlyModel.step` runs only the new tokens, and ``generate`` prefills once and
+then decodes one token per call. Every op is causal per token (DI-MatMul's ``P V`` fold included), so a step's
+logits are bit for bit those of the whole sequence run again (tested). Without a cache every generated token
+re-runs the whole prefix.
 """
 from __future__ import annotations
 
@@ -30,11 +35,39 @@ class IntegerOnlyModel(torch.nn.Module):
         self._device = torch.device("cpu")
         self._names = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
 
-    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The graph on ``input_ids`` (a plain tensor function: ``torch.compile(model.run, backend="fxquant")``)."""
+    @property
+    def has_kv_cache(self) -> bool:
+        return bool(self.cg.meta.get("kv_cache"))
+
+    def _call(self, feed: dict[str, torch.Tensor]) -> Any:
         t = self.cg.tensors
-        out = self.cg.gm(*[input_ids if n in self.cg.user_inputs else t[n] for n in self._names])
+        return self.cg.gm(*[feed[n] if n in feed else t[n] for n in self._names])
+
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The graph on ``input_ids`` (a plain tensor function: ``torch.compile(model.run, backend="fxquant")``);
+        a KV-cached graph starts from an empty cache and its extended cache is dropped."""
+        if self.has_kv_cache:
+            return self.step(input_ids)[0]
+        out = self._call({self.cg.user_inputs[0]: input_ids})
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    def step(self, input_ids: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the new tokens ``input_ids`` after ``cache`` (``None``: nothing before them); returns their logits
+        and the cache extended by them. The cache is the graph's own inputs by name: ``past_length`` and each
+        attention's past key/value codes and scales."""
+        if not self.has_kv_cache:
+            raise TypeError("this integer-only graph was lowered without a KV cache (kv_cache: false)")
+        from fxquant.passes.lower_integer_only import empty_kv_cache  # noqa: PLC0415
+        spec = self.cg.meta["kv_cache"]
+        if cache is None:
+            cache = empty_kv_cache(self.cg, int(input_ids.shape[0]), input_ids.device)
+        out = self._call({self.cg.user_inputs[0]: input_ids, **cache})
+        names = [n for e in spec["entries"] for n in e["inputs"]]
+        nout = int(spec["outputs"])
+        new = dict(zip(names, out[nout:]))
+        new[spec["past_length"]] = cache[spec["past_length"]] + int(input_ids.shape[1])
+        return out[0], new
 
     @property
     def device(self) -> torch.device:
@@ -79,13 +112,20 @@ class IntegerOnlyModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
                  **_: Any) -> torch.Tensor:
-        """Greedy decoding, re-running the integer graph on the growing sequence."""
+        """Greedy decoding: with a KV cache one prefill and then one token per call, else the integer graph re-run
+        on the growing sequence."""
         if not self.causal:
             raise TypeError("an encoder cannot generate text")
         ids = input_ids.to(self._device)
+        cache = None
+        new = ids
         for _ in range(max_new_tokens):
-            nxt = self.run(ids)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+            if self.has_kv_cache:
+                logits, cache = self.step(new, cache)
+            else:
+                logits = self.run(ids)
+            new = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, new], dim=1)
+            if eos_token_id is not None and bool((new == eos_token_id).all()):
                 break
         return ids

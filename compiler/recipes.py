@@ -516,10 +516,17 @@ CHECKPOINT_OPTIONS = ("save_every", "checkpoint_dir", "resume", "keep_last")
 #: the QATConfig fields the ParetoQ pass (passes/train_paretoq.py, TrainParetoQ.call) fills from recipe options
 #: (tests/test_recipes.py reads that file and checks this against every ``options.get`` there)
 _PARETOQ_QAT_FIELDS = ("steps", "lr", "scale_lr", "batch_size", "seq_len", "seed", "progress", "save_every", "keep_last")
-#: illm options that configure the integer-only lowering: option -> (type, default), see :func:`illm_integer_config`
-_ILLM_INTEGER_OPTIONS: dict[str, tuple[type, Any]] = {
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+#: illm options that configure the integer-only lowering: option -> (conversion, default), see
+#: :func:`illm_integer_config`; ``kv_cache``: true, false or "auto" (a cache where every attention allows one)
+_ILLM_INTEGER_OPTIONS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "act_bits": (int, 8), "inner_bits": (int, 16), "attn_bits": (int, 8), "exp_order": (int, 2),
-    "softmax_clip": (float, 15.0)}
+    "softmax_clip": (float, 15.0), "kv_cache": (_as_given, "auto")}
 
 
 #: options whose config field is declared ``X | None`` with a number default: ``null`` is a value there too (it

@@ -88,7 +88,8 @@ class IntegerOnlyConfig:
     softmax_clip: float = 15.0
     fixed_bits: int = 14       # fractional bits of position tables (RoPE cos/sin)
     gamma_bits: int = 16       # norm gains as 16-bit codes
-    kv_cache: bool = False     # integer KV cache: past keys/values (codes + scales) in, the extended ones out
+    kv_cache: bool | str = False   # integer KV cache: past keys/values (codes + scales) in, the extended ones out;
+                                   # "auto": when every attention allows one (causal SDPA), else none (logged)
 
     def __post_init__(self) -> None:
         for name in ("act_bits", "weight_bits", "inner_bits", "attn_bits"):
@@ -99,6 +100,8 @@ class IntegerOnlyConfig:
             raise LoweringError(f"integer-only weights are at most 8-bit codes, got weight_bits={self.weight_bits}")
         if self.exp_order not in (1, 2):
             raise LoweringError(f"exp_order must be 1 or 2, got {self.exp_order}")
+        if self.kv_cache not in (True, False, "auto"):
+            raise LoweringError(f"kv_cache must be true, false or 'auto', got {self.kv_cache!r}")
 
 
 @dataclass
@@ -1187,14 +1190,16 @@ def _sdpa(L: _Lowering, node: fx.Node) -> IntValue:
         v = _repeat_heads(L, v, rep)
     kt = _layout(L, kk, aten.transpose.int, (-1, -2), (-1, -2),
                  tuple(list(kk.vary[:-2]) + [kk.vary[-1], kk.vary[-2]]))
-    s, sm, sk = L.call(_di("di_matmul"), q.q, q.m, q.k, kt.q, kt.m, kt.k, L.cfg.inner_bits, ab, False, n_out=3)
+    s, sm, sk = L.call(_di("di_matmul"), q.q, q.m, q.k, kt.q, kt.m, kt.k, L.cfg.inner_bits, ab, False,
+                       "columns" if causal else "", n_out=3)
     scale = args.get("scale")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(float(qd[-1]))
     d = _dyadic(scale)
     sm, sk = L.call(_di("rescale"), sm, sk, d.m, d.k, n_out=2)
     c = _dyadic(L.cfg.softmax_clip)
     p, pm, pk = L.call(_di("di_clipped_softmax"), s, sm, sk, mask, causal, c.m, c.k, L.cfg.exp_order, ab, n_out=3)
-    o, om, ok = L.call(_di("di_matmul"), p, pm, pk, v.q, v.m, v.k, L.cfg.inner_bits, ab, True, causal, n_out=3)
+    o, om, ok = L.call(_di("di_matmul"), p, pm, pk, v.q, v.m, v.k, L.cfg.inner_bits, ab, True,
+                       "reduction" if causal else "", n_out=3)
     L.count("di_attention")
     nd = len(_dims(node))
     return L.value(o, om, ok, L.cfg.inner_bits, tuple([True] * (nd - 1) + [False]), tag="attn")
@@ -1284,6 +1289,27 @@ def _erase_float_originals(g: fx.Graph, replaced: set[fx.Node]) -> None:
 
 
 # ---- the KV cache ------------------------------------------------------------------------------------------------
+def _kv_cache_problem(L: _Lowering) -> str | None:
+    """Why this graph cannot have an integer KV cache, or None: every attention must be SDPA, causal by its flag or
+    by a mask proven causal, and the positions must come from an ``arange`` over the sequence length."""
+    attn = [n for n in L.g.nodes if op_name(n) == "scaled_dot_product_attention"]
+    if any(op_name(n) in ("softmax", "_softmax") for n in L.g.nodes):
+        return "eager attention (a softmax outside scaled_dot_product_attention): capture with attn_implementation='sdpa'"
+    if not attn:
+        return "the graph has no attention"
+    for n in attn:
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        causal = bool(n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False))
+        if not causal and not (isinstance(mask, fx.Node) and _dtype(mask) == torch.bool and L.mask_is_causal(mask)):
+            return (f"attention {n.name} is not causal (its mask is not provably the causal one: a sliding window, "
+                    f"padding, or a bidirectional encoder)")
+    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
+    if not any(op_name(n) == "arange" and any(op_name(a) == "sym_size" and a.args[0] is ids
+                                               for a in n.all_input_nodes) for n in L.g.nodes):
+        return "no arange over the sequence length gives the positions"
+    return None
+
+
 def _offset_positions(L: _Lowering) -> None:
     """A new input ``past_length`` (a 0-d int64 tensor) shifts every ``arange`` over the sequence length — the
     positions of RoPE tables, learned position embeddings and masks — so that new tokens get the positions after
@@ -1345,6 +1371,16 @@ def lower_integer_only(cg: CapturedGraph, cfg: IntegerOnlyConfig | None = None,
         raise LoweringError("integer-only lowering starts at the embedding output, and this graph has no "
                             "aten.embedding", "lower a language model (input_ids -> embedding -> layers)")
     low = _Lowering(cg, cfg, quantized or {})
+    if cfg.kv_cache:
+        problem = _kv_cache_problem(low)
+        if problem and cfg.kv_cache == "auto":
+            log.info("fxquant: integer-only graph without a KV cache: %s", problem)
+            cfg = low.cfg = replace(cfg, kv_cache=False)
+        elif not problem:
+            cfg = low.cfg = replace(cfg, kv_cache=True)
+        else:
+            raise LoweringError(f"no integer KV cache for this model: {problem}",
+                                "lower without kv_cache (each generated token re-runs the whole sequence)")
     if cfg.kv_cache:
         _offset_positions(low)
     low.run()

@@ -342,13 +342,13 @@ def test_causal_pv_rows_never_see_later_keys(seed, heads, n, d, data):
     """``causal=True``: the first ``t`` rows of ``P V`` are the same with or without the keys after them, and the
     rows of a query block after ``n - t`` cached keys (a KV cache's decode step) are those of the full product."""
     qp, pm, pk, qv, vm, vk = _causal_pv(seed, heads, n, d)
-    full = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal=True)
+    full = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal="reduction")
     t = data.draw(st.integers(1, n))
     prefix = I.di_matmul(qp[:, :t, :t], pm[:, :t], pk[:, :t], qv[:, :t], vm[:, :t], vk[:, :t], 16, a_unsigned=True,
-                         causal=True)
+                         causal="reduction")
     for got, want in zip(prefix, full):
         assert torch.equal(got, want[:, :t])
-    tail = I.di_matmul(qp[:, t - 1:], pm[:, t - 1:], pk[:, t - 1:], qv, vm, vk, 16, a_unsigned=True, causal=True)
+    tail = I.di_matmul(qp[:, t - 1:], pm[:, t - 1:], pk[:, t - 1:], qv, vm, vk, 16, a_unsigned=True, causal="reduction")
     for got, want in zip(tail, full):
         assert torch.equal(got, want[:, t - 1:])
     # the last row sees every key: there the causal and the one-exponent fold are the same computation (with one
@@ -362,6 +362,42 @@ def test_causal_pv_rows_never_see_later_keys(seed, heads, n, d, data):
     assert bool(((deq(*full) - ref).abs() <= bound + 1e-9).all())
 
 
+@SETTINGS
+@given(st.integers(0, 10 ** 6), st.integers(1, 3), st.integers(1, 24), st.integers(1, 16), st.data())
+def test_causal_qk_rows_never_see_later_keys(seed, heads, n, d, data):
+    """``causal="columns"`` (``Q Kᵀ``): a row's scores, and the scale they are requantized to, depend only on the
+    keys the row sees (the later ones are 0), whichever keys come after; and they are the float scores there."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(heads, n, d, generator=g, dtype=F64)
+    keys = torch.randn(heads, n, d, generator=g, dtype=F64) * torch.logspace(-2, 3, n, dtype=F64)[None, :, None]
+    qq, qm, qk = I.quantize_rows(q, 8)
+    kq, km, kk = I.quantize_rows(keys, 8)
+    kt, ktm, ktk = kq.transpose(-1, -2), km.transpose(-1, -2), kk.transpose(-1, -2)
+    full = I.di_matmul(qq, qm, qk, kt, ktm, ktk, 16, causal="columns")
+    t = data.draw(st.integers(1, n))
+    prefix = I.di_matmul(qq[:, :t], qm[:, :t], qk[:, :t], kt[..., :t], ktm[..., :t], ktk[..., :t], 16,
+                         causal="columns")
+    for got, want in zip(prefix, full):
+        assert torch.equal(got, want[:, :t, :t] if got.shape[-1] == t else want[:, :t])
+    tail = I.di_matmul(qq[:, t - 1:], qm[:, t - 1:], qk[:, t - 1:], kt, ktm, ktk, 16, causal="columns")
+    for got, want in zip(tail, full):
+        assert torch.equal(got, want[:, t - 1:])
+    visible = torch.ones(n, n, dtype=torch.bool).tril()
+    assert bool((full[0][:, ~visible] == 0).all())
+    ref = (deq(qq, qm, qk) @ deq(kq, km, kk).transpose(-1, -2)).masked_fill(~visible, 0)
+    step = full[1].double() * torch.pow(2.0, -full[2].double())
+    # keys more than 16 binades finer than the row's coarsest lose their low bits: 2^-16 of the row's maximum
+    assert bool(((deq(*full) - ref).abs() <= 0.5 * step + ref.abs().amax(-1, keepdim=True) * 1e-3 + 1e-9).all())
+
+
+def test_causal_modes_are_checked():
+    a, am, ak = I.quantize_rows(torch.randn(1, 3, 4, dtype=F64), 8)
+    b, bm, bk = I.quantize_rows(torch.randn(1, 4, 5, dtype=F64), 8)          # per row of b: the P V layout
+    for mode, msg in (("columns", "per column"), ("both", "causal must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            I.di_matmul(a, am, ak, b, bm, bk, 16, causal=mode)
+
+
 def test_causal_pv_without_the_flag_depends_on_later_keys():
     """Why the flag exists: with one exponent for all keys, a later key with a much coarser scale changes the
     rounding of earlier rows (the first row here), which a KV cache could not reproduce."""
@@ -369,9 +405,9 @@ def test_causal_pv_without_the_flag_depends_on_later_keys():
     vk[:, -1] = vk[:, 0] - 30                                   # the last value 2^30 coarser than the first
     full = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True)
     prefix = I.di_matmul(qp[:, :1, :1], pm[:, :1], pk[:, :1], qv[:, :1], vm[:, :1], vk[:, :1], 16, a_unsigned=True,
-                         causal=True)
+                         causal="reduction")
     assert not all(torch.equal(p, f[:, :1]) for p, f in zip(prefix, full))
-    causal = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal=True)
+    causal = I.di_matmul(qp, pm, pk, qv, vm, vk, 16, a_unsigned=True, causal="reduction")
     assert all(torch.equal(p, c[:, :1]) for p, c in zip(prefix, causal))
     # the one-exponent fold kept 1 of the first value's 15 scale bits: its row is off by tens of percent
     ref = deq(qp, pm, pk)[:, :1] @ deq(qv, vm, vk)

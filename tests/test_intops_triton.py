@@ -181,7 +181,8 @@ def test_di_linear_non_int8_codes_and_zero_scale() -> None:
 # ---- DI-MatMul ---------------------------------------------------------------------------------------------------
 @settings(max_examples=12, **SETTINGS)
 @given(seed=st.integers(0, 2 ** 31 - 1), batch=st.sampled_from([(), (3,), (2, 2)]), m=st.integers(1, 20),
-       kdim=st.integers(1, 40), n=st.integers(1, 24), layout=st.sampled_from(["col", "tensor", "row", "causal"]),
+       kdim=st.integers(1, 40), n=st.integers(1, 24),
+       layout=st.sampled_from(["col", "tensor", "row", "causal-pv", "causal-qk"]),
        a_unsigned=st.booleans(), bits=st.sampled_from([8, 16]), special=st.sampled_from(SPECIALS))
 def test_di_matmul(seed: int, batch: tuple[int, ...], m: int, kdim: int, n: int, layout: str, a_unsigned: bool,
                    bits: int, special: str) -> None:
@@ -193,17 +194,18 @@ def test_di_matmul(seed: int, batch: tuple[int, ...], m: int, kdim: int, n: int,
     b = codes(gen, batch + (n, kdim), 127, "extreme" if special == "extreme" else "none", torch.int8)
     b = b.transpose(-1, -2)                                    # [.., K, N], K-contiguous (as keys)
     am, ak = row_scale(gen, batch + (m,))
-    if layout == "col":        # Q Kᵀ: keys quantized per token = per column of b; exponents far apart
+    if layout in ("col", "causal-qk"):   # Q Kᵀ: keys quantized per token = per column of b; exponents far apart
         bm, bk = row_scale(gen, batch + (n,), klo=-10, khi=40)
         bm, bk = bm.transpose(-1, -2), bk.transpose(-1, -2)
     elif layout == "tensor":
         bm, bk = row_scale(gen, batch + (1,))
     else:                      # P V: values per token = per row of b (folded into a), b made N-contiguous
-                               # ("causal": a query block of m rows after kdim - m cached keys, or fewer keys)
         b = b.contiguous()
         bm, bk = row_scale(gen, batch + (kdim,), klo=-10, khi=40)
         bm[..., 0, :] = 0                                      # a key with a zero scale
-    causal = layout == "causal"   # P V of causal attention: the fold aligned per row over the keys it sees
+    # causal attention: the keys' scales aligned per row over the keys it sees (m rows after kdim - m or n - m
+    # cached keys, or fewer keys than rows)
+    causal = {"causal-pv": "reduction", "causal-qk": "columns"}.get(layout, "")
     want = R.di_matmul(a, am, ak, b, bm, bk, bits, a_unsigned=a_unsigned, causal=causal)
     got = T.di_matmul(*_dev(a, am, ak, b, bm, bk), bits, a_unsigned=a_unsigned, causal=causal)
     assert_same(got, want, f"di_matmul {layout}")
