@@ -1211,10 +1211,19 @@ _PROBE_LENGTHS = (1, 2, 7, 64)
 _PROBE_MAX = 4096
 
 
+_ID_VIEWS = ("view", "reshape", "_unsafe_view", "unsqueeze", "flatten", "clone", "contiguous", "alias")
+
+
+def _token_ids(g: fx.Graph) -> fx.Node | None:
+    """The graph input holding the token ids: what the (first) embedding looks up, through views."""
+    first = next((n for n in g.nodes if op_name(n) == "embedding"), None)
+    return None if first is None else _token_ids_of(first)
+
+
 def _probe_causal(L: _Lowering, mask: fx.Node) -> bool:
     """See :meth:`_Lowering.mask_is_causal`."""
-    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
-    if not (isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name in L.cg.user_inputs):
+    ids = _token_ids(L.g)
+    if ids is None or ids.name not in L.cg.user_inputs:
         return False
     ancestors: set[fx.Node] = set()
     stack = [mask]
@@ -1229,9 +1238,14 @@ def _probe_causal(L: _Lowering, mask: fx.Node) -> bool:
             if n.name in L.cg.user_inputs and n is not ids and n is not L.past_length:
                 return False
             continue
-        if ids in n.all_input_nodes and op_name(n) != "sym_size":
-            return False                        # reads the token ids' values (padding detection): not positions only
         stack.extend(n.all_input_nodes)
+    order = [n for n in L.g.nodes if n in ancestors]
+    reads_ids: set[fx.Node] = {ids}             # what depends on the token ids' values (only sizes may be read)
+    for n in order:
+        if n.op == "call_function" and op_name(n) != "sym_size" and any(a in reads_ids for a in n.all_input_nodes):
+            reads_ids.add(n)
+    if mask in reads_ids:
+        return False                            # e.g. padding detection from the ids: not positions only
     cfg = getattr(L.cg.model, "config", None)
     lengths = list(_PROBE_LENGTHS)
     window = getattr(cfg, "sliding_window", None)
@@ -1239,7 +1253,6 @@ def _probe_causal(L: _Lowering, mask: fx.Node) -> bool:
         if window + 2 > _PROBE_MAX:
             return False
         lengths.append(window + 2)
-    order = [n for n in L.g.nodes if n in ancestors]
     for seq in lengths:
         env: dict[fx.Node, Any] = {}
         try:
@@ -1303,23 +1316,42 @@ def _kv_cache_problem(L: _Lowering) -> str | None:
         if not causal and not (isinstance(mask, fx.Node) and _dtype(mask) == torch.bool and L.mask_is_causal(mask)):
             return (f"attention {n.name} is not causal (its mask is not provably the causal one: a sliding window, "
                     f"padding, or a bidirectional encoder)")
-    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
-    if not any(op_name(n) == "arange" and any(op_name(a) == "sym_size" and a.args[0] is ids
-                                               for a in n.all_input_nodes) for n in L.g.nodes):
+    aranges = _sequence_aranges(L.g)
+    if not aranges:
         return "no arange over the sequence length gives the positions"
+    from_arange: set[fx.Node] = set()
+    for n in L.g.nodes:
+        if n in aranges or any(a in from_arange for a in n.all_input_nodes):
+            from_arange.add(n)
+    ids = _token_ids(L.g)
+    for n in L.g.nodes:
+        position_table = op_name(n) in ("cos", "sin") or (op_name(n) == "embedding" and _token_ids_of(n) is not ids)
+        if position_table and n not in from_arange:
+            return (f"the positions read by {n.name} ({op_name(n)}) do not come from an arange over the sequence "
+                    f"(e.g. they are counted from an attention mask), so a cache could not shift them")
     return None
+
+
+def _token_ids_of(embedding: fx.Node) -> fx.Node | None:
+    node = embedding.args[1]
+    while isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) in _ID_VIEWS:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
+def _sequence_aranges(g: fx.Graph) -> list[fx.Node]:
+    """``arange(S)`` / ``arange(0, S)`` with ``S`` the token ids' sequence length: the positions (and masks)."""
+    ids = _token_ids(g)
+    seq = {n for n in g.nodes if op_name(n) == "sym_size" and n.args[0] is ids and n.args[1] in (1, -1)}
+    return [n for n in g.nodes if op_name(n) == "arange" and (
+        (len(n.args) == 1 and n.args[0] in seq) or (len(n.args) >= 2 and n.args[0] == 0 and n.args[1] in seq))]
 
 
 def _offset_positions(L: _Lowering) -> None:
     """A new input ``past_length`` (a 0-d int64 tensor) shifts every ``arange`` over the sequence length — the
     positions of RoPE tables, learned position embeddings and masks — so that new tokens get the positions after
     the cached ones."""
-    ids = next((n.args[1] for n in L.g.nodes if op_name(n) == "embedding"), None)
-    if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
-        raise LoweringError("an integer KV cache needs the token ids as the graph's input")
-    seq = {n for n in L.g.nodes if op_name(n) == "sym_size" and n.args[0] is ids and n.args[1] in (1, -1)}
-    aranges = [n for n in L.g.nodes if op_name(n) == "arange" and (
-        (len(n.args) == 1 and n.args[0] in seq) or (len(n.args) >= 2 and n.args[0] == 0 and n.args[1] in seq))]
+    aranges = _sequence_aranges(L.g)
     if not aranges:
         raise LoweringError("an integer KV cache shifts the positions of new tokens, and this graph has no "
                             "arange over the sequence length to shift", "lower without kv_cache")

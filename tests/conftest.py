@@ -69,7 +69,7 @@ def make_tiny_family(family: str, layers: int = 1, hidden: int = 64, vocab: int 
         return T.Qwen2ForCausalLM(T.Qwen2Config(intermediate_size=inter, num_key_value_heads=2, **common)).eval()
     if family == "mistral":
         return T.MistralForCausalLM(T.MistralConfig(intermediate_size=inter, num_key_value_heads=2,
-                                                    sliding_window=None, **common)).eval()
+                                                    **{"sliding_window": None, **common})).eval()
     if family == "phi3":
         return T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=inter, num_key_value_heads=2, pad_token_id=0,
                                               bos_token_id=1, eos_token_id=2, **common)).eval()

@@ -145,6 +145,41 @@ def test_illm_recipe_through_quantize_and_generate():
     assert [r.name for r in res.records][-1] == "lower_integer_only"
 
 
+def test_illm_recipe_generates_through_the_kv_cache():
+    """The illm recipes lower with an integer KV cache where the model allows one: generate() prefills once and
+    then runs one token per call, and picks the tokens the cache-less graph picks re-running the whole sequence."""
+    from fxquant import quantize
+    from fxquant.intmodel import IntegerOnlyModel
+    from fxquant.recipes import get_recipe
+    model = make_tiny_llama(layers=2, seed=7)
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    res = quantize(model, get_recipe({"base": "illm-w8a8", "options": {"fsbr": False}}))
+    im = res.integer_model
+    assert im.has_kv_cache and res.artifacts["integer_only"]["kv_cache"] == 4
+    calls = []
+    run = im._call
+    im._call = lambda feed: calls.append(int(feed["input_ids"].shape[1])) or run(feed)
+    cached = im.generate(ids, max_new_tokens=6)
+    assert calls == [4, 1, 1, 1, 1, 1]
+    im._call = run
+    plain = capture(model)
+    lower_integer_only(plain, IntegerOnlyConfig(), dict(res.artifacts.get("quantized_weights", {})))
+    again = IntegerOnlyModel(plain).generate(ids, max_new_tokens=6)
+    assert torch.equal(cached, again)
+    assert torch.equal(im(input_ids=ids).logits, plain(ids))
+
+
+def test_lowered_graph_keeps_no_float_original():
+    """Capture-time assertions and attention (impure to FX: dropout) used to keep the float model running beside
+    the integer one; the lowered graph computes only what its outputs need."""
+    cg = capture(make_tiny_llama(layers=2))
+    lower_integer_only(cg)
+    ops = {str(n.target) for n in cg.gm.graph.nodes if n.op == "call_function"}
+    for float_op in ("aten.linear", "aten.scaled_dot_product_attention", "aten.rsqrt", "aten.silu", "aten.mean",
+                     "aten._assert_tensor_metadata", "aten.index.Tensor", "aten.cumsum"):
+        assert not any(o.startswith(float_op) for o in ops), float_op
+
+
 def test_minilm_embeddings_match_fp32(minilm):
     """MiniLM (LayerNorm, GELU, biases) integer-only W8A8: mean cosine of sentence embeddings >= 0.99."""
     from fxquant.data import eval_text

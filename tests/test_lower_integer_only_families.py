@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.capture import capture
-from fxquant.passes.lower_integer_only import lower_integer_only
+from fxquant.intmodel import IntegerOnlyModel
+from fxquant.passes.lower_integer_only import IntegerOnlyConfig, LoweringError, lower_integer_only
 from fxquant.verify import verify_integer_only
 
 from conftest import make_tiny_family
@@ -189,3 +190,68 @@ def test_an_additive_mask_given_as_an_input_enters_once_after_the_inputs():
     assert "placeholder" not in kinds[kinds.index("call_function"):]      # the inputs still come first
     assert verify_integer_only(cg, (ids, mask)).ok
     assert float(_rel(cg(ids, mask), ref).max()) < 0.03
+
+
+#: families whose attention is causal SDPA with positions from an arange: the integer KV cache applies
+KV_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "neox", "falcon", "gpt2"]
+
+
+@pytest.mark.parametrize("family", KV_FAMILIES)
+def test_family_kv_cache_steps_equal_the_whole_sequence(family):
+    """A prefill and then one token per step through the integer KV cache gives the logits of the whole sequence
+    run at once, bit for bit; and the graph without a cache is causal per token (a prefix's logits do not change
+    when tokens follow), which is what makes that possible."""
+    extra = FAMILIES.get(family, ({}, {}))[0]
+    model = make_tiny_family(family, layers=2, **extra)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    plain = capture(model)
+    lower_integer_only(plain)
+    full = plain(ids)
+    assert torch.equal(plain(ids[:, :5]), full[:, :5])
+    cg = capture(model)
+    stats = lower_integer_only(cg, IntegerOnlyConfig(kv_cache=True))
+    assert stats["kv_cache"] == 2 * 2 and stats.get("positions_shifted") == 1
+    verify_integer_only(cg)
+    im = IntegerOnlyModel(cg)
+    logits, cache = im.step(ids[:, :5])
+    steps = [logits]
+    for t in range(5, 9):
+        logits, cache = im.step(ids[:, t:t + 1], cache)
+        steps.append(logits)
+    assert torch.equal(torch.cat(steps, 1), full)
+    assert int(cache["past_length"]) == 9 and cache["past_k0_q"].shape[-2] == 9
+    assert cache["past_k0_q"].dtype == torch.int8 and cache["past_v1_m"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("family,extra,why", [
+    ("opt", {}, "counted from an attention mask"),            # learned positions from cumsum(attention_mask)
+    ("gemma2", {}, "eager attention"),
+    ("mistral", {"sliding_window": 4}, "not causal"),         # the mask is probed just past the window
+    ("bert", {}, "not causal"),
+])
+def test_family_without_kv_cache_says_why(family, extra, why, caplog):
+    model = make_tiny_family(family, layers=1, **extra)
+    with pytest.raises(LoweringError, match=why):
+        lower_integer_only(capture(model), IntegerOnlyConfig(kv_cache=True))
+    cg = capture(model)
+    with caplog.at_level("INFO", logger="fxquant"):
+        stats = lower_integer_only(cg, IntegerOnlyConfig(kv_cache="auto"))
+    assert "kv_cache" not in stats and "kv_cache" not in cg.meta and cg.user_inputs == ["input_ids"]
+    assert any("without a KV cache" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+    assert cg.meta["integer_only"]["config"]["kv_cache"] is False
+
+
+def test_a_sliding_window_mask_is_kept_and_applied():
+    """Mistral with a 4-token window: the mask is not the causal one, so it stays a mask, and the integer model
+    follows the float model beyond the window."""
+    model = make_tiny_family("mistral", layers=1, sliding_window=4)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cg = capture(model)
+    stats = lower_integer_only(cg)
+    assert "causal_mask" not in stats
+    assert float(_rel(cg(ids), ref).max()) < 0.05
+    causal = make_tiny_family("mistral", layers=1)             # same weights (seeded), no window
+    with torch.no_grad():
+        assert float(_rel(causal(ids).logits, ref)[0, -1]) > 0.01   # the window matters at the last token

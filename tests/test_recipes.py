@@ -337,10 +337,13 @@ def test_the_allowed_options_are_what_the_passes_read():
 
 def test_illm_integer_config_reads_its_options():
     from fxquant.passes.lower_integer_only import IntegerOnlyConfig
-    assert illm_integer_config({}) == IntegerOnlyConfig()
+    assert illm_integer_config({}) == IntegerOnlyConfig(kv_cache="auto")    # a cache where the model allows one
     cfg = illm_integer_config({"act_bits": 4, "inner_bits": 12, "attn_bits": 6, "exp_order": 1, "softmax_clip": 10,
-                               "epochs": 3})
+                               "epochs": 3, "kv_cache": False})
     assert (cfg.act_bits, cfg.inner_bits, cfg.attn_bits, cfg.exp_order, cfg.softmax_clip) == (4, 12, 6, 1, 10.0)
+    assert cfg.kv_cache is False
+    with pytest.raises(RecipeError, match="kv_cache must be true, false or 'auto'"):
+        get_recipe({"base": "illm-w8a8", "options": {"kv_cache": "yes"}})
 
 
 @pytest.mark.parametrize("options,needle", [
