@@ -45,10 +45,19 @@ def _long(x: torch.Tensor | int, like: torch.Tensor | None = None) -> torch.Tens
     return torch.tensor(int(x), dtype=_I64, device=None if like is None else like.device)
 
 
+_POW2: dict[torch.device, torch.Tensor] = {}
+
+
 def bitlen(x: torch.Tensor) -> torch.Tensor:
     """Number of bits of each non-negative int64 (``bitlen(0) = 0``, ``bitlen(2^j) = j + 1``): a binary search
-    with shifts and compares (no float ``log2``)."""
+    with shifts and compares (no float ``log2``); small tensors (per-row scales) count the powers of two they
+    reach in one compare instead (the same numbers, fewer launches)."""
     v = _long(x)
+    if v.numel() <= 4096:
+        if v.device not in _POW2:
+            _POW2[v.device] = torch.bitwise_left_shift(torch.ones(63, dtype=_I64, device=v.device),
+                                                       torch.arange(63, dtype=_I64, device=v.device))
+        return (v[..., None] >= _POW2[v.device]).sum(dim=-1)
     n = torch.zeros_like(v)
     for s in (32, 16, 8, 4, 2, 1):
         big = v >= (1 << s)
@@ -252,12 +261,49 @@ def di_mul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tensor,
 
 
 # ---- DI-MatMul ---------------------------------------------------------------------------------------------------
+def _range(t: torch.Tensor) -> tuple[int, int]:
+    """Bounds of an integer tensor's values: from its dtype where that is narrow, else from a scan."""
+    if t.dtype == torch.int8:
+        return -128, 127
+    if t.dtype == torch.uint8:
+        return 0, 255
+    if not t.numel():
+        return 0, 0
+    return int(t.min()), int(t.max())
+
+
+def _int8_mm(a: torch.Tensor, b: torch.Tensor, a_unsigned: bool) -> torch.Tensor:
+    """``a @ b`` for 8-bit codes with torch's int8 GEMM (``torch._int_mm``, int32 accumulation; exact for K < 2^16).
+    Unsigned ``a`` (softmax outputs, 0..255) is shifted to int8: ``a·b = (a - 128)·b + 128·Σ_k b[k, :]``. A
+    weight shared by every batch folds the batch into the rows; otherwise one GEMM per batch."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    a8 = (a.to(torch.int16) - 128).to(torch.int8) if a_unsigned else a.to(torch.int8)
+    b8 = b.to(torch.int8)
+    if b.dim() == 2 or all(d == 1 for d in b.shape[:-2]):
+        out = torch._int_mm(torch.broadcast_to(a8, batch + (m, k)).reshape(-1, k), b8.reshape(k, n))
+        out = out.reshape(batch + (m, n))
+    else:
+        a3 = torch.broadcast_to(a8, batch + (m, k)).reshape(-1, m, k)
+        b3 = torch.broadcast_to(b8, batch + (k, n)).reshape(-1, k, n)
+        out = torch.stack([torch._int_mm(x, y) for x, y in zip(a3, b3)]).reshape(batch + (m, n)) if len(a3) else \
+            torch.zeros(batch + (m, n), dtype=torch.int32, device=a.device)
+    if a_unsigned:
+        out = out + 128 * b8.to(torch.int32).sum(dim=-2, keepdim=True)
+    return out.to(_I64)
+
+
 def _matmul_int(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact integer matmul. int32 operands (torch has fast int32 CPU kernels; exact while ``K · |a|·|b| < 2^31``,
-    which the callers guarantee for 8-bit and 16x8-bit operands up to K = 65535 / 2^15); int64 otherwise."""
-    amax = int(a.abs().max()) if a.numel() else 0
-    bmax = int(b.abs().max()) if b.numel() else 0
-    if amax * bmax * a.shape[-1] < 2 ** 31:
+    """Exact integer matmul. 8-bit codes on the CPU: torch's int8 GEMM (:func:`_int8_mm`, an order of magnitude
+    faster than the int32 one); else int32 operands (exact while ``K · |a|·|b| < 2^31``, which the callers
+    guarantee for 8-bit and 16x8-bit operands up to K = 65535 / 2^15); int64 otherwise."""
+    (alo, ahi), (blo, bhi) = _range(a), _range(b)
+    k = a.shape[-1]
+    if a.device.type == "cpu" and b.device.type == "cpu" and -128 <= blo and bhi <= 127 and k < 2 ** 16 and (
+            (-128 <= alo and ahi <= 127) or (0 <= alo and ahi <= 255)) and a.shape[-2] and k and b.shape[-1]:
+        return _int8_mm(a, b, a_unsigned=ahi > 127)
+    amax, bmax = max(-alo, ahi), max(-blo, bhi)
+    if amax * bmax * k < 2 ** 31:
         return torch.matmul(a.to(torch.int32), b.to(torch.int32)).to(_I64)
     return torch.matmul(a.to(_I64), b.to(_I64))
 

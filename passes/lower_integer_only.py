@@ -28,7 +28,8 @@ RMSNorm (pow/mean/rsqrt)    ``di_rmsnorm`` (the decomposed pattern is matched as
 layer_norm                  ``di_layernorm``
 scaled_dot_product_attn     ``di_matmul`` (Q Kᵀ, per-key column multipliers) -> ``rescale`` (1/sqrt(d)) ->
                             ``di_clipped_softmax`` (bool/causal mask) -> ``di_matmul`` (P V, value scales
-                            folded into P)
+                            folded into P); causal attention (``is_causal``, or a boolean mask proven to be the
+                            causal one) uses DI-MatMul's causal modes: no row depends on a key it does not see
 matmul / bmm of two values  ``di_matmul`` (eager attention's Q Kᵀ and P V): left operand per row, right operand
                             per row (scale folded into the left's columns) or per column (Kᵀ), ``attn_bits``
 add of a float mask         eager attention's ``scores + mask`` read only by a softmax: the mask's boolean form
@@ -45,6 +46,16 @@ permute, unsqueeze, expand, differs is preceded by ``align_rows``)
 slice, cat, neg, clone,
 to/_to_copy (float), alias
 ==========================  ==================================================================================
+
+**Causal masks and the KV cache.** transformers captures causal attention with an explicit boolean mask built from
+positions. The pass evaluates such a mask (from parameters, buffers and the inputs' sizes only) at several lengths,
+and just past a sliding window the config declares; if it is exactly ``tril`` it is replaced by the op's own causal
+masking, and the graph becomes causal per token: a prefix's logits do not change when tokens follow. With
+``kv_cache`` the past keys and values (int8 codes and their per-token scales, exactly as the attention reads them)
+become inputs and their extensions outputs, and a ``past_length`` input shifts every ``arange`` over the sequence
+(the positions); a decode step then gives the whole sequence's logits bit for bit. ``kv_cache="auto"`` (the
+``illm-*`` recipes) adds the cache where every attention is causal SDPA and the positions come from such an
+``arange``, and logs why not elsewhere (eager attention, a sliding window, positions counted from a mask).
 """
 from __future__ import annotations
 
