@@ -1318,7 +1318,8 @@ def _kv_cache_problem(L: _Lowering) -> str | None:
     by a mask proven causal, and the positions must come from an ``arange`` over the sequence length."""
     attn = [n for n in L.g.nodes if op_name(n) == "scaled_dot_product_attention"]
     if any(op_name(n) in ("softmax", "_softmax") for n in L.g.nodes):
-        return "eager attention (a softmax outside scaled_dot_product_attention): capture with attn_implementation='sdpa'"
+        return ("eager attention (a softmax outside scaled_dot_product_attention): capture with "
+                "attn_implementation='sdpa'")
     if not attn:
         return "the graph has no attention"
     for n in attn:
