@@ -269,7 +269,8 @@ def _range(t: torch.Tensor) -> tuple[int, int]:
         return 0, 255
     if not t.numel():
         return 0, 0
-    return int(t.min()), int(t.max())
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
 
 
 def _int8_mm(a: torch.Tensor, b: torch.Tensor, a_unsigned: bool) -> torch.Tensor:
@@ -374,7 +375,7 @@ def _align_exponents_causal(m: torch.Tensor, k: torch.Tensor, rows: int, headroo
 CAUSAL_MODES = ("", "reduction", "columns")
 
 
-def causal_key_scales(a: torch.Tensor, b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor, causal: str
+def causal_key_scales(b: torch.Tensor, bm: torch.Tensor, bk: torch.Tensor, causal: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-key scales of ``b`` as ``[..., keys, 1]`` for ``causal`` (a per-tensor scale broadcast: one key is no
     special case), checked against ``b``'s layout."""
@@ -416,7 +417,7 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     if bm.shape[-2] != 1 and bm.shape[-1] != 1:
         raise ValueError(f"di_matmul: b's scale must be per column or per row, got shape {tuple(bm.shape)}")
     if causal:
-        km, kk = causal_key_scales(a, b, bm, bk, causal)
+        km, kk = causal_key_scales(b, bm, bk, causal)
         mk, kc = _align_exponents_causal(km, kk, a.shape[-2])          # [..., M, keys], [..., M, 1]
         if causal == "columns":
             return requantize_rows(_matmul_int(a, b) * mk, am, ak + kc, bits)

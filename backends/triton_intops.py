@@ -948,7 +948,7 @@ def di_matmul(a: torch.Tensor, am: torch.Tensor, ak: torch.Tensor, b: torch.Tens
     ak_r = torch.broadcast_to(ak, batch + (mdim, 1)).reshape(-1).contiguous()
     b3 = torch.broadcast_to(b, batch + (kdim, ndim)).reshape(nb, kdim, ndim)
     if causal:
-        km, kk = ref.causal_key_scales(a, b, bm, bk, causal)
+        km, kk = ref.causal_key_scales(b, bm, bk, causal)
         mk, kc = ref._align_exponents_causal(km, kk, mdim)               # [..., M, keys], [..., M, 1]
         keys = kdim if causal == "reduction" else ndim
         mk_r = torch.broadcast_to(mk, batch + (mdim, keys)).reshape(nb * mdim, keys).contiguous()

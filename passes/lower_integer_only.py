@@ -1220,13 +1220,20 @@ def _sdpa(L: _Lowering, node: fx.Node) -> IntValue:
 _PROBE_LENGTHS = (1, 2, 7, 64)
 #: the longest probe made just past a declared sliding window (a longer window is not probed: the mask is kept)
 _PROBE_MAX = 4096
-
-
+#: ops between the token-ids input and an embedding's lookup that keep the values
 _ID_VIEWS = ("view", "reshape", "_unsafe_view", "unsqueeze", "flatten", "clone", "contiguous", "alias")
 
 
+def _token_ids_of(embedding: fx.Node) -> fx.Node | None:
+    """The graph input an embedding looks up, through views (None: its index is computed, e.g. positions)."""
+    node = embedding.args[1]
+    while isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) in _ID_VIEWS:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
 def _token_ids(g: fx.Graph) -> fx.Node | None:
-    """The graph input holding the token ids: what the (first) embedding looks up, through views."""
+    """The graph input holding the token ids: what the (first) embedding looks up."""
     first = next((n for n in g.nodes if op_name(n) == "embedding"), None)
     return None if first is None else _token_ids_of(first)
 
@@ -1344,13 +1351,6 @@ def _kv_cache_problem(L: _Lowering) -> str | None:
     return None
 
 
-def _token_ids_of(embedding: fx.Node) -> fx.Node | None:
-    node = embedding.args[1]
-    while isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) in _ID_VIEWS:
-        node = node.args[0]
-    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
-
-
 def _sequence_aranges(g: fx.Graph) -> list[fx.Node]:
     """``arange(S)`` / ``arange(0, S)`` with ``S`` the token ids' sequence length: the positions (and masks)."""
     ids = _token_ids(g)
@@ -1362,13 +1362,9 @@ def _sequence_aranges(g: fx.Graph) -> list[fx.Node]:
 def _offset_positions(L: _Lowering) -> None:
     """A new input ``past_length`` (a 0-d int64 tensor) shifts every ``arange`` over the sequence length — the
     positions of RoPE tables, learned position embeddings and masks — so that new tokens get the positions after
-    the cached ones."""
-    aranges = _sequence_aranges(L.g)
-    if not aranges:
-        raise LoweringError("an integer KV cache shifts the positions of new tokens, and this graph has no "
-                            "arange over the sequence length to shift", "lower without kv_cache")
+    the cached ones (:func:`_kv_cache_problem` has checked that there are such aranges)."""
     L.past_length = L.input_placeholder("past_length")
-    for n in aranges:
+    for n in _sequence_aranges(L.g):
         with L.g.inserting_after(n):
             shifted = L.g.call_function(aten.add.Tensor, (n, L.past_length))
         n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
