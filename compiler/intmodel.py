@@ -6,9 +6,9 @@ It answers ``model(input_ids=...)`` with an object that has ``.logits`` (causal 
 (encoders), and ``generate(ids, max_new_tokens)`` greedily.
 
 A graph lowered with ``kv_cache`` (``IntegerOnlyConfig(kv_cache=True)``, on in the ``illm-*`` recipes) also takes
-the past keys and values — int8 codes with their per-token dyadic scales, as the attention read them — and
+the past keys and values — int8 codes with their per-token dyadic scales, as the attention reads them — and
 returns them extended: :meth:`IntegerOnlyModel.step` runs only the new tokens, and ``generate`` prefills once and
-then decodes one token per call. Every op is causal per token (DI-MatMul's ``P V`` fold included), so a step's
+then decodes one token per call. Every op is causal per token (both DI-MatMul products included), so a step's
 logits are bit for bit those of the whole sequence run again (tested). Without a cache every generated token
 re-runs the whole prefix.
 """
