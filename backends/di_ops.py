@@ -107,6 +107,33 @@ def _quantize_fixed_fake(x: Tensor, frac_bits: int, bits: int) -> Triple:
     return x.new_empty(x.shape, dtype=ref.int_dtype(bits)), one, one.clone()
 
 
+#: float functions that :func:`float64_fn` computes (unary, and ``pow`` with a Python-number operand)
+FLOAT64_FNS = ("cos", "sin", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "pow_scalar_base",
+               "pow_scalar_exp")
+
+
+def float64_fn(x: Tensor, fn: str, scalar: float) -> Tensor:
+    """``fn(x)`` computed in float64 and rounded once to ``x``'s dtype, for float tensors that feed the integer
+    region (RoPE's cos/sin tables before ``quantize_fixed``). Float32 ``cos`` differs in its last bit between
+    ATen, Inductor's vectorised code and CUDA, and a last bit can move a 14-bit fixed-point code; the float64
+    value rounded once is the same in eager mode, under ``torch.compile`` and on any device that rounds float64
+    correctly to within an ulp. ``pow_scalar_base`` is ``scalar ** x``, ``pow_scalar_exp`` is ``x ** scalar``."""
+    if fn not in FLOAT64_FNS:
+        raise ValueError(f"float64_fn: {fn!r} is not one of {FLOAT64_FNS}")
+    xd = x.double()
+    if fn == "pow_scalar_base":
+        y = torch.pow(scalar, xd)
+    elif fn == "pow_scalar_exp":
+        y = torch.pow(xd, scalar)
+    else:
+        y = getattr(torch, fn)(xd)
+    return y.to(x.dtype)
+
+
+def _float64_fn_fake(x: Tensor, fn: str, scalar: float) -> Tensor:
+    return torch.empty_like(x)
+
+
 #: an additive-mask entry at or below this masks its key: ``exp`` of it is 0 in every float format softmax runs in
 ADDITIVE_MASK_LIMIT = -1.0e4
 
@@ -289,6 +316,7 @@ _SPECS: list[tuple[str, Callable, Callable]] = [
     ("quantize_rows", quantize_rows, _quantize_rows_fake),
     ("quantize_fixed", quantize_fixed, _quantize_fixed_fake),
     ("mask_from_additive", mask_from_additive, _mask_fake),
+    ("float64_fn", float64_fn, _float64_fn_fake),
     ("dequantize", dequantize, _dequantize_fake),
     ("rescale", rescale, _rescale_fake),
     ("align_rows", align_rows, _align_rows_fake),

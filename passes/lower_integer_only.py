@@ -1319,6 +1319,42 @@ def _erase_float_originals(g: fx.Graph, replaced: set[fx.Node]) -> None:
     g.eliminate_dead_code()
 
 
+#: float ops whose last bit depends on where they run (ATen, Inductor, CUDA) -> ``fxquant::float64_fn``'s name
+_DEVICE_DEPENDENT_FLOAT = {"cos": "cos", "sin": "sin", "exp": "exp", "exp2": "exp2", "log": "log", "log2": "log2",
+                           "rsqrt": "rsqrt", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def _deterministic_float_inputs(L: _Lowering) -> None:
+    """Transcendental float ops upstream of the integer region (RoPE's cos/sin tables) run as
+    ``fxquant::float64_fn``: float64, rounded once. Their float32 results differ in the last bit between eager
+    ATen, Inductor and CUDA, and a last bit moves a fixed-point code (8 of SmolLM2's 512-position cos codes under
+    ``torch.compile``): the integer graph must give the same integers however it is run."""
+    enters = [n for n in L.g.nodes if fxmeta(n).get(INTEGER_BOUNDARY) == "enter"]
+    seen: set[fx.Node] = set()
+    stack = [a for n in enters for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+        fn, scalar = _DEVICE_DEPENDENT_FLOAT.get(op_name(n)), 0.0
+        if op_name(n) == "pow" and isinstance(n.args[0], (int, float)) and isinstance(n.args[1], fx.Node):
+            fn, scalar = "pow_scalar_base", float(n.args[0])
+        elif op_name(n) == "pow" and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], float):
+            fn, scalar = "pow_scalar_exp", n.args[1]
+        dt = _dtype(n)
+        if fn is None or dt is None or not dt.is_floating_point or n.kwargs:
+            continue
+        with L.g.inserting_after(n):
+            new = L.g.call_function(_di("float64_fn"), (n.args[0] if fn != "pow_scalar_base" else n.args[1], fn,
+                                                         scalar))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        L.g.erase_node(n)
+        L.count("float64_fn")
+
+
 # ---- the KV cache ------------------------------------------------------------------------------------------------
 def _kv_cache_problem(L: _Lowering) -> str | None:
     """Why this graph cannot have an integer KV cache, or None: every attention must be SDPA, causal by its flag or
@@ -1428,6 +1464,7 @@ def lower_integer_only(cg: CapturedGraph, cfg: IntegerOnlyConfig | None = None,
     if cfg.kv_cache:
         _cache_outputs(low)
     _erase_float_originals(g, set(low.env) | low.skip | set(low.norms))
+    _deterministic_float_inputs(low)
     for n in list(g.nodes):                     # float weights that nothing reads any more
         if n.op == "placeholder" and not n.users and n.name not in cg.user_inputs:
             g.erase_node(n)
