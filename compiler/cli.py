@@ -19,6 +19,7 @@ import time
 from typing import Any, Sequence
 
 from .errors import DataError, FxquantError, OutputError, RecipeError
+from .hostmem import keep_heap
 
 log = logging.getLogger("fxquant")
 
@@ -429,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import warnings
         warnings.filterwarnings("ignore")
+    keep_heap()          # large CPU temporaries stay mapped (fxquant.hostmem; FXQUANT_KEEP_HEAP=0 turns it off)
     start = time.perf_counter()
     try:
         code = args.func(args)
